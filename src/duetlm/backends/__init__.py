@@ -1,0 +1,116 @@
+"""Backends and the model spec strings that pick them.
+
+hf:PATH_OR_ID          transformers, local folder or hub id (CPU, CUDA, MPS)
+openai:MODEL@URL       any OpenAI-compatible server, e.g. openai:Qwen/Qwen3-8B@http://gpu:8000/v1
+vllm:PATH_OR_ID        vLLM offline engine (GPU; optional extra)
+NAME                   an embedded model of the package (see `duetlm.models.EMBEDDED`)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from duetlm.backends.base import (
+    Backend,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+from duetlm.errors import ConfigError
+
+__all__ = [
+    "Backend",
+    "BackendOptions",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelSpec",
+    "SamplingParams",
+    "load_backend",
+    "parse_spec",
+]
+
+PREFIXES = ("hf", "openai", "vllm")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str
+    model: str
+    url: str | None = None
+
+
+@dataclass
+class BackendOptions:
+    """Backend settings a spec string does not carry. Each applies only to its backend."""
+
+    device: str = "auto"  # hf: auto picks cuda, then mps, then cpu
+    dtype: str = "auto"  # hf/vllm: auto = bf16 on GPUs that support it, fp32 on CPU
+    batch_size: int = 32  # hf: rows per generate() call
+    api_key: str | None = None  # openai: else $OPENAI_API_KEY, else "EMPTY" (local servers)
+    tokenizer: str | None = None  # openai: tokenizer to render pre-filled turns locally
+    concurrency: int = 16  # openai: requests in flight
+    max_retries: int = 4  # openai: on 429/5xx/timeouts, exponential backoff
+    tensor_parallel_size: int = 1  # vllm
+    gpu_memory_utilization: float = 0.85  # vllm
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Split a model spec string; unknown prefixes get a message listing the known ones."""
+    from duetlm.models import EMBEDDED
+
+    spec = spec.strip()
+    if spec in EMBEDDED:
+        return ModelSpec("hf", str(EMBEDDED[spec]()))
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in PREFIXES:
+        known = ", ".join(f"{p}:" for p in PREFIXES)
+        names = ", ".join(EMBEDDED)
+        raise ConfigError(
+            f"unknown model spec {spec!r}: start it with one of {known} (e.g. hf:Qwen/Qwen3-0.6B) "
+            f"or use an embedded model name ({names})"
+        )
+    if not rest:
+        raise ConfigError(f"model spec {spec!r} names no model after {prefix}:")
+    if prefix == "openai":
+        model, at, url = rest.rpartition("@")
+        if not at:
+            model, url = rest, None
+        if not model:
+            raise ConfigError(f"model spec {spec!r}: expected openai:MODEL@URL")
+        return ModelSpec("openai", model, url)
+    return ModelSpec(prefix, rest)
+
+
+def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
+    """The backend a spec string names, loaded once (model weights stay in memory)."""
+    options = options or BackendOptions()
+    parsed = parse_spec(spec)
+    if parsed.kind == "hf":
+        from duetlm.backends.hf import HFBackend
+
+        return HFBackend(
+            parsed.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size, spec=spec
+        )
+    if parsed.kind == "openai":
+        from duetlm.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(
+            parsed.model,
+            parsed.url,
+            api_key=options.api_key,
+            tokenizer=options.tokenizer,
+            concurrency=options.concurrency,
+            max_retries=options.max_retries,
+            spec=spec,
+        )
+    from duetlm.backends.vllm import VLLMBackend
+
+    return VLLMBackend(
+        parsed.model,
+        tensor_parallel_size=options.tensor_parallel_size,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        dtype=options.dtype,
+        spec=spec,
+    )

@@ -1,0 +1,212 @@
+"""Hugging Face transformers backend: any causal LM, batched, KV cache, stop strings.
+
+Requests are grouped by sampling settings, sorted by prompt length (less padding), run in
+left-padded batches through `model.generate` (KV cache, stop strings handled by the
+library), and returned in the caller's order with exact token counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from duetlm.backends.base import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    cut_at_stop,
+    render_chat,
+)
+from duetlm.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_location(path_or_id: str) -> tuple[str, bool]:
+    """(location, is_local). Local folders become absolute paths: transformers treats a
+    relative path that does not exist as a hub id and stalls on network retries."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BackendError(f"model path {path} is a file; expected a Hugging Face model folder")
+        return str(path.resolve()), True
+    looks_like_path = path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(path_or_id):
+        raise BackendError(
+            f"model path {path_or_id!r} does not exist (and is not a hub id like 'Qwen/Qwen3-0.6B')"
+        )
+    return path_or_id, False
+
+
+def pick_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        try:
+            return getattr(torch, dtype)
+        except AttributeError:
+            raise BackendError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class HFBackend:
+    """A transformers causal LM loaded once and reused for every call.
+
+    Pass `model` and `tokenizer` to wrap objects already in memory (the trainer does, so
+    rollouts use the weights being trained)."""
+
+    def __init__(
+        self,
+        path_or_id: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        trust_remote_code: bool = False,
+        model=None,
+        tokenizer=None,
+        spec: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        if model is not None and tokenizer is not None:
+            self.model, self.tokenizer = model, tokenizer
+            self.device = next(model.parameters()).device
+        else:
+            if path_or_id is None:
+                raise BackendError("HFBackend needs a model path or hub id, or a model and tokenizer")
+            self.model, self.tokenizer, self.device = self._load(path_or_id, device, dtype, trust_remote_code)
+        self.spec = spec or f"hf:{path_or_id}"
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.eos_token_ids = self._eos_ids()
+
+    @staticmethod
+    def _load(path_or_id: str, device: str, dtype: str, trust_remote_code: bool):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        location, is_local = resolve_model_location(path_or_id)
+        torch_device = pick_device(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, local_files_only=is_local, trust_remote_code=trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                location,
+                local_files_only=is_local,
+                dtype=pick_dtype(dtype, torch_device),
+                trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"could not load model {path_or_id!r}: {exc}") from exc
+        model.to(torch_device).eval()
+        logger.info("loaded %s on %s (%s)", location, torch_device, model.dtype)
+        return model, tokenizer, torch_device
+
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        if not ids:
+            raise BackendError(f"{self.spec}: the model and tokenizer define no EOS token")
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        prompts = [render_chat(self.tokenizer, r) for r in requests]
+        groups: dict[SamplingParams, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[request.sampling].append(index)
+        for sampling, indices in groups.items():
+            indices.sort(key=lambda i: len(prompts[i]))
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                for index, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], sampling)):
+                    results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[str], sampling: SamplingParams) -> list[GenerationResult]:
+        from transformers import GenerationConfig
+
+        started = time.perf_counter()
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = encoded.to(self.device)
+        greedy = sampling.temperature <= 0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+            stop_strings=list(sampling.stop) or None,
+        )
+        if not greedy and sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output_ids = self.model.generate(
+                **encoded, generation_config=config, tokenizer=self.tokenizer if sampling.stop else None
+            )
+        generated = output_ids[:, encoded["input_ids"].shape[1] :].cpu()  # (B, T)
+        prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+        share = (time.perf_counter() - started) / len(prompts)
+        return [
+            self._finish(row, n_prompt, sampling, share) for row, n_prompt in zip(generated, prompt_tokens)
+        ]
+
+    def _finish(
+        self, row: torch.Tensor, prompt_tokens: int, sampling: SamplingParams, wall_s: float
+    ) -> GenerationResult:
+        """Where this row really ended, and why; tokens after the end are batch padding."""
+        end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
+        is_end = torch.isin(row, end_ids)  # (T,)
+        first_end = int(is_end.int().argmax()) if bool(is_end.any()) else len(row)
+        text = self.tokenizer.decode(row[:first_end], skip_special_tokens=False)
+        text, stop_string = cut_at_stop(text, sampling.stop)
+        reason: FinishReason
+        if stop_string is not None:
+            reason, n_output = "stop", first_end
+        elif first_end < len(row):
+            hit_eos = int(row[first_end]) in self.eos_token_ids
+            reason, n_output = "eos", first_end + int(hit_eos)
+        else:
+            reason, n_output = "length", len(row)
+        return GenerationResult(
+            text=text,
+            prompt_tokens=int(prompt_tokens),
+            output_tokens=n_output,
+            finish_reason=reason,
+            wall_s=wall_s,
+            stop_string=stop_string,
+        )
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]

@@ -1,0 +1,205 @@
+"""Backend for any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, hosted APIs).
+
+Calls go through the official `openai` client, concurrently up to a limit, with retries and
+exponential backoff on 429, 5xx, timeouts and refused connections (each retry counted in the
+result). A pre-filled assistant turn (m's `<think>\\n{signal}\\n</think>\\n\\n`) goes to the
+completions endpoint with the prompt rendered by m's own tokenizer when one is given, else to
+chat completions with `continue_final_message` (vLLM supports it). Token counts are the
+server's `usage`, never estimated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import openai
+
+from duetlm.backends.base import FinishReason, GenerationRequest, GenerationResult, cut_at_stop, render_chat
+from duetlm.errors import BackendError, GenerationError
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE = (
+    openai.RateLimitError,
+    openai.InternalServerError,
+    openai.APITimeoutError,
+    openai.APIConnectionError,
+)
+
+
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible HTTP API.
+
+    `tokenizer`: a local folder or hub id of the served model's tokenizer; needed only to
+    render pre-filled turns for servers without `continue_final_message`."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        tokenizer: str | object | None = None,
+        concurrency: int = 16,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        timeout_s: float = 600.0,
+        spec: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise BackendError(f"concurrency must be >= 1, got {concurrency}")
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.spec = spec or f"openai:{model}@{self.base_url}"
+        self.tokenizer = self._load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+
+    @staticmethod
+    def _load_tokenizer(path_or_id: str):
+        from transformers import AutoTokenizer
+
+        from duetlm.backends.hf import resolve_model_location
+
+        location, is_local = resolve_model_location(path_or_id)
+        try:
+            return AutoTokenizer.from_pretrained(location, local_files_only=is_local)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"could not load tokenizer {path_or_id!r}: {exc}") from exc
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Blocking entry point; safe to call from inside a running event loop's thread too."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.agenerate(requests))
+        box: dict[str, object] = {}
+
+        def runner() -> None:
+            try:
+                box["value"] = asyncio.run(self.agenerate(requests))
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=runner)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["value"]  # type: ignore[return-value]
+
+    async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        started = time.perf_counter()
+        limit = asyncio.Semaphore(self.concurrency)
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout_s
+        )
+        async with client:
+
+            async def one(request: GenerationRequest) -> GenerationResult:
+                async with limit:
+                    return await self._with_retries(client, request)
+
+            results = await asyncio.gather(*(one(r) for r in requests))
+        share = (time.perf_counter() - started) / max(len(requests), 1)
+        for result in results:
+            result.wall_s = share
+        return list(results)
+
+    async def _with_retries(self, client: openai.AsyncOpenAI, request: GenerationRequest) -> GenerationResult:
+        for attempt in range(self.max_retries + 1):
+            try:
+                result = await self._call(client, request)
+                result.retries = attempt
+                return result
+            except _RETRYABLE as exc:
+                if attempt == self.max_retries:
+                    raise BackendError(
+                        f"{self.spec}: gave up after {attempt + 1} attempts ({type(exc).__name__}: {exc})"
+                    ) from exc
+                delay = self.backoff_s * 2**attempt * (1 + random.random())
+                logger.warning("%s: %s, retry %d in %.1fs", self.spec, type(exc).__name__, attempt + 1, delay)
+                await asyncio.sleep(delay)
+            except openai.AuthenticationError as exc:
+                raise BackendError(
+                    f"{self.spec}: the server rejected the API key (401); set OPENAI_API_KEY or pass --api-key"
+                ) from exc
+            except openai.NotFoundError as exc:
+                raise BackendError(
+                    f"{self.spec}: model {self.model!r} or endpoint not found at {self.base_url} (404): {exc}"
+                ) from exc
+            except openai.APIStatusError as exc:
+                raise BackendError(f"{self.spec}: request refused ({exc.status_code}): {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _call(self, client: openai.AsyncOpenAI, request: GenerationRequest) -> GenerationResult:
+        sampling = request.sampling
+        common = {
+            "model": self.model,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        }
+        if sampling.seed is not None:
+            common["seed"] = sampling.seed
+        if sampling.stop:
+            common["stop"] = list(sampling.stop)
+        kwargs = dict(request.chat_template_kwargs)
+        if request.prefill and self.tokenizer is not None:
+            response = await client.completions.create(prompt=render_chat(self.tokenizer, request), **common)
+            if not response.choices:
+                raise GenerationError(f"{self.spec}: the server returned no choices")
+            choice = response.choices[0]
+            text, reasoning = choice.text or "", None
+        else:
+            messages = request.message_dicts()
+            extra_body: dict = {"chat_template_kwargs": kwargs} if kwargs else {}
+            if request.prefill:
+                messages.append({"role": "assistant", "content": request.prefill})
+                extra_body |= {"continue_final_message": True, "add_generation_prompt": False}
+            response = await client.chat.completions.create(
+                messages=messages, extra_body=extra_body or None, **common
+            )
+            if not response.choices:
+                raise GenerationError(f"{self.spec}: the server returned no choices")
+            choice = response.choices[0]
+            text = choice.message.content or ""
+            reasoning = getattr(choice.message, "reasoning_content", None) or getattr(
+                choice.message, "reasoning", None
+            )
+        if response.usage is None:
+            raise GenerationError(f"{self.spec}: the server sent no `usage`; exact token accounting needs it")
+        text, stop_string = cut_at_stop(text, sampling.stop)
+        return GenerationResult(
+            text=text,
+            prompt_tokens=response.usage.prompt_tokens,
+            output_tokens=response.usage.completion_tokens,
+            finish_reason=self._finish_reason(choice, stop_string, sampling.stop),
+            stop_string=stop_string,
+            extra={"reasoning": reasoning} if reasoning else {},
+        )
+
+    @staticmethod
+    def _finish_reason(choice, stop_string: str | None, stops: Sequence[str]) -> FinishReason:
+        """OpenAI says `stop` for both a stop string and EOS; vLLM's `stop_reason` tells them
+        apart (the string, or None for EOS). Without it, a requested stop string is assumed."""
+        if choice.finish_reason == "length":
+            return "length"
+        if stop_string is not None:
+            return "stop"
+        extra = getattr(choice, "model_extra", None) or {}
+        if "stop_reason" in extra:
+            return "stop" if isinstance(extra["stop_reason"], str) else "eos"
+        return "stop" if stops else "eos"
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,112 @@
+"""vLLM offline engine backend (`vllm:PATH_OR_ID`), for GPU boxes.
+
+An optional extra (`pip install 'duetlm[vllm]'`), imported only when a `vllm:` spec is used.
+It cannot run on the project's CPU-only CI machines, so it is exercised there only through
+the shared code it is built from (chat rendering, stop cutting, result type); its own lines are
+kept small for that reason. Prompts are rendered with the model's chat template exactly as the
+hf backend renders them and passed as token ids, so both backends see identical prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from duetlm.backends.base import FinishReason, GenerationRequest, GenerationResult, cut_at_stop, render_chat
+from duetlm.errors import BackendError
+
+
+class VLLMBackend:
+    """A model served in-process by `vllm.LLM` (continuous batching, paged KV cache)."""
+
+    def __init__(
+        self,
+        path_or_id: str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        spec: str | None = None,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise BackendError(
+                "the vllm backend needs the vllm package and a CUDA GPU: pip install 'duetlm[vllm]'"
+            ) from exc
+        from duetlm.backends.hf import resolve_model_location
+
+        location, _ = resolve_model_location(path_or_id)
+        self._vllm = vllm
+        self.spec = spec or f"vllm:{path_or_id}"
+        self.llm = vllm.LLM(
+            model=location,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=True,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        started = time.perf_counter()
+        prompts = [
+            {
+                "prompt_token_ids": self.tokenizer(render_chat(self.tokenizer, r), add_special_tokens=False)[
+                    "input_ids"
+                ]
+            }
+            for r in requests
+        ]
+        params = [
+            self._vllm.SamplingParams(
+                max_tokens=r.sampling.max_tokens,
+                temperature=r.sampling.temperature,
+                top_p=r.sampling.top_p,
+                seed=r.sampling.seed,
+                stop=list(r.sampling.stop) or None,
+                skip_special_tokens=False,
+            )
+            for r in requests
+        ]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        share = (time.perf_counter() - started) / max(len(requests), 1)
+        results = []
+        for request, output in zip(requests, outputs):
+            completion = output.outputs[0]
+            text, stop_string = cut_at_stop(completion.text, request.sampling.stop)
+            reason: FinishReason
+            if completion.finish_reason == "length":
+                reason = "length"
+            elif isinstance(completion.stop_reason, str):
+                reason, stop_string = "stop", completion.stop_reason
+            else:
+                reason = "eos"
+            results.append(
+                GenerationResult(
+                    text=text,
+                    prompt_tokens=len(output.prompt_token_ids),
+                    output_tokens=len(completion.token_ids),
+                    finish_reason=reason,
+                    wall_s=share,
+                    stop_string=stop_string,
+                )
+            )
+        return results
+
+    def load_weights(self, named_tensors: Iterable) -> None:
+        """Push updated weights (name, tensor) into the engine, so rollouts after a training
+        step sample from the trained policy without a reload."""
+
+        def _load(worker, weights=tuple(named_tensors)):
+            worker.model_runner.model.load_weights(weights=weights)
+
+        self.llm.collective_rpc(_load)
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        del self.llm

@@ -1,0 +1,218 @@
+"""The `duet` command line: a thin face over the library (DESIGN section 3).
+
+Every command builds the same objects a Python user would (`load_backend`, `Duet`,
+`DuetConfig`) and renders their results with rich. Errors of the library (`DuetError`) are
+printed as one red line with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from duetlm.backends import BackendOptions, load_backend
+from duetlm.config import DuetConfig
+from duetlm.errors import DuetError, InputError
+from duetlm.protocol import Duet, Problem, SolveResult, parse_mode
+from duetlm.usage import Usage, savings_pct
+
+app = typer.Typer(
+    name="duet",
+    help="DUET: a capable model M thinks, a light model m answers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_CAPABLE = "tiny-M"
+DEFAULT_LIGHT = "tiny-m"
+
+
+def friendly_errors(command):
+    """Turn the library's own errors into one clear line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DuetError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+CapableOpt = Annotated[
+    str,
+    typer.Option(
+        "--capable", "-M", help="Capable model M: hf:PATH_OR_ID, openai:MODEL@URL, vllm:PATH_OR_ID."
+    ),
+]
+LightOpt = Annotated[str, typer.Option("--light", "-m", help="Light model m, same spec forms as --capable.")]
+
+
+def read_questions_jsonl(path: Path) -> list[Problem]:
+    """Questions from a JSONL file: one object per line with `question` (and optional
+    `choices`, a list of option texts). Errors name the file and line."""
+    if not path.is_file():
+        raise InputError(f"questions file {path} does not exist")
+    problems = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise InputError(f"{path}:{number}: each line needs a string field 'question'")
+        choices = row.get("choices") or ()
+        if not isinstance(choices, list | tuple) or not all(isinstance(c, str) for c in choices):
+            raise InputError(f"{path}:{number}: 'choices' must be a list of strings")
+        problems.append(Problem(row["question"], tuple(choices)))
+    if not problems:
+        raise InputError(f"{path} holds no questions")
+    return problems
+
+
+def usage_table(title: str, usage: Usage, n: int, baseline: Usage | None = None) -> Table:
+    table = Table(title=title)
+    for column in ("model", "prompt tok", "output tok", "time s", "cost"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for name, part in (("M (capable)", usage.capable), ("m (light)", usage.light)):
+        table.add_row(
+            name, str(part.prompt_tokens), str(part.output_tokens), f"{part.wall_s:.2f}", f"{part.cost:.6f}"
+        )
+    table.add_row(
+        "total",
+        "",
+        str(usage.capable.output_tokens + usage.light.output_tokens),
+        f"{usage.wall_s:.2f}",
+        f"{usage.cost:.6f}",
+        style="bold",
+    )
+    if baseline is not None:
+        saved = savings_pct(usage.capable.output_tokens, baseline.capable.output_tokens)
+        table.caption = (
+            f"M-alone on the same {n} question(s): {baseline.capable.output_tokens} M output tokens; "
+            f"M-token savings: {'n/a' if saved is None else f'{saved:.1f}%'}"
+        )
+    return table
+
+
+@app.command()
+@friendly_errors
+def solve(
+    question: Annotated[
+        str | None, typer.Argument(help="The question. Omit it and use --file for many.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="JSONL with a 'question' per line.")
+    ] = None,
+    capable: CapableOpt = DEFAULT_CAPABLE,
+    light: LightOpt = DEFAULT_LIGHT,
+    mode: Annotated[str, typer.Option(help="duet, M-alone, m-alone, duet@B or M@B.")] = "duet",
+    signal_max_tokens: Annotated[int | None, typer.Option(help="M's signal budget in tokens.")] = None,
+    answer_max_tokens: Annotated[int | None, typer.Option(help="m's answer budget in tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    config: Annotated[Path | None, typer.Option(help="DuetConfig as TOML/YAML/JSON.")] = None,
+    compare: Annotated[bool, typer.Option(help="Also run M-alone and report M-token savings.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per question.")] = False,
+    device: Annotated[str, typer.Option(help="hf backend device: auto, cpu, cuda, mps.")] = "auto",
+    api_key: Annotated[str | None, typer.Option(help="Key for openai: specs (else $OPENAI_API_KEY).")] = None,
+    light_tokenizer: Annotated[
+        str | None, typer.Option(help="openai: m's tokenizer, to send its pre-filled turn as a completion.")
+    ] = None,
+) -> None:
+    """Answer questions with DUET (or a baseline mode) and print the usage per model."""
+    if (question is None) == (file is None):
+        raise InputError("give either a QUESTION argument or --file PATH (not both)")
+    problems = read_questions_jsonl(file) if file is not None else [Problem(question or "")]
+    if not problems[0].question.strip():
+        raise InputError("the question is empty")
+    parsed_mode = parse_mode(mode)
+    duet = Duet(
+        load_backend(capable, BackendOptions(device=device, api_key=api_key)),
+        load_backend(light, BackendOptions(device=device, api_key=api_key, tokenizer=light_tokenizer)),
+        build_config(config, signal_max_tokens, answer_max_tokens, temperature, seed),
+    )
+    results = duet.solve_batch(problems, parsed_mode)
+    baseline = duet.solve_batch(problems, "M-alone") if compare else None
+    if as_json:
+        for index, result in enumerate(results):
+            row = result.to_dict()
+            if baseline is not None:
+                row["M_alone"] = baseline[index].to_dict()
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    render_results(results, baseline)
+
+
+def build_config(path, signal_max_tokens, answer_max_tokens, temperature, seed) -> DuetConfig:
+    base = DuetConfig.load(path) if path is not None else DuetConfig()
+    overrides = {
+        k: v
+        for k, v in {
+            "signal_max_tokens": signal_max_tokens,
+            "answer_max_tokens": answer_max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+        }.items()
+        if v is not None
+    }
+    from duetlm.config import validate_config
+
+    return validate_config(DuetConfig, base.model_dump() | overrides, source="options")
+
+
+def render_results(results: list[SolveResult], baseline: list[SolveResult] | None) -> None:
+    for index, result in enumerate(results):
+        if len(results) > 1:
+            console.rule(f"question {index + 1}")
+        console.print(
+            f"[bold]answer:[/] {result.answer if result.answer is not None else '[red](none extracted)[/]'}",
+            highlight=False,
+        )
+        if result.signal is not None and result.mode != "M-alone":
+            console.print(f"[dim]signal ({result.signal_tokens} tokens):[/] {result.signal}", highlight=False)
+        if result.truncated:
+            console.print("[yellow]M did not close its thinking within its budget: the signal was cut[/]")
+        if baseline is not None:
+            console.print(f"[dim]M-alone answer:[/] {baseline[index].answer}", highlight=False)
+    usage = sum((r.usage for r in results), Usage())
+    base_usage = sum((r.usage for r in baseline), Usage()) if baseline is not None else None
+    console.print(
+        usage_table(f"usage ({results[0].mode}, {len(results)} question(s))", usage, len(results), base_usage)
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Configuration of the two-stage protocol (DESIGN section 1).
+
+Every knob has a type, a default and the reason for it. Prompt templates are configuration:
+the placeholders `{question}`, `{options}`, `{letters}` and `{signal}` are replaced literally
+(no `str.format`, so LaTeX braces in templates need no escaping).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from duetlm.errors import ConfigError
+from duetlm.usage import Price
+
+
+class PromptConfig(BaseModel):
+    """The texts both models see. Defaults follow the paper's prompts (DESIGN section 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    math_instruction: str = Field(
+        "{question}\nLet's think step by step and output the final answer within \\boxed{}.",
+        description="User turn for free-form (math) questions, for M and for m.",
+    )
+    choice_instruction: str = Field(
+        "{question}\n\n{options}\n\nThink step by step. The last line of your response must be of the "
+        "form 'Answer: $LETTER' (without quotes) where LETTER is one of {letters}.",
+        description="User turn for multiple-choice questions; {options} are the lettered options.",
+    )
+    sketch_instruction: str = Field(
+        "{question}\n\nDo not write the final answer. Write a concise solution sketch: the key steps "
+        "and intermediate results that someone needs to finish the problem.",
+        description="M's user turn when signal_style='sketch' (models without think tags).",
+    )
+    light_prefill: str = Field(
+        "<think>\n{signal}\n</think>\n\n",
+        description="Start of m's assistant turn; m continues it with the answer.",
+    )
+    think_open: str = Field("<think>", description="Tag that opens M's thinking.")
+    think_close: str = Field("</think>", description="Tag that closes it; M's generation stops here.")
+
+
+class DuetConfig(BaseModel):
+    """How a question is solved: budgets, sampling, templates, prices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    signal_style: Literal["think", "sketch"] = Field(
+        "think",
+        description="think: M's thinking (up to think_close) is the signal. sketch: for an M without "
+        "think tags, M is asked for a solution sketch and its whole output is the signal.",
+    )
+    signal_max_tokens: int = Field(
+        4096, ge=1, description="M's token budget for the signal in `duet` mode; a cut signal is flagged."
+    )
+    answer_max_tokens: int = Field(1024, ge=1, description="m's budget for the final write-up.")
+    alone_max_tokens: int | None = Field(
+        None, ge=1, description="M's budget in M-alone mode; None = signal_max_tokens + answer_max_tokens."
+    )
+    light_alone_max_tokens: int | None = Field(
+        None, ge=1, description="m's budget in m-alone mode; None = same as alone_max_tokens."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (the default, reproducible).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
+    seed: int | None = Field(0, description="Sampling seed; None leaves the backend's RNG as it is.")
+    capable_template_kwargs: dict = Field(
+        default_factory=lambda: {"enable_thinking": True},
+        description="Extra chat-template arguments for M (Qwen3: enable_thinking).",
+    )
+    light_template_kwargs: dict = Field(
+        default_factory=lambda: {"enable_thinking": True},
+        description="Extra chat-template arguments for m. Thinking stays on: with it off, Qwen3's "
+        "template writes an empty <think></think> that would precede the pre-filled signal.",
+    )
+    capable_price: Price = Field(default_factory=Price, description="M's price per 1M tokens.")
+    light_price: Price = Field(default_factory=Price, description="m's price per 1M tokens.")
+
+    @model_validator(mode="after")
+    def _templates_have_placeholders(self) -> DuetConfig:
+        p = self.prompts
+        for name, template, needed in [
+            ("math_instruction", p.math_instruction, "{question}"),
+            ("choice_instruction", p.choice_instruction, "{options}"),
+            ("sketch_instruction", p.sketch_instruction, "{question}"),
+            ("light_prefill", p.light_prefill, "{signal}"),
+        ]:
+            if needed not in template:
+                raise ValueError(f"prompts.{name} must contain {needed}")
+        return self
+
+    @property
+    def capable_alone_budget(self) -> int:
+        return self.alone_max_tokens or self.signal_max_tokens + self.answer_max_tokens
+
+    @property
+    def light_alone_budget(self) -> int:
+        return self.light_alone_max_tokens or self.capable_alone_budget
+
+    @classmethod
+    def load(cls, path: str | Path) -> DuetConfig:
+        return load_model_file(cls, path)
+
+
+def load_model_file(model: type[BaseModel], path: str | Path):
+    """Read a TOML, YAML or JSON file into a pydantic model; any problem is a ConfigError that
+    names the file, the key and the rule."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:]}: {exc}") from exc
+    return validate_config(model, data, source=str(path))
+
+
+def validate_config(model: type[BaseModel], data: dict, source: str = "config"):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,121 @@
+"""Tiny real models for the tests, built from a config: no hub, no shipped weights.
+
+`scripted` models are trained in a few seconds to answer every prompt with a fixed text, so
+tests can assert on exact stop positions, signals and answers while running the real
+transformers generation path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
+from duetlm.backends.hf import HFBackend
+from duetlm.models.tokenizer import build_tokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SIGNAL = "first 3+4=7\nthen 7*2=14"
+CAPABLE_SCRIPT = f"<think>\n{SIGNAL}\n</think>\n\nThe result is \\boxed{{14}}.<|im_end|>"
+LIGHT_SCRIPT = "So \\boxed{14}<|im_end|>"
+
+
+def tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return model.eval()
+
+
+def train_script(model, tokenizer, examples: list[tuple[str, str]], steps: int = 150) -> None:
+    """Teach `model` to continue each rendered prompt with its script (teacher forcing)."""
+    rows = [tokenizer(p + s, add_special_tokens=False)["input_ids"] for p, s in examples]
+    starts = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _ in examples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, start : len(row)] = torch.tensor(row[start:])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+QUESTIONS = ["What is (3+4)*2?", "Compute (3+4) times 2.", "x = (3 + 4) * 2; x?"]
+
+
+def _prompt(tokenizer, question: str, prefill: str = "") -> str:
+    from duetlm.config import DuetConfig
+    from duetlm.protocol import Problem, user_prompt
+
+    request = GenerationRequest.chat(
+        user_prompt(Problem(question), DuetConfig()),
+        SamplingParams(8),
+        prefill=prefill,
+        chat_template_kwargs={"enable_thinking": True},
+    )
+    return render_chat(tokenizer, request)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Saved folders: `random` (untrained), `capable` (thinks, then answers), `light` (answers
+    after a pre-filled signal)."""
+    root = tmp_path_factory.mktemp("models")
+    prefill = f"<think>\n{SIGNAL}\n</think>\n\n"
+    capable = tiny_model(tokenizer, seed=1)
+    train_script(capable, tokenizer, [(_prompt(tokenizer, q), CAPABLE_SCRIPT) for q in QUESTIONS])
+    light = tiny_model(tokenizer, seed=2, hidden=32)
+    train_script(light, tokenizer, [(_prompt(tokenizer, q, prefill), LIGHT_SCRIPT) for q in QUESTIONS])
+    dirs = {}
+    for name, model in {"random": tiny_model(tokenizer, seed=0), "capable": capable, "light": light}.items():
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def capable_backend(model_dirs) -> HFBackend:
+    return HFBackend(str(model_dirs["capable"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def light_backend(model_dirs) -> HFBackend:
+    return HFBackend(str(model_dirs["light"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def random_backend(model_dirs) -> HFBackend:
+    return HFBackend(str(model_dirs["random"]), device="cpu", batch_size=16)

@@ -1,0 +1,92 @@
+"""`duet solve` as a user runs it: a real process, real models, readable errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import QUESTIONS, SIGNAL
+
+DUET = [str(Path(sys.executable).with_name("duet"))]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*DUET, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture(scope="module")
+def specs(model_dirs):
+    return ["--capable", f"hf:{model_dirs['capable']}", "--light", f"hf:{model_dirs['light']}"]
+
+
+def test_solve_prints_answer_and_usage_table(specs):
+    done = run("solve", QUESTIONS[0], *specs, "--compare")
+    assert done.returncode == 0, done.stderr
+    assert "answer: 14" in done.stdout
+    assert "M (capable)" in done.stdout and "m (light)" in done.stdout
+    assert "M-token savings" in done.stdout
+
+
+def test_solve_json(specs):
+    done = run("solve", QUESTIONS[1], *specs, "--json", "--compare")
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert row["answer"] == "14" and row["signal"] == SIGNAL
+    assert row["M_alone"]["answer"] == "14"
+    assert row["usage"]["capable"]["output_tokens"] < row["M_alone"]["usage"]["capable"]["output_tokens"]
+
+
+def test_solve_file(specs, tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"question": q}) for q in QUESTIONS) + "\n")
+    done = run("solve", "--file", str(path), *specs, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["answer"] for line in done.stdout.splitlines()] == ["14"] * 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["solve", ""], "question is empty"),
+        (["solve", "q", "--capable", "llama:x"], "unknown model spec"),
+        (["solve", "q", "--capable", "hf:/no/such/model", "--light", "hf:/no/such/model"], "does not exist"),
+        (["solve", "q", "--mode", "fast"], "unknown mode"),
+        (["solve", "q", "--signal-max-tokens", "0"], "signal_max_tokens"),
+        (["solve", "--file", "/no/such.jsonl"], "does not exist"),
+        (["solve"], "either a QUESTION"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, specs):
+    if "--capable" not in args and args[-1] != "solve":
+        args = [*args, *specs]
+    done = run(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_malformed_jsonl_names_file_and_line(specs, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "ok"}\n{"question": \n')
+    done = run("solve", "--file", str(path), *specs)
+    assert done.returncode == 2
+    assert f"{path}:2: not valid JSON" in done.stderr
+    path.write_text('{"text": "no question field"}\n')
+    done = run("solve", "--file", str(path), *specs)
+    assert f"{path}:1: each line needs a string field 'question'" in done.stderr
+
+
+def test_capable_that_never_closes_thinking_is_flagged(specs):
+    done = run("solve", "something else entirely", *specs, "--signal-max-tokens", "20")
+    assert done.returncode == 0, done.stderr
+    assert "signal was cut" in done.stdout

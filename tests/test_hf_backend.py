@@ -1,0 +1,106 @@
+"""The hf backend on tiny real models: stop strings, exact token counts, batching, budgets."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL, _prompt
+from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
+from duetlm.backends.hf import HFBackend
+from duetlm.config import DuetConfig
+from duetlm.errors import BackendError
+from duetlm.protocol import Problem, user_prompt
+
+
+def ask(question: str, max_tokens: int, stop: tuple[str, ...] = ()) -> GenerationRequest:
+    return GenerationRequest.chat(
+        user_prompt(Problem(question), DuetConfig()),
+        SamplingParams(max_tokens, stop=stop),
+        chat_template_kwargs={"enable_thinking": True},
+    )
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_capable_stops_at_think_close_with_exact_counts(capable_backend, tokenizer):
+    request = ask(QUESTIONS[0], 80, stop=("</think>",))
+    [result] = capable_backend.generate([request])
+    assert result.finish_reason == "stop"
+    assert result.stop_string == "</think>"
+    assert result.text == f"<think>\n{SIGNAL}\n"
+    assert result.output_tokens == n_tokens(tokenizer, f"<think>\n{SIGNAL}\n</think>")
+    assert result.prompt_tokens == n_tokens(tokenizer, render_chat(tokenizer, request))
+
+
+def test_eos_is_counted_and_not_in_text(capable_backend, tokenizer):
+    [result] = capable_backend.generate([ask(QUESTIONS[1], 120)])
+    assert result.finish_reason == "eos"
+    assert result.text == CAPABLE_SCRIPT.removesuffix("<|im_end|>")
+    assert result.output_tokens == n_tokens(tokenizer, CAPABLE_SCRIPT)
+
+
+def test_budget_cut_is_reported_as_length(capable_backend):
+    [result] = capable_backend.generate([ask(QUESTIONS[0], 5, stop=("</think>",))])
+    assert result.finish_reason == "length"
+    assert result.output_tokens == 5
+    assert result.stop_string is None
+
+
+@pytest.mark.parametrize("stop", [(), ("</think>",), ("\n", "7")])
+def test_batched_greedy_equals_one_by_one(random_backend, stop):
+    # Prompts of different lengths, so the batch is left-padded.
+    questions = ["a", "what is 2+2?", "a much longer question with many more tokens in it", "x" * 40]
+    requests = [ask(q, 24, stop) for q in questions]
+    batched = random_backend.generate(requests)
+    single = [random_backend.generate([r])[0] for r in requests]
+    for b, s in zip(batched, single, strict=True):
+        assert (b.text, b.output_tokens, b.prompt_tokens, b.finish_reason) == (
+            s.text,
+            s.output_tokens,
+            s.prompt_tokens,
+            s.finish_reason,
+        )
+
+
+def test_results_keep_request_order_across_groups(capable_backend):
+    requests = [ask(QUESTIONS[0], 80, ("</think>",)), ask(QUESTIONS[1], 120), ask(QUESTIONS[2], 3)]
+    results = capable_backend.generate(requests)
+    assert [r.finish_reason for r in results] == ["stop", "eos", "length"]
+
+
+def test_prefill_is_continued_not_repeated(light_backend, tokenizer):
+    prefill = f"<think>\n{SIGNAL}\n</think>\n\n"
+    request = GenerationRequest.chat(
+        user_prompt(Problem(QUESTIONS[0]), DuetConfig()),
+        SamplingParams(40),
+        prefill=prefill,
+        chat_template_kwargs={"enable_thinking": True},
+    )
+    assert render_chat(tokenizer, request) == _prompt(tokenizer, QUESTIONS[0], prefill)
+    [result] = light_backend.generate([request])
+    assert result.text == "So \\boxed{14}"
+    assert result.prompt_tokens == n_tokens(tokenizer, render_chat(tokenizer, request))
+
+
+def test_sampling_with_seed_is_reproducible(random_backend):
+    request = GenerationRequest.chat("hello", SamplingParams(16, temperature=1.0, top_p=0.9, seed=7))
+    first = random_backend.generate([request])[0].text
+    assert random_backend.generate([request])[0].text == first
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["/definitely/not/a/model", "./missing-model-folder", "not a hub id!"],
+)
+def test_missing_model_is_a_clear_error(location):
+    with pytest.raises(BackendError, match="does not exist"):
+        HFBackend(location)
+
+
+def test_file_instead_of_folder_is_a_clear_error(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"")
+    with pytest.raises(BackendError, match="is a file"):
+        HFBackend(str(path))

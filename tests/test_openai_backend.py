@@ -1,0 +1,189 @@
+"""The openai backend against real servers on loopback.
+
+The happy path runs against `transformers serve` (an OpenAI-compatible server that ships with
+transformers) serving a tiny local model; failure paths against small stdlib HTTP servers
+that answer 500, 401 or 404, or against a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import QUESTIONS, SIGNAL
+from duetlm.backends.base import GenerationRequest, SamplingParams
+from duetlm.backends.openai import OpenAIBackend
+from duetlm.config import DuetConfig
+from duetlm.errors import BackendError
+from duetlm.protocol import Duet, Problem, user_prompt
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_capable(model_dirs):
+    """`transformers serve` on loopback with the scripted capable model preloaded."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("transformers")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    model = str(model_dirs["capable"].resolve())
+    process = subprocess.Popen(
+        [str(cli), "serve", model, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"transformers serve did not start: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+    yield model, f"{url}/v1"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def ask(question: str, max_tokens: int, stop=(), prefill: str = "") -> GenerationRequest:
+    return GenerationRequest.chat(
+        user_prompt(Problem(question), DuetConfig()),
+        SamplingParams(max_tokens, stop=stop),
+        prefill=prefill,
+        chat_template_kwargs={"enable_thinking": True},
+    )
+
+
+def test_chat_usage_matches_local_backend(served_capable, capable_backend):
+    model, url = served_capable
+    request = ask(QUESTIONS[0], 80, stop=("</think>",))
+    [remote] = OpenAIBackend(model, url).generate([request])
+    [local] = capable_backend.generate([request])
+    assert remote.text == local.text == f"<think>\n{SIGNAL}\n"
+    assert remote.finish_reason == "stop"
+    assert (remote.prompt_tokens, remote.output_tokens) == (local.prompt_tokens, local.output_tokens)
+    assert remote.retries == 0
+
+
+def test_prefilled_turn_goes_through_completions_with_local_tokenizer(
+    served_capable, capable_backend, model_dirs
+):
+    model, url = served_capable
+    request = ask(QUESTIONS[1], 30, prefill=f"<think>\n{SIGNAL}\n</think>\n\n")
+    [remote] = OpenAIBackend(model, url, tokenizer=str(model_dirs["capable"])).generate([request])
+    [local] = capable_backend.generate([request])
+    assert remote.text == local.text
+    assert remote.prompt_tokens == local.prompt_tokens
+    # transformers serve counts the EOS token the same way; its finish reason does not say EOS.
+    assert remote.output_tokens == local.output_tokens
+
+
+def test_concurrent_batch_keeps_order(served_capable):
+    model, url = served_capable
+    requests = [ask(q, 80, stop=("</think>",)) for q in QUESTIONS] + [ask(QUESTIONS[0], 4)]
+    results = OpenAIBackend(model, url, concurrency=4).generate(requests)
+    assert [r.text for r in results[:3]] == [f"<think>\n{SIGNAL}\n"] * 3
+    assert results[3].finish_reason == "length" and results[3].output_tokens == 4
+
+
+def test_remote_capable_with_local_light(served_capable, light_backend):
+    model, url = served_capable
+    duet = Duet(OpenAIBackend(model, url), light_backend)
+    result = duet.solve(QUESTIONS[2])
+    assert result.signal == SIGNAL
+    assert result.answer == "14"
+    assert result.usage.capable.output_tokens > 0 and result.usage.light.output_tokens > 0
+
+
+class _Status(BaseHTTPRequestHandler):
+    status = 500
+    hits = 0
+
+    def do_POST(self):
+        type(self).hits += 1
+        body = json.dumps({"error": {"message": "boom", "type": "server_error", "code": None}}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def status_server():
+    servers = []
+
+    def start(status: int) -> tuple[str, type[_Status]]:
+        handler = type("Handler", (_Status,), {"status": status, "hits": 0})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/v1", handler
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_server_errors_are_retried_then_reported(status_server):
+    url, handler = status_server(500)
+    backend = OpenAIBackend("m", url, max_retries=2, backoff_s=0.01)
+    with pytest.raises(BackendError, match="gave up after 3 attempts"):
+        backend.generate([ask("q", 4)])
+    assert handler.hits == 3
+
+
+def test_rate_limit_is_retried(status_server):
+    url, handler = status_server(429)
+    with pytest.raises(BackendError, match="gave up after 2 attempts"):
+        OpenAIBackend("m", url, max_retries=1, backoff_s=0.01).generate([ask("q", 4)])
+    assert handler.hits == 2
+
+
+def test_server_down_is_retried_then_reported():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(BackendError, match=r"gave up after 2 attempts \(APIConnectionError"):
+        OpenAIBackend("m", url, max_retries=1, backoff_s=0.01).generate([ask("q", 4)])
+
+
+@pytest.mark.parametrize(("status", "message"), [(401, "rejected the API key"), (404, "not found")])
+def test_bad_key_and_unknown_model_are_not_retried(status_server, status, message):
+    url, handler = status_server(status)
+    with pytest.raises(BackendError, match=message):
+        OpenAIBackend("m", url, max_retries=3, backoff_s=0.01).generate([ask("q", 4)])
+    assert handler.hits == 1
+
+
+def test_generate_works_inside_a_running_event_loop(status_server):
+    import asyncio
+
+    url, _ = status_server(401)
+
+    async def call():
+        return OpenAIBackend("m", url, max_retries=0).generate([ask("q", 4)])
+
+    with pytest.raises(BackendError, match="API key"):
+        asyncio.run(call())

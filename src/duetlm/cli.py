@@ -210,6 +210,94 @@ def render_results(results: list[SolveResult], baseline: list[SolveResult] | Non
     )
 
 
+def summary_table(title: str, rows) -> Table:
+    table = Table(title=title)
+    for column in (
+        "method",
+        "accuracy",
+        "no answer",
+        "M out tok",
+        "m out tok",
+        "M savings",
+        "Δ acc",
+        "time s",
+    ):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            row.method,
+            f"{100 * row.accuracy:.1f}%",
+            f"{100 * row.no_answer_rate:.1f}%",
+            f"{row.M_output_tokens_mean:.1f}",
+            f"{row.m_output_tokens_mean:.1f}",
+            "" if row.savings_pct is None else f"{row.savings_pct:.1f}%",
+            "" if row.accuracy_delta is None else f"{100 * row.accuracy_delta:+.1f}",
+            f"{row.wall_s:.1f}",
+        )
+    return table
+
+
+@app.command()
+@friendly_errors
+def demo(
+    capable: CapableOpt = DEFAULT_CAPABLE,
+    light: LightOpt = DEFAULT_LIGHT,
+    questions: Annotated[int, typer.Option("--questions", "-n", min=1, help="Builtin test questions.")] = 200,
+    methods: Annotated[str, typer.Option(help="Comma-separated modes to compare.")] = "M-alone,duet,m-alone",
+    seed: Annotated[int, typer.Option(help="Which test questions (generator seed).")] = 0,
+    device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """DUET against its baselines on the builtin task (embedded pair by default): accuracy and
+    M tokens side by side. The embedded pair is a small model trained on a synthetic task;
+    its numbers are not results on real LLMs."""
+    from duetlm.evaluate import compare_methods
+    from duetlm.tasks import builtin
+
+    test = builtin.generate(questions, split="test", seed=seed)
+    duet = Duet(
+        load_backend(capable, BackendOptions(device=device)),
+        load_backend(light, BackendOptions(device=device)),
+        DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
+    )
+    rows = compare_methods(
+        duet, [Problem(p.question) for p in test], [str(p.answer) for p in test], methods.split(",")
+    )
+    if as_json:
+        sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+        return
+    console.print(
+        summary_table(f"builtin task, {questions} test questions, greedy ({capable} + {light})", rows)
+    )
+    if capable in (DEFAULT_CAPABLE, "duet-M") and light == DEFAULT_LIGHT:
+        console.print(
+            "[dim]The embedded pair is a small model pair trained on a synthetic task; "
+            "these are not results on real LLMs.[/]"
+        )
+
+
+@app.command("pretrain-pair")
+@friendly_errors
+def pretrain_pair_command(
+    out: Annotated[
+        Path, typer.Option(help="Folder for tiny-M/ and tiny-m/ (the package's assets by default).")
+    ] = (Path(__file__).resolve().parent / "assets"),
+    seed: Annotated[int, typer.Option(help="Seed of data, initialization and tokenizer.")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
+) -> None:
+    """Retrain the embedded pair from scratch on the builtin task (about 30 minutes on 2 CPU cores)."""
+    from duetlm.models.pretrain import PretrainConfig, pretrain_pair
+
+    report = pretrain_pair(out, PretrainConfig(seed=seed, threads=threads))
+    for name in ("capable", "light"):
+        part = report[name]
+        status = "[green]passed[/]" if part["passed"] else "[red]did not pass[/]"
+        console.print(
+            f"{name}: {part['steps']} steps, {part['seconds']:.0f}s, gate {status}: {part['history'][-1]}"
+        )
+    console.print(f"saved to {out}")
+
+
 def main() -> None:
     app()
 

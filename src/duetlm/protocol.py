@@ -135,6 +135,43 @@ def signal_from_stage1(text: str, think_open: str) -> str:
     return (after if opened else text).strip()
 
 
+def sampling(config: DuetConfig, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    return SamplingParams(max_tokens, config.temperature, config.top_p, config.seed, stop)
+
+
+def capable_request(problem: Problem, config: DuetConfig, budget: int) -> GenerationRequest:
+    """Stage 1: M thinks about the problem, stopped at the close tag (think style) or at the
+    budget (sketch style, where the whole output is the signal)."""
+    sketch = config.signal_style == "sketch"
+    stop = () if sketch else (config.prompts.think_close,)
+    return GenerationRequest.chat(
+        user_prompt(problem, config, sketch=sketch),
+        sampling(config, budget, stop),
+        chat_template_kwargs=config.capable_template_kwargs,
+    )
+
+
+def light_request(
+    problem: Problem, signal: str, config: DuetConfig, template_kwargs: dict
+) -> GenerationRequest:
+    """Stage 2: the same question, the assistant turn pre-filled with the signal."""
+    return GenerationRequest.chat(
+        user_prompt(problem, config),
+        sampling(config, config.answer_max_tokens),
+        prefill=config.prompts.light_prefill.replace("{signal}", signal),
+        chat_template_kwargs=template_kwargs,
+    )
+
+
+def signal_of(result: GenerationResult, config: DuetConfig) -> str:
+    """The signal in a stage-1 result."""
+    if "reasoning" in result.extra:  # a server that parses thinking out of the content
+        return str(result.extra["reasoning"]).strip()
+    if config.signal_style == "sketch":
+        return result.text.strip()
+    return signal_from_stage1(result.text, config.prompts.think_open)
+
+
 # --- the protocol -------------------------------------------------------------------------
 
 
@@ -166,50 +203,22 @@ class Duet:
             return self._alone(problems, parsed, self.light, self.config.light_alone_budget, capable=False)
         return self._two_stage(problems, parsed)
 
-    def _sampling(self, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
-        cfg = self.config
-        return SamplingParams(max_tokens, cfg.temperature, cfg.top_p, cfg.seed, stop)
-
-    @property
-    def _sketch(self) -> bool:
-        return self.config.signal_style == "sketch"
-
     def _two_stage(self, problems: list[Problem], mode: Mode) -> list[SolveResult]:
-        cfg, prompts = self.config, self.config.prompts
+        cfg = self.config
         budget = mode.budget or cfg.signal_max_tokens
-        stop = () if self._sketch else (prompts.think_close,)
-        signal_results = self.capable.generate(
-            [
-                GenerationRequest.chat(
-                    user_prompt(p, cfg, sketch=self._sketch),
-                    self._sampling(budget, stop),
-                    chat_template_kwargs=cfg.capable_template_kwargs,
-                )
-                for p in problems
-            ]
-        )
-        signals = [self._signal_of(r) for r in signal_results]
-        answerer = self.capable if mode.kind == "M" else self.light
-        answer_kwargs = cfg.capable_template_kwargs if mode.kind == "M" else cfg.light_template_kwargs
-        answer_results = answerer.generate(
-            [
-                GenerationRequest.chat(
-                    user_prompt(p, cfg),
-                    self._sampling(cfg.answer_max_tokens),
-                    prefill=prompts.light_prefill.replace("{signal}", signal),
-                    chat_template_kwargs=answer_kwargs,
-                )
-                for p, signal in zip(problems, signals)
-            ]
-        )
+        signal_results = self.capable.generate([capable_request(p, cfg, budget) for p in problems])
+        signals = [signal_of(r, cfg) for r in signal_results]
+        answer_results = self.finish(problems, signals, by_capable=mode.kind == "M")
         results = []
         for problem, first, signal, second in zip(problems, signal_results, signals, answer_results):
-            if mode.kind == "M":
-                usage = Usage(
-                    capable=self._usage(first, cfg.capable_price) + self._usage(second, cfg.capable_price)
-                )
-            else:
-                usage = Usage(self._usage(first, cfg.capable_price), self._usage(second, cfg.light_price))
+            second_price = cfg.capable_price if mode.kind == "M" else cfg.light_price
+            first_usage, second_usage = (
+                self._usage(first, cfg.capable_price),
+                self._usage(second, second_price),
+            )
+            usage = (
+                Usage(first_usage + second_usage) if mode.kind == "M" else Usage(first_usage, second_usage)
+            )
             truncated = first.finish_reason == "length"
             if truncated:
                 logger.info("signal cut at %d tokens (M did not close its thinking)", first.output_tokens)
@@ -231,12 +240,17 @@ class Duet:
             )
         return results
 
-    def _signal_of(self, result: GenerationResult) -> str:
-        if "reasoning" in result.extra:  # a server that parses thinking out of the content
-            return str(result.extra["reasoning"]).strip()
-        if self._sketch:
-            return result.text.strip()
-        return signal_from_stage1(result.text, self.config.prompts.think_open)
+    def finish(
+        self, problems: Sequence[str | Problem], signals: Sequence[str], by_capable: bool = False
+    ) -> list[GenerationResult]:
+        """Stage 2 alone: m (or M itself, for M@B) answers each problem given a signal. Used
+        for budget-cut curves and training rollouts, where the signal is chosen by the caller."""
+        cfg = self.config
+        kwargs = cfg.capable_template_kwargs if by_capable else cfg.light_template_kwargs
+        answerer = self.capable if by_capable else self.light
+        return answerer.generate(
+            [light_request(as_problem(p), s, cfg, kwargs) for p, s in zip(problems, signals, strict=True)]
+        )
 
     def _alone(
         self, problems: list[Problem], mode: Mode, backend: Backend, budget: int, capable: bool
@@ -246,7 +260,7 @@ class Duet:
         outputs = backend.generate(
             [
                 GenerationRequest.chat(
-                    user_prompt(p, cfg), self._sampling(budget), chat_template_kwargs=kwargs
+                    user_prompt(p, cfg), sampling(cfg, budget), chat_template_kwargs=kwargs
                 )
                 for p in problems
             ]

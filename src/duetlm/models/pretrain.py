@@ -1,0 +1,308 @@
+"""Train the embedded pair from scratch: `duet pretrain-pair` (deterministic from a seed).
+
+M (a Llama-style model of about 1.8M parameters) learns the builtin task's full reasoning
+format by supervised learning: question -> `<think>` steps with redundancy `</think>` ->
+write-up. m (about 3.5x smaller) learns to write the answer from the question plus a prefix
+of the reasoning (none to all), with extra loss weight on the answer digit and prefixes that
+leave one or two steps oversampled: finishing a step it was not shown is the only part of
+m's job that takes arithmetic. Each model trains until it passes a validation gate (or its
+step cap), not for a fixed time. Both use exactly the prompts the protocol renders at
+inference, so the pair is driven by the same code path as Qwen3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from duetlm.backends.base import render_chat
+from duetlm.backends.hf import HFBackend
+from duetlm.config import DuetConfig
+from duetlm.grading import extract_boxed
+from duetlm.models.tokenizer import build_tokenizer
+from duetlm.protocol import Duet, Problem, capable_request, light_request
+from duetlm.tasks import builtin
+
+logger = logging.getLogger(__name__)
+
+Segments = list[tuple[str, float]]  # target text pieces with their loss weight
+Example = tuple[str, Segments]  # (rendered prompt, target segments)
+
+
+@dataclass
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the pair's training, with the values the shipped checkpoints used."""
+
+    seed: int = 0
+    capable_shape: ModelShape = field(default_factory=lambda: ModelShape(192, 4, intermediate=512))
+    light_shape: ModelShape = field(default_factory=lambda: ModelShape(128, 3, intermediate=256))
+    batch_size: int = 32
+    lr: float = 3e-3  # AdamW, linear warmup then cosine to 10%
+    warmup_steps: int = 50
+    capable_max_steps: int = 1500
+    light_max_steps: int = 4000
+    min_steps: int = 300  # no gate is checked before this
+    eval_every: int = 100
+    eval_questions: int = 200  # validation questions (train split, never trained on)
+    capable_gate: float = 0.95  # M-alone greedy accuracy
+    light_gate_one_left: float = 0.90  # m given the essential trace minus its last step
+    light_gate_full: float = 0.98  # m given the full essential trace
+    light_answer_weight: float = 5.0  # loss weight of the answer digit in m's target
+    tokenizer_corpus: int = 3000  # sampled documents the BPE merges are trained on
+    threads: int = 2
+
+
+def render_capable_prompt(tokenizer, problem: builtin.ChainProblem, config: DuetConfig) -> str:
+    return render_chat(tokenizer, capable_request(Problem(problem.question), config, 1))
+
+
+def render_light_prompt(tokenizer, problem: builtin.ChainProblem, signal: str, config: DuetConfig) -> str:
+    return render_chat(
+        tokenizer, light_request(Problem(problem.question), signal, config, config.light_template_kwargs)
+    )
+
+
+def write_up_segments(answer: int, weight: float) -> Segments:
+    before, after = builtin.WRITE_UP.split("{{{answer}}}")
+    return [(before + "{", 1.0), (str(answer), weight), ("}" + after.removeprefix("}") + "<|im_end|>", 1.0)]
+
+
+def capable_example(tokenizer, problem, rng: random.Random, config: DuetConfig) -> Example:
+    redundancy = rng.uniform(*builtin.REDUNDANCY_RANGE)
+    return render_capable_prompt(tokenizer, problem, config), [
+        (builtin.capable_target(problem, rng, redundancy) + "<|im_end|>", 1.0)
+    ]
+
+
+def light_example(
+    tokenizer, problem, rng: random.Random, config: DuetConfig, answer_weight: float
+) -> Example:
+    """m sees a prefix of an M-style trace; which prefix is drawn to oversample the cases
+    that need arithmetic (one or two steps left)."""
+    redundancy = rng.choice([0.0, rng.uniform(*builtin.REDUNDANCY_RANGE)])
+    lines = builtin.reasoning_lines(problem, rng, redundancy)
+    essential_ends = [i + 1 for i, (_, essential) in enumerate(lines) if essential]
+    n = len(essential_ends)
+    draw = rng.random()
+    if draw < 0.10:
+        keep = 0  # no signal: m must produce the empty thinking itself (m-alone)
+    elif draw < 0.30:
+        keep = len(lines)
+    elif draw < 0.60:
+        keep = rng.randint(essential_ends[n - 2], essential_ends[n - 1] - 1)  # one step left
+    elif draw < 0.75:
+        keep = rng.randint(essential_ends[n - 3], essential_ends[n - 2] - 1)  # two steps left
+    else:
+        keep = rng.randint(0, len(lines))
+    signal = "\n".join(line for line, _ in lines[:keep])
+    if draw > 0.95 and signal:
+        signal = signal[: rng.randint(1, len(signal))]  # a budget cut mid-line
+    answer = write_up_segments(problem.answer, answer_weight)
+    if keep == 0:
+        prompt = render_chat(tokenizer, capable_request(Problem(problem.question), config, 1))
+        return prompt, [("<think>\n\n</think>\n\n", 1.0), *answer]
+    return render_light_prompt(tokenizer, problem, signal, config), answer
+
+
+def collate(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T), attention mask (B, T) and per-token loss weights (B, T); the
+    prompt and padding weigh 0. Prompts end at a pre-token boundary, so tokenizing the parts
+    apart gives the same ids as tokenizing the whole."""
+    rows, weights = [], []
+    for prompt, segments in examples:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        row_weights = [0.0] * len(ids)
+        for text, weight in segments:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            row_weights += [weight] * len(piece)
+        rows.append(ids)
+        weights.append(row_weights)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    weight = torch.zeros((len(rows), width))
+    for i, (ids, w) in enumerate(zip(rows, weights)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        weight[i, : len(w)] = torch.tensor(w)
+    return input_ids, mask, weight
+
+
+def weighted_lm_loss(
+    model, input_ids: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+    targets, target_weight = input_ids[:, 1:], weight[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+    return (nll * target_weight).sum() / target_weight.sum()
+
+
+def new_model(tokenizer, shape: ModelShape, max_positions: int = 512) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return model
+
+
+def train_until_gate(
+    name: str,
+    model,
+    tokenizer,
+    make_example: Callable[[random.Random], Example],
+    evaluate: Callable[[], dict[str, float]],
+    passed: Callable[[dict[str, float]], bool],
+    max_steps: int,
+    cfg: PretrainConfig,
+    rng: random.Random,
+) -> dict:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / cfg.warmup_steps) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / max_steps)))
+        ),
+    )
+    history, started = [], time.perf_counter()
+    bar = tqdm(range(1, max_steps + 1), desc=f"train {name}", unit="step")
+    for step in bar:
+        model.train()
+        batch = collate(tokenizer, [make_example(rng) for _ in range(cfg.batch_size)])
+        loss = weighted_lm_loss(model, *batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.eval_every == 0 or step == max_steps:
+            model.eval()
+            metrics = evaluate()
+            history.append({"step": step, "loss": loss.item(), **metrics})
+            bar.write(
+                f"{name} step {step}: loss {loss.item():.4f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+            )
+            if step >= cfg.min_steps and passed(metrics):
+                break
+    bar.close()
+    model.eval()
+    return {
+        "steps": step,
+        "seconds": time.perf_counter() - started,
+        "passed": passed(history[-1]),
+        "history": history,
+    }
+
+
+def pretrain_pair(out_dir: str | Path, cfg: PretrainConfig | None = None) -> dict:
+    """Build the tokenizer, train M then m, save both as Hugging Face folders under `out_dir`
+    (`tiny-M`, `tiny-m`) with a `pretrain_report.json`. Returns the report."""
+    cfg = cfg or PretrainConfig()
+    out_dir = Path(out_dir)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    duet_config = DuetConfig()
+    byte_tokenizer = build_tokenizer()
+
+    def corpus():
+        for _ in range(cfg.tokenizer_corpus):
+            problem = builtin.sample_problem(rng)
+            yield render_capable_prompt(byte_tokenizer, problem, duet_config) + builtin.capable_target(
+                problem, rng, rng.uniform(*builtin.REDUNDANCY_RANGE)
+            )
+
+    tokenizer = build_tokenizer(corpus())
+    validation = builtin.generate(cfg.eval_questions, split="train", seed=10_000 + cfg.seed)
+    held_out = {p.question for p in validation}
+
+    def train_problem(r: random.Random) -> builtin.ChainProblem:
+        while True:
+            problem = builtin.sample_problem(r)
+            if problem.split == "train" and problem.question not in held_out:
+                return problem
+
+    capable = new_model(tokenizer, cfg.capable_shape)
+    light = new_model(tokenizer, cfg.light_shape)
+    capable_backend = HFBackend(model=capable, tokenizer=tokenizer, batch_size=100, spec="tiny-M")
+    light_backend = HFBackend(model=light, tokenizer=tokenizer, batch_size=100, spec="tiny-m")
+    duet = Duet(capable_backend, light_backend, DuetConfig(signal_max_tokens=400, answer_max_tokens=24))
+    questions = [Problem(p.question) for p in validation]
+
+    def accuracy(answers: list[str | None]) -> float:
+        return sum(a == str(p.answer) for a, p in zip(answers, validation)) / len(validation)
+
+    def evaluate_capable() -> dict[str, float]:
+        return {"M_alone_acc": accuracy([r.answer for r in duet.solve_batch(questions, "M-alone")])}
+
+    def evaluate_light() -> dict[str, float]:
+        metrics = {}
+        for key, drop in (("m_full_acc", 0), ("m_one_left_acc", 1), ("m_two_left_acc", 2)):
+            signals = [builtin.essential_signal(p, drop) for p in validation]
+            metrics[key] = accuracy([extract_boxed(r.text) for r in duet.finish(questions, signals)])
+        return metrics
+
+    report: dict = {"config": asdict(cfg)}
+    report["capable"] = train_until_gate(
+        "M",
+        capable,
+        tokenizer,
+        lambda r: capable_example(tokenizer, train_problem(r), r, duet_config),
+        evaluate_capable,
+        lambda m: m["M_alone_acc"] >= cfg.capable_gate,
+        cfg.capable_max_steps,
+        cfg,
+        rng,
+    )
+    report["light"] = train_until_gate(
+        "m",
+        light,
+        tokenizer,
+        lambda r: light_example(tokenizer, train_problem(r), r, duet_config, cfg.light_answer_weight),
+        evaluate_light,
+        lambda m: m["m_one_left_acc"] >= cfg.light_gate_one_left and m["m_full_acc"] >= cfg.light_gate_full,
+        cfg.light_max_steps,
+        cfg,
+        rng,
+    )
+    for name, model in (("tiny-M", capable), ("tiny-m", light)):
+        model.save_pretrained(out_dir / name, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / name)
+        report[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
+    (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -210,31 +210,146 @@ def render_results(results: list[SolveResult], baseline: list[SolveResult] | Non
     )
 
 
-def summary_table(title: str, rows) -> Table:
+def summary_table(title: str, summaries: list[dict]) -> Table:
     table = Table(title=title)
-    for column in (
+    columns = (
         "method",
+        "n",
         "accuracy",
+        "± s.e.",
         "no answer",
         "M out tok",
         "m out tok",
         "M savings",
         "Δ acc",
-        "time s",
-    ):
+        "wall s",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
-    for row in rows:
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for s in summaries:
         table.add_row(
-            row.method,
-            f"{100 * row.accuracy:.1f}%",
-            f"{100 * row.no_answer_rate:.1f}%",
-            f"{row.M_output_tokens_mean:.1f}",
-            f"{row.m_output_tokens_mean:.1f}",
-            "" if row.savings_pct is None else f"{row.savings_pct:.1f}%",
-            "" if row.accuracy_delta is None else f"{100 * row.accuracy_delta:+.1f}",
-            f"{row.wall_s:.1f}",
+            s["method"],
+            f"{s['n_questions']}×{s['n_samples']}",
+            pct(s["accuracy"]),
+            pct(s["stderr"]),
+            pct(s["no_answer_rate"]),
+            f"{s['M_output_tokens_mean']:.1f}",
+            f"{s['m_output_tokens_mean']:.1f}",
+            "–" if s["savings_pct"] is None else f"{s['savings_pct']:.1f}%",
+            "–" if s["accuracy_delta"] is None else f"{100 * s['accuracy_delta']:+.1f}",
+            f"{s['wall_s']:.1f}",
         )
     return table
+
+
+EMBEDDED_NOTE = (
+    "[dim]The embedded pair (tiny-M, tiny-m, duet-M) is a small model pair trained on a synthetic "
+    "task; its numbers are not results on real LLMs.[/]"
+)
+
+
+def print_report(directory: Path, summaries: list[dict]) -> None:
+    for task in sorted({s["task"] for s in summaries}):
+        console.print(summary_table(f"{task} ({directory})", [s for s in summaries if s["task"] == task]))
+    if any(s["task"] == "builtin" for s in summaries):
+        console.print(EMBEDDED_NOTE)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    task: Annotated[
+        list[str],
+        typer.Option(
+            "--task",
+            "-t",
+            help="Task name (repeatable): gsm8k, math500, "
+            "aime24, aime25, amc23, gpqa_diamond, builtin, jsonl:PATH.",
+        ),
+    ],
+    methods: Annotated[str, typer.Option(help="Comma-separated: duet, M-alone, m-alone, duet@B, M@B.")] = (
+        "M-alone,duet,m-alone"
+    ),
+    capable: CapableOpt = DEFAULT_CAPABLE,
+    light: LightOpt = DEFAULT_LIGHT,
+    samples: Annotated[int, typer.Option(min=1, help="Samples per question.")] = 1,
+    seed: Annotated[int, typer.Option(help="Sample k uses seed + k.")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N questions per task.")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder (results.jsonl, run.json, report).")] = Path(
+        "runs/eval"
+    ),
+    data: Annotated[list[str] | None, typer.Option(help="TASK=PATH: read a task from a local file.")] = None,
+    config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy).")] = None,
+    signal_max_tokens: Annotated[int | None, typer.Option(help="M's signal budget in duet mode.")] = None,
+    answer_max_tokens: Annotated[int | None, typer.Option(help="m's answer budget.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per batch.")] = 32,
+    force: Annotated[
+        bool, typer.Option(help="Start over when --out holds another configuration's results.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
+    api_key: Annotated[str | None, typer.Option(help="Key for openai: specs.")] = None,
+) -> None:
+    """Evaluate methods on tasks into a resumable store, then print the report."""
+    from duetlm.config import validate_config
+    from duetlm.evaluate import EvalConfig, load_summaries, run_eval
+
+    data_map = {}
+    for item in data or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise InputError(f"--data takes TASK=PATH, got {item!r}")
+        data_map[name] = path
+    duet_config = build_config(config, signal_max_tokens, answer_max_tokens, temperature, None)
+    eval_config = validate_config(
+        EvalConfig,
+        {
+            "tasks": task,
+            "methods": _split(methods),
+            "capable": capable,
+            "light": light,
+            "samples": samples,
+            "seed": seed,
+            "limit": limit,
+            "data": data_map,
+            "batch_size": batch_size,
+            "duet": duet_config.model_dump(),
+        },
+        source="eval options",
+    )
+    run_eval(eval_config, out, force=force, backend_options=BackendOptions(device=device, api_key=api_key))
+    print_report(out, load_summaries(out))
+
+
+@app.command()
+@friendly_errors
+def report(
+    directory: Annotated[Path, typer.Argument(help="A run folder written by duet eval.")],
+    format: Annotated[str, typer.Option("--format", help="markdown, json or table.")] = "table",
+    plot: Annotated[bool, typer.Option(help="Write plot_TASK.png into the folder.")] = True,
+) -> None:
+    """Tables (and plots) of accuracy against M tokens from a run folder."""
+    from duetlm.evaluate import load_summaries, markdown
+    from duetlm.evaluate import plot as draw
+    from duetlm.evaluate.report import json_rows
+
+    if format not in ("markdown", "json", "table"):
+        raise InputError(f"--format must be markdown, json or table, got {format!r}")
+    summaries = load_summaries(directory)
+    if format == "json":
+        sys.stdout.write(json.dumps(json_rows(summaries), indent=2) + "\n")
+    elif format == "markdown":
+        sys.stdout.write(markdown(summaries) + "\n")
+    else:
+        print_report(directory, summaries)
+    if plot:
+        for path in draw(summaries, directory):
+            err_console.print(f"plot: {path}")
 
 
 @app.command()
@@ -242,38 +357,29 @@ def summary_table(title: str, rows) -> Table:
 def demo(
     capable: CapableOpt = DEFAULT_CAPABLE,
     light: LightOpt = DEFAULT_LIGHT,
-    questions: Annotated[int, typer.Option("--questions", "-n", min=1, help="Builtin test questions.")] = 200,
+    questions: Annotated[
+        int, typer.Option("--questions", "-n", min=1, max=1000, help="Builtin test questions.")
+    ] = 200,
     methods: Annotated[str, typer.Option(help="Comma-separated modes to compare.")] = "M-alone,duet,m-alone",
-    seed: Annotated[int, typer.Option(help="Which test questions (generator seed).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Run folder (resumable); default runs/demo-N.")] = None,
     device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
-    """DUET against its baselines on the builtin task (embedded pair by default): accuracy and
-    M tokens side by side. The embedded pair is a small model trained on a synthetic task;
-    its numbers are not results on real LLMs."""
-    from duetlm.evaluate import compare_methods
-    from duetlm.tasks import builtin
+    """DUET against its baselines on the builtin task, with the embedded pair by default:
+    `duet eval --task builtin` with settings for the toy task, then its report."""
+    from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 
-    test = builtin.generate(questions, split="test", seed=seed)
-    duet = Duet(
-        load_backend(capable, BackendOptions(device=device)),
-        load_backend(light, BackendOptions(device=device)),
-        DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
+    eval_config = EvalConfig(
+        tasks=["builtin"],
+        methods=_split(methods),
+        capable=capable,
+        light=light,
+        limit=questions,
+        batch_size=64,
+        duet=DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
     )
-    rows = compare_methods(
-        duet, [Problem(p.question) for p in test], [str(p.answer) for p in test], methods.split(",")
-    )
-    if as_json:
-        sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
-        return
-    console.print(
-        summary_table(f"builtin task, {questions} test questions, greedy ({capable} + {light})", rows)
-    )
-    if capable in (DEFAULT_CAPABLE, "duet-M") and light == DEFAULT_LIGHT:
-        console.print(
-            "[dim]The embedded pair is a small model pair trained on a synthetic task; "
-            "these are not results on real LLMs.[/]"
-        )
+    out = out or Path(f"runs/demo-{questions}")
+    run_eval(eval_config, out, force=True, backend_options=BackendOptions(device=device))
+    print_report(out, load_summaries(out))
 
 
 @app.command("pretrain-pair")

@@ -138,3 +138,14 @@ def generate(
 def check(response_answer: str | None, problem: ChainProblem) -> bool:
     """Exact checker: the extracted answer is the final digit."""
     return response_answer is not None and response_answer.strip() == str(problem.answer)
+
+
+def signal_tokens(signal: str, count_tokens) -> int:
+    """M output tokens it takes to send `signal` in think style: `<think>\\n{signal}\\n</think>`."""
+    return count_tokens(f"<think>\n{signal}\n</think>")
+
+
+def floor_tokens(problem: ChainProblem, count_tokens, light_finishes: int) -> int:
+    """The task's floor for one question: M tokens for the essential trace without its last
+    `light_finishes` steps (those m completes reliably by itself)."""
+    return signal_tokens(essential_signal(problem, drop_last=light_finishes), count_tokens)

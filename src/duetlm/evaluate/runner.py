@@ -1,0 +1,149 @@
+"""`duet eval`: every method on the same questions of every task, K samples each.
+
+Methods run batch by batch through `Duet.solve_batch`; each finished batch is graded and
+appended to the store, so the run resumes where it stopped. Sample k uses seed `seed + k`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+from duetlm.backends import BackendOptions, load_backend
+from duetlm.config import DuetConfig
+from duetlm.evaluate.store import ResultStore
+from duetlm.protocol import Duet, parse_mode
+from duetlm.tasks import Example, grade, load_task
+
+logger = logging.getLogger(__name__)
+
+
+class EvalConfig(BaseModel):
+    """One evaluation run. `capable`, `light`, `duet` and `seed` determine the results and
+    make up the config hash; tasks, methods, samples and limit only choose which rows exist,
+    so a run can be extended with more of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1, description="Task names (see duetlm.tasks).")
+    methods: list[str] = Field(
+        default_factory=lambda: ["M-alone", "duet", "m-alone"], min_length=1, description="Modes to compare."
+    )
+    capable: str = Field("tiny-M", description="M's model spec.")
+    light: str = Field("tiny-m", description="m's model spec.")
+    samples: int = Field(1, ge=1, description="Samples per question (AIME needs >= 8 with temperature > 0).")
+    seed: int = Field(0, description="Sample k uses seed + k.")
+    limit: int | None = Field(None, ge=1, description="First N questions of each task; None = all.")
+    data: dict[str, str] = Field(default_factory=dict, description="Task name -> local data file.")
+    batch_size: int = Field(32, ge=1, description="Questions per protocol call.")
+    duet: DuetConfig = Field(default_factory=DuetConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        for method in methods:
+            parse_mode(method)
+        return methods
+
+    def config_hash(self) -> str:
+        key = {
+            "capable": self.capable,
+            "light": self.light,
+            "seed": self.seed,
+            "duet": self.duet.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_row(task: str, method: str, sample: int, example: Example, result, config_hash: str) -> dict:
+    correct, _ = grade(result.text, example) if result.answer is not None else (False, None)
+    return {
+        "task": task,
+        "method": method,
+        "id": example.id,
+        "sample": sample,
+        "gold": example.gold,
+        "answer": result.answer,
+        "correct": bool(correct),
+        "no_answer": result.answer is None,
+        "truncated": result.truncated,
+        "signal_tokens": result.signal_tokens,
+        "capable_finish": result.capable_finish,
+        "light_finish": result.light_finish,
+        "usage": result.usage.to_dict(),
+        "wall_s": result.usage.wall_s,
+        "question": example.question,
+        "signal": result.signal,
+        "text": result.text,
+        "capable_text": result.capable_text,
+        "retries": result.retries,
+        "config_hash": config_hash,
+    }
+
+
+def run_eval(
+    config: EvalConfig,
+    out: str | Path,
+    force: bool = False,
+    duet: Duet | None = None,
+    backend_options: BackendOptions | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) an evaluation into `out`; returns the results file."""
+    tasks = {name: load_task(name, config.data.get(name)) for name in config.tasks}
+    config_hash = config.config_hash()
+    store = ResultStore(out, config.model_dump(), config_hash, force=force)
+    if config.samples > 1 and config.duet.temperature == 0:
+        logger.warning("samples > 1 with temperature 0: every sample will be the same greedy answer")
+    if duet is None:
+        options = backend_options or BackendOptions()
+        duet = Duet(load_backend(config.capable, options), load_backend(config.light, options), config.duet)
+    for task_name, examples in tasks.items():
+        chosen = list(examples)[: config.limit] if config.limit else list(examples)
+        for method in config.methods:
+            _run_method(duet, config, store, task_name, method, chosen, config_hash, progress)
+    return store.results_path
+
+
+def _run_method(duet, config, store, task_name, method, examples: Sequence[Example], config_hash, progress):
+    jobs = [
+        (k, e)
+        for k in range(config.samples)
+        for e in examples
+        if (task_name, method, e.id, k) not in store.done
+    ]
+    if not jobs:
+        return
+    bar = tqdm(total=len(jobs), desc=f"{task_name} {method}", disable=not progress, unit="q")
+    correct = total = capable_tokens = 0
+    for sample in range(config.samples):
+        pending = [e for k, e in jobs if k == sample]
+        sample_duet = Duet(
+            duet.capable, duet.light, duet.config.model_copy(update={"seed": config.seed + sample})
+        )
+        for start in range(0, len(pending), config.batch_size):
+            batch = pending[start : start + config.batch_size]
+            started = time.perf_counter()
+            results = sample_duet.solve_batch([e.problem for e in batch], method)
+            rows = [
+                result_row(task_name, method, sample, e, r, config_hash)
+                for e, r in zip(batch, results, strict=True)
+            ]
+            store.append(rows)
+            correct += sum(r["correct"] for r in rows)
+            total += len(rows)
+            capable_tokens += sum(r["usage"]["capable"]["output_tokens"] for r in rows)
+            bar.update(len(rows))
+            bar.set_postfix(
+                acc=f"{correct / total:.3f}",
+                M_tok=f"{capable_tokens / total:.0f}",
+                batch_s=f"{time.perf_counter() - started:.1f}",
+            )
+    bar.close()

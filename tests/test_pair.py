@@ -1,0 +1,84 @@
+"""The embedded pair: tokenizer, pretraining plumbing, save/load, and the shipped assets."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from duetlm.backends import parse_spec
+from duetlm.models import EMBEDDED
+from duetlm.models.pretrain import (
+    ModelShape,
+    PretrainConfig,
+    collate,
+    light_example,
+    pretrain_pair,
+    write_up_segments,
+)
+from duetlm.models.tokenizer import build_tokenizer
+from duetlm.tasks import builtin
+
+
+def test_tokenizer_encodes_any_text_and_keeps_digits_single():
+    tokenizer = build_tokenizer(["Start at 7, then +5 (mod 10). What is the result?"] * 50)
+    for text in ["héllo wörld ✓ 中文 🙂", "\\boxed{x}", "<think>\na\n</think>"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("1234+56=7", add_special_tokens=False)["input_ids"])
+    assert tokens == list("1234+56=7")
+    assert len(tokenizer("What is the result?", add_special_tokens=False)["input_ids"]) < 5
+
+
+def test_collate_weights_only_the_target(tokenizer):
+    problem = builtin.generate(1, "train")[0]
+    prompt, segments = "<|im_start|>user\nq<|im_end|>\n", write_up_segments(problem.answer, 5.0)
+    ids, _, weight = collate(tokenizer, [(prompt, segments)])
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert weight[0, :n_prompt].sum() == 0
+    assert tokenizer.decode(ids[0, n_prompt:]) == "".join(text for text, _ in segments)
+    answer_positions = (weight[0] == 5.0).nonzero().flatten().tolist()
+    assert tokenizer.decode(ids[0, answer_positions]) == str(problem.answer)
+
+
+def test_light_examples_cover_every_kind_of_prefix(tokenizer):
+    from duetlm.config import DuetConfig
+
+    rng, config = random.Random(0), DuetConfig()
+    prompts = [light_example(tokenizer, p, rng, config, 5.0)[0] for p in builtin.generate(300, "train")]
+    assert any(p[-len("<|im_start|>assistant\n") :] == "<|im_start|>assistant\n" for p in prompts)  # m-alone
+    assert any(p.endswith("\n</think>\n\n") for p in prompts)  # a pre-filled signal
+    assert all("<think>" in p or p.endswith("assistant\n") for p in prompts)
+
+
+def test_pretrain_writes_loadable_safetensors_folders(tmp_path):
+    config = PretrainConfig(
+        capable_shape=ModelShape(32, 1, intermediate=64),
+        light_shape=ModelShape(16, 1, intermediate=32),
+        batch_size=4,
+        capable_max_steps=3,
+        light_max_steps=3,
+        eval_every=3,
+        eval_questions=4,
+        tokenizer_corpus=200,
+    )
+    report = pretrain_pair(tmp_path, config)
+    assert set(report) >= {"capable", "light", "tiny-M_parameters", "tiny-m_parameters"}
+    assert json.loads((tmp_path / "pretrain_report.json").read_text())["capable"]["steps"] == 3
+    for name in ("tiny-M", "tiny-m"):
+        folder = tmp_path / name
+        assert (folder / "model.safetensors").is_file()
+        assert not list(folder.glob("*.bin"))
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        assert model.config.vocab_size == len(tokenizer)
+        assert tokenizer.convert_tokens_to_ids("</think>") != tokenizer.unk_token_id
+
+
+@pytest.mark.parametrize("name", ["tiny-M", "tiny-m"])
+def test_embedded_names_resolve_to_hf_folders(name):
+    spec = parse_spec(name)
+    assert spec.kind == "hf" and spec.model.endswith(name)
+    assert (EMBEDDED[name]() / "model.safetensors").is_file()

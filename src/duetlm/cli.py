@@ -382,6 +382,48 @@ def demo(
     print_report(out, load_summaries(out))
 
 
+@app.command()
+@friendly_errors
+def serve(
+    capable: CapableOpt = DEFAULT_CAPABLE,
+    light: LightOpt = DEFAULT_LIGHT,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Require `Authorization: Bearer KEY` on /v1.")] = None,
+    name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "duet",
+    config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
+    batch_window_ms: Annotated[float, typer.Option(help="Wait for more requests to batch.")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="Most requests per batch.")] = 32,
+    device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
+    upstream_api_key: Annotated[str | None, typer.Option(help="Key for openai: model specs.")] = None,
+) -> None:
+    """Serve DUET behind an OpenAI-compatible /v1/chat/completions endpoint."""
+    try:
+        import uvicorn
+
+        from duetlm.serve import ServeConfig, create_app
+    except ImportError as exc:
+        raise InputError("duet serve needs fastapi and uvicorn: pip install 'duetlm[serve]'") from exc
+    options = BackendOptions(device=device, api_key=upstream_api_key)
+    duet = Duet(
+        load_backend(capable, options),
+        load_backend(light, options),
+        build_config(config, None, None, None, None),
+    )
+    serve_config = ServeConfig(
+        name=name, api_key=api_key, batch_window_ms=batch_window_ms, max_batch=max_batch
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        err_console.print(f"[yellow]warning: serving on {host} without --api-key[/]")
+    uvicorn.run(
+        create_app(duet, serve_config),
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=30,
+        log_level="warning",
+    )
+
+
 @app.command("pretrain-pair")
 @friendly_errors
 def pretrain_pair_command(

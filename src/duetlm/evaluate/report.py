@@ -9,6 +9,7 @@ questions of the same task; `stderr` is over questions (each question's mean ove
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from math import comb
 from pathlib import Path
@@ -131,6 +132,13 @@ def markdown(summaries: list[dict]) -> str:
     return "\n".join(out)
 
 
+def file_safe(task: str) -> str:
+    """A task name fit for a file name (`jsonl:/data/my.jsonl` -> `jsonl-my`)."""
+    if task.startswith("jsonl:"):
+        task = "jsonl-" + Path(task.removeprefix("jsonl:")).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
+
+
 def plot(summaries: list[dict], directory: str | Path) -> list[Path]:
     """A PNG per task: accuracy against mean M output tokens, one point per method."""
     import matplotlib
@@ -158,7 +166,7 @@ def plot(summaries: list[dict], directory: str | Path) -> list[Path]:
         axes.set_title(f"{task}: accuracy vs M tokens")
         axes.grid(alpha=0.3)
         figure.tight_layout()
-        path = Path(directory) / f"plot_{task}.png"
+        path = Path(directory) / f"plot_{file_safe(task)}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         paths.append(path)

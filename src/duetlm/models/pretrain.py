@@ -59,7 +59,7 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 3e-3  # AdamW, linear warmup then cosine to 10%
     warmup_steps: int = 50
-    capable_max_steps: int = 1500
+    capable_max_steps: int = 3000
     light_max_steps: int = 4000
     min_steps: int = 300  # no gate is checked before this
     eval_every: int = 100

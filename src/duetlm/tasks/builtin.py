@@ -7,7 +7,7 @@ per step (`7+5=2`) gets it right. That is the DUET setting in miniature: M's rea
 makes the answer possible, and m only needs enough of it.
 
 Like a real reasoning model's, M's training traces carry redundancy in a varying amount
-(re-checks of earlier steps, restatements of the running value), so M's thinking is about two
+(re-checks of the step just taken, restatements of the running value), so M's thinking is about two
 to three times what is essential; that surplus is what the length-penalized training learns
 to drop. `essential_signal` gives the trace without it, which defines the task's floor.
 
@@ -86,7 +86,7 @@ def essential_signal(problem: ChainProblem, drop_last: int = 0) -> str:
 
 def reasoning_lines(problem: ChainProblem, rng: random.Random, redundancy: float) -> list[tuple[str, bool]]:
     """M-style thinking: every essential step, each followed by up to three redundant lines (a
-    re-check of an earlier step or the running value restated), each with probability
+    re-check of the step just taken, or the running value restated), each with probability
     redundancy/3, so `redundancy` is the mean number of extra lines per step. Returns
     (line, is_essential) pairs."""
     values, essential = problem.values, problem.essential_lines
@@ -95,10 +95,8 @@ def reasoning_lines(problem: ChainProblem, rng: random.Random, redundancy: float
         lines.append((line, True))
         for _ in range(3):
             if rng.random() < redundancy / 3:
-                if rng.random() < 0.5:
-                    lines.append((f"check {essential[rng.randrange(step + 1)]}", False))
-                else:
-                    lines.append((f"so far {values[step + 1]}", False))
+                extra = f"check {line}" if rng.random() < 0.5 else f"so far {values[step + 1]}"
+                lines.append((extra, False))
     return lines
 
 

@@ -1,0 +1,191 @@
+"""`duet eval` and `duet report` end to end on tiny models: store, resume after a kill, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import QUESTIONS
+from duetlm.errors import ConfigError, InputError
+from duetlm.evaluate import REPORT_KEYS
+from duetlm.evaluate.report import pass_at_k, summarize
+from duetlm.evaluate.store import ResultStore, read_rows, row_key
+
+DUET = str(Path(sys.executable).with_name("duet"))
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+METHODS = "M-alone,duet,m-alone,duet@6,M@6"
+
+
+@pytest.fixture(scope="module")
+def specs(model_dirs):
+    return ["--capable", f"hf:{model_dirs['capable']}", "--light", f"hf:{model_dirs['light']}"]
+
+
+def task_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "task.jsonl"
+    rows = [{"id": f"q{i}", "question": QUESTIONS[i % 3], "answer": "14"} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_eval_then_report_with_plot(specs, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [
+            DUET,
+            "eval",
+            "--task",
+            f"jsonl:{task_file(tmp_path, 6)}",
+            "--methods",
+            METHODS,
+            *specs,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "M savings" in done.stdout
+    report = subprocess.run(
+        [DUET, "report", str(out), "--format", "json"], capture_output=True, text=True, env=ENV
+    )
+    assert report.returncode == 0, report.stderr
+    rows = {r["method"]: r for r in json.loads(report.stdout)}
+    assert set(rows) == set(METHODS.split(","))
+    assert all(tuple(r) == REPORT_KEYS for r in rows.values())
+    assert rows["M-alone"]["accuracy"] == 1.0 and rows["duet"]["accuracy"] == 1.0
+    assert rows["duet"]["savings_pct"] > 0 and rows["M-alone"]["savings_pct"] == 0
+    assert rows["duet@6"]["M_output_tokens_mean"] == 6
+    assert rows["m-alone"]["M_output_tokens_mean"] == 0
+    assert (out / "plot_jsonl-task.png").stat().st_size > 1000
+    markdown = subprocess.run(
+        [DUET, "report", str(out), "--format", "markdown", "--no-plot"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert "| duet |" in markdown.stdout
+
+
+def test_killed_run_resumes_without_duplicates(specs, tmp_path):
+    out, path = tmp_path / "run", task_file(tmp_path, 40)
+    command = [
+        DUET,
+        "eval",
+        "--task",
+        f"jsonl:{path}",
+        "--methods",
+        "duet,M-alone",
+        *specs,
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    results = out / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if results.is_file() and len(results.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = len(read_rows(results))
+    assert 10 <= partial < 80
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    keys = Counter(row_key(r) for r in read_rows(results))
+    assert len(keys) == 80 and set(keys.values()) == {1}
+
+
+def test_changed_config_is_refused_unless_forced(specs, tmp_path):
+    out, path = tmp_path / "run", task_file(tmp_path, 2)
+    base = [DUET, "eval", "--task", f"jsonl:{path}", "--methods", "duet", *specs, "--out", str(out)]
+    assert subprocess.run(base, capture_output=True, env=ENV).returncode == 0
+    changed = subprocess.run([*base, "--signal-max-tokens", "9"], capture_output=True, text=True, env=ENV)
+    assert changed.returncode == 2 and "different configuration" in changed.stderr
+    forced = subprocess.run(
+        [*base, "--signal-max-tokens", "9", "--force"], capture_output=True, text=True, env=ENV
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert len(list(out.glob("results.*.jsonl"))) == 1  # the old results were moved aside, not lost
+
+
+def test_cut_off_last_line_is_dropped_and_repaired(tmp_path):
+    store = ResultStore(tmp_path, {}, "h")
+    row = {"task": "t", "method": "duet", "id": "1", "sample": 0}
+    store.append([row])
+    with store.results_path.open("a") as handle:
+        handle.write('{"task": "t", "meth')
+    reopened = ResultStore(tmp_path, {}, "h")
+    assert reopened.done == {("t", "duet", "1", 0)}
+    assert store.results_path.read_text() == json.dumps(row) + "\n"
+
+
+def test_damaged_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(InputError, match=r"results\.jsonl:2"):
+        read_rows(path)
+
+
+def test_other_config_hash_is_refused(tmp_path):
+    ResultStore(tmp_path, {}, "one")
+    with pytest.raises(ConfigError, match="different configuration"):
+        ResultStore(tmp_path, {}, "two")
+
+
+def _row(method, qid, sample, correct, capable_tokens):
+    usage = {"capable": {"output_tokens": capable_tokens}, "light": {"output_tokens": 1}, "cost": 0.5}
+    return {
+        "task": "t",
+        "method": method,
+        "id": qid,
+        "sample": sample,
+        "correct": correct,
+        "no_answer": False,
+        "usage": usage,
+        "wall_s": 1.0,
+    }
+
+
+def test_summary_statistics_by_hand():
+    rows = [
+        _row("M-alone", "a", 0, True, 100),
+        _row("M-alone", "a", 1, True, 100),
+        _row("M-alone", "b", 0, False, 100),
+        _row("M-alone", "b", 1, True, 100),
+        _row("duet", "a", 0, True, 40),
+        _row("duet", "a", 1, False, 40),
+        _row("duet", "b", 0, False, 40),
+        _row("duet", "b", 1, False, 40),
+    ]
+    summary = {s["method"]: s for s in summarize(rows)}
+    alone, duet = summary["M-alone"], summary["duet"]
+    assert alone["accuracy"] == pytest.approx(0.75)  # per-question means 1.0 and 0.5
+    assert alone["stderr"] == pytest.approx(0.25)  # std(1.0, 0.5) = 0.3536 / sqrt(2)
+    assert duet["savings_pct"] == pytest.approx(60.0)
+    assert duet["accuracy_delta"] == pytest.approx(0.25 - 0.75)
+    assert duet["cost_per_solved"] == pytest.approx(4 * 0.5 / 1)
+    assert alone["pass_at_k"] == pytest.approx(1.0)
+    assert duet["pass_at_k"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"), [(2, 1, 1, 0.5), (4, 0, 2, 0.0), (4, 1, 2, 0.5), (3, 3, 2, 1.0)]
+)
+def test_pass_at_k(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)

@@ -424,6 +424,41 @@ def serve(
     )
 
 
+@app.command()
+@friendly_errors
+def train(
+    config: Annotated[Path | None, typer.Option(help="TrainConfig as TOML/YAML/JSON (see configs/).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT/last exactly (optimizer, λ, RNG, data).")
+    ] = False,
+    out: Annotated[str | None, typer.Option(help="Override the run folder.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+) -> None:
+    """Joint DUET training (length-penalized GRPO) of M and m; see DESIGN section 2."""
+    from duetlm.config import validate_config
+    from duetlm.train.config import TrainConfig
+    from duetlm.train.trainer import train as run_training
+
+    base = TrainConfig.load(config) if config is not None else TrainConfig()
+    overrides = {k: v for k, v in {"out": out, "steps": steps}.items() if v is not None}
+    train_config = validate_config(
+        TrainConfig, base.model_dump() | overrides, source=str(config or "defaults")
+    )
+    folder = run_training(train_config, resume=resume)
+    console.print(
+        f"run folder: {folder} (checkpoint: {folder / 'last'}, metrics: {folder / 'metrics.jsonl'})"
+    )
+
+
+@app.command("plot-train")
+@friendly_errors
+def plot_train(run: Annotated[Path, typer.Argument(help="A run folder written by duet train.")]) -> None:
+    """Signal length, λ and pair accuracy over steps, as RUN/training_curves.png."""
+    from duetlm.train.plots import plot_training
+
+    console.print(f"plot: {plot_training(run)}")
+
+
 @app.command("pretrain-pair")
 @friendly_errors
 def pretrain_pair_command(

@@ -70,6 +70,7 @@ class GenerationResult:
     wall_s: float = 0.0
     stop_string: str | None = None
     retries: int = 0
+    token_ids: list[int] | None = None  # the generated ids, where the backend exposes them (hf, vllm)
     extra: dict = field(default_factory=dict)
 
 

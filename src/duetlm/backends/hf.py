@@ -206,6 +206,7 @@ class HFBackend:
             finish_reason=reason,
             wall_s=wall_s,
             stop_string=stop_string,
+            token_ids=row[:n_output].tolist(),
         )
 
     def close(self) -> None:

@@ -94,6 +94,7 @@ class VLLMBackend:
                     finish_reason=reason,
                     wall_s=share,
                     stop_string=stop_string,
+                    token_ids=list(completion.token_ids),
                 )
             )
         return results

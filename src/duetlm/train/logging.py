@@ -1,0 +1,64 @@
+"""Per-step metrics: metrics.jsonl always, TensorBoard and Weights & Biases when available."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    def __init__(self, out: Path, config, enabled: bool = True, keep_until: int = 0) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+        # On resume, rows past the checkpoint were produced by the step in flight: drop them.
+        rows = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= keep_until:
+                    rows.append(line)
+        self.path.write_text("".join(line + "\n" for line in rows) if keep_until else "")
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed; logging to metrics.jsonl only")
+        if config.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="duetlm", config=config.model_dump(), dir=str(out))
+            except ImportError:
+                logger.warning("wandb was asked for but is not installed")
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        step = metrics.get("step", 0)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "step"}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,224 @@
+"""The joint trainer on tiny real models: parameters move, the loss moves them the right way,
+checkpoints resume exactly, the switches run, bad configs stop early, and two processes
+compute what one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUESTIONS
+from duetlm.errors import ConfigError
+from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.rollout import pack
+from duetlm.train.trainer import DuetTrainer, train
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def task_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "train.jsonl"
+    rows = [{"id": f"q{i}", "question": QUESTIONS[i % 3], "answer": "14"} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def small_config(model_dirs, task_path, out, **overrides) -> TrainConfig:
+    settings = {
+        "capable": f"hf:{model_dirs['capable']}",
+        "light": f"hf:{model_dirs['light']}",
+        "task": f"jsonl:{task_path}",
+        "out": str(out),
+        "steps": 2,
+        "questions_per_step": 2,
+        "n_capable": 2,
+        "n_light": 2,
+        "signal_max_tokens": 40,
+        "answer_max_tokens": 24,
+        "light_temperature": 1.5,
+        "forced_stop_prob": 0.5,
+        "eval_every": 1,
+        "eval_questions": 3,
+        "length_bound": 16,
+        "capable_lr": 1e-3,
+        "light_lr": 1e-3,
+        "tensorboard": False,
+        "device": "cpu",
+    }
+    return TrainConfig(**(settings | overrides))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_training_changes_both_models_and_logs_every_step(model_dirs, task_path, tmp_path):
+    out = train(small_config(model_dirs, task_path, tmp_path / "run"), progress=False)
+    for name in ("capable", "light"):
+        before, after = weights(model_dirs[name]), weights(out / "last" / name)
+        assert any(not torch.equal(before[k], after[k]) for k in before), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in (
+        "reward",
+        "r_pair",
+        "r_light",
+        "lambda",
+        "signal_tokens",
+        "pair_accuracy",
+        "kl",
+        "loss_capable",
+        "loss_light",
+        "grad_norm_capable",
+        "step_s",
+        "eval_accuracy",
+    ):
+        assert key in rows[-1], key
+    assert rows[-1]["lambda"] >= 0
+
+
+def test_update_raises_logps_of_advantaged_sequences(model_dirs, task_path, tmp_path):
+    trainer = DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run", kl_beta=0.0))
+    tokenizer = trainer.capable.tokenizer
+    prompt = tokenizer("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
+        "input_ids"
+    ]
+    good = tokenizer("<think>\nshort\n</think>", add_special_tokens=False)["input_ids"]
+    bad = tokenizer("<think>\nlonger thoughts\n</think>", add_special_tokens=False)["input_ids"]
+    seqs = pack([prompt, prompt], [good, bad], tokenizer.pad_token_id)
+
+    def sequence_logps():
+        logps = trainer._logps(trainer.capable.module, seqs)
+        return (logps * seqs.completion_mask).sum(dim=1)
+
+    before = sequence_logps()
+    for _ in range(3):
+        trainer._update(
+            trainer.capable, seqs, trainer._logps(trainer.capable.module, seqs), torch.tensor([1.0, -1.0])
+        )
+    after = sequence_logps()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_resume_continues_exactly(model_dirs, task_path, tmp_path):
+    straight = train(
+        small_config(model_dirs, task_path, tmp_path / "a", steps=3, eval_every=0), progress=False
+    )
+    partial = small_config(model_dirs, task_path, tmp_path / "b", steps=2, eval_every=0)
+    train(partial, progress=False)
+    resumed = train(partial.model_copy(update={"steps": 3}), resume=True, progress=False)
+    for name in ("capable", "light"):
+        a, b = weights(straight / "last" / name), weights(resumed / "last" / name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == [1, 2, 3]
+    assert rows_a[-1]["reward"] == pytest.approx(rows_b[-1]["reward"])
+    assert rows_a[-1]["lambda"] == pytest.approx(rows_b[-1]["lambda"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train_light": False},
+        {"use_marginal_utility": False, "lambda_schedule": "constant", "lambda_init": 0.5},
+        {"single_model": True},
+        {"lora_capable": LoraSettings(r=4, alpha=8), "lora_light": LoraSettings(r=4, alpha=8)},
+    ],
+    ids=["capable-only", "no-marginal-constant-lambda", "single-model", "lora"],
+)
+def test_switches(model_dirs, task_path, tmp_path, overrides):
+    config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, **overrides)
+    out = train(config, progress=False)
+    assert (out / "last" / "capable" / "model.safetensors").is_file()
+    assert (out / "last" / "light").is_dir() == config.train_light
+    if config.lora_capable is not None:
+        assert (out / "last" / "capable_adapter").is_dir()
+        before, after = weights(model_dirs["capable"]), weights(out / "last" / "capable")
+        assert set(before) == set(after)  # merged back into a plain model
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("length_bound = -4\n", "length_bound"),
+        ("n_capable = 1\n", "n_capable"),
+        ("learning_rate = 0.1\n", "learning_rate"),
+        ("questions_per_step = 0\n", "questions_per_step"),
+    ],
+)
+def test_bad_config_is_rejected_before_any_model_loads(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + 'capable = "hf:/no/such/model"\n')
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("duet")), "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert fragment in done.stderr and "does not exist" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(model_dirs, task_path, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        DuetTrainer(small_config(model_dirs, task_path, tmp_path / "empty"), resume=True)
+
+
+def test_two_processes_compute_what_one_does(model_dirs, task_path, tmp_path):
+    # Greedy rollouts and seeded forced stops make the rollouts independent of sharding.
+    common = {
+        "capable_temperature": 0.0,
+        "light_temperature": 0.0,
+        "questions_per_step": 4,
+        "eval_every": 0,
+        "forced_stop_prob": 1.0,
+        "steps": 2,
+    }
+    single = small_config(model_dirs, task_path, tmp_path / "one", **common)
+    double = small_config(model_dirs, task_path, tmp_path / "two", **common)
+    paths = []
+    for config, processes in ((single, 1), (double, 2)):
+        path = tmp_path / f"{processes}.json"
+        path.write_text(config.model_dump_json())
+        paths.append(path)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(processes),
+                "--master_port",
+                str(29500 + processes),
+                "--no-python",
+                str(Path(sys.executable).with_name("duet")),
+                "train",
+                "--config",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV | {"OMP_NUM_THREADS": "1"},
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("capable", "light"):
+        a, b = weights(Path(single.out) / "last" / name), weights(Path(double.out) / "last" / name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+    one = [json.loads(x) for x in (Path(single.out) / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (Path(double.out) / "metrics.jsonl").read_text().splitlines()]
+    assert one[-1]["signal_tokens"] == pytest.approx(two[-1]["signal_tokens"])
+    assert one[-1]["lambda"] == pytest.approx(two[-1]["lambda"])

@@ -140,7 +140,7 @@ class DuetTrainer:
 
     # --- setup ---------------------------------------------------------------------------
 
-    def _policy(self, location, lora, lr, checkpoint, name, trainable) -> Policy:
+    def _policy(self, location, lora, lr, checkpoint, name, trainable, engine="hf") -> Policy:
         weights, adapter = location, None
         if checkpoint is not None and (checkpoint / name).is_dir():
             if lora is not None and (checkpoint / f"{name}_adapter").is_dir():
@@ -156,8 +156,24 @@ class DuetTrainer:
         else:
             model.requires_grad_(False)
         module = getattr(model, "module", model)
-        backend = HFBackend(model=module, tokenizer=tokenizer, batch_size=256, spec=f"train:{name}")
+        if engine == "vllm":
+            # Rollouts on vLLM; `_sync_engine` pushes the trained weights after every update.
+            from duetlm.backends.vllm import VLLMBackend
+
+            backend = VLLMBackend(weights, gpu_memory_utilization=0.3, spec=f"train:{name}")
+        else:
+            backend = HFBackend(model=module, tokenizer=tokenizer, batch_size=256, spec=f"train:{name}")
         return Policy(model, tokenizer, optimizer, backend)
+
+    @staticmethod
+    def _sync_engine(policy: Policy) -> None:
+        """After an update, a vLLM rollout engine gets the new weights (LoRA merged on the fly);
+        the hf backend wraps the trained module itself and needs nothing."""
+        if hasattr(policy.backend, "load_weights"):
+            module = policy.module
+            if hasattr(module, "merge_and_unload"):
+                module = copy.deepcopy(module).merge_and_unload()
+            policy.backend.load_weights((name, p.detach()) for name, p in module.state_dict().items())
 
     def _training_examples(self) -> list[Example]:
         cfg = self.cfg
@@ -413,6 +429,7 @@ class DuetTrainer:
         grad_norm = self.acc.clip_grad_norm_(policy.model.parameters(), self.cfg.max_grad_norm)
         policy.optimizer.step()
         policy.model.eval()
+        self._sync_engine(policy)
         return self._global_sum(torch.tensor(total)), float(grad_norm)
 
     def _global_sum(self, value: torch.Tensor) -> float:

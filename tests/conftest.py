@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
 from duetlm.backends.hf import HFBackend
+from duetlm.models.pretrain import ModelShape, new_model
 from duetlm.models.tokenizer import build_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -27,24 +28,9 @@ LIGHT_SCRIPT = "So \\boxed{14}<|im_end|>"
 
 def tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    return model.eval()
+    return new_model(
+        tokenizer, ModelShape(hidden, layers, intermediate=2 * hidden), max_positions=1024
+    ).eval()
 
 
 def train_script(model, tokenizer, examples: list[tuple[str, str]], steps: int = 150) -> None:

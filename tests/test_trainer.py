@@ -224,7 +224,9 @@ def test_two_processes_compute_what_one_does(model_dirs, task_path, tmp_path):
     assert one[-1]["lambda"] == pytest.approx(two[-1]["lambda"])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name
+)
 def test_shipped_configs_validate(path):
     config = TrainConfig.load(path)
     assert config.n_capable >= 2 and config.length_bound > 0

@@ -75,23 +75,17 @@ LightOpt = Annotated[str, typer.Option("--light", "-m", help="Light model m, sam
 
 
 def read_questions_jsonl(path: Path) -> list[Problem]:
-    """Questions from a JSONL file: one object per line with `question` (and optional
-    `choices`, a list of option texts). Errors name the file and line."""
-    if not path.is_file():
-        raise InputError(f"questions file {path} does not exist")
+    """Questions from a JSONL file (or JSON/CSV/parquet): `question` per row, optional
+    `choices` (a list of option texts). Errors name the file and line."""
+    from duetlm.tasks.registry import read_rows
+
     problems = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-            raise InputError(f"{path}:{number}: each line needs a string field 'question'")
+    for location, row in read_rows(path):
+        if not isinstance(row.get("question"), str):
+            raise InputError(f"{location}: each line needs a string field 'question'")
         choices = row.get("choices") or ()
         if not isinstance(choices, list | tuple) or not all(isinstance(c, str) for c in choices):
-            raise InputError(f"{path}:{number}: 'choices' must be a list of strings")
+            raise InputError(f"{location}: 'choices' must be a list of strings")
         problems.append(Problem(row["question"], tuple(choices)))
     if not problems:
         raise InputError(f"{path} holds no questions")

@@ -230,3 +230,30 @@ def test_two_processes_compute_what_one_does(model_dirs, task_path, tmp_path):
 def test_shipped_configs_validate(path):
     config = TrainConfig.load(path)
     assert config.n_capable >= 2 and config.length_bound > 0
+
+
+def test_kill_during_training_loses_at_most_the_step_in_flight(model_dirs, task_path, tmp_path):
+    import signal
+    import time
+
+    config = small_config(model_dirs, task_path, tmp_path / "run", steps=8, eval_every=0)
+    path = tmp_path / "config.json"
+    path.write_text(config.model_dump_json())
+    command = [str(Path(sys.executable).with_name("duet")), "train", "--config", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    metrics = Path(config.out) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(Path(config.out) / "last" / "state.pt", weights_only=False)["step"]
+    logged = len(metrics.read_text().splitlines())
+    assert saved >= logged - 1  # at most the step in flight is lost
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 9))

@@ -34,13 +34,13 @@ def test_tokenizer_encodes_any_text_and_keeps_digits_single():
 
 def test_collate_weights_only_the_target(tokenizer):
     problem = builtin.generate(1, "train")[0]
-    prompt, segments = "<|im_start|>user\nq<|im_end|>\n", write_up_segments(problem.answer, 5.0)
+    prompt, segments = "<|im_start|>user\nq<|im_end|>\n", write_up_segments(problem, 5.0)
     ids, _, weight = collate(tokenizer, [(prompt, segments)])
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert weight[0, :n_prompt].sum() == 0
     assert tokenizer.decode(ids[0, n_prompt:]) == "".join(text for text, _ in segments)
-    answer_positions = (weight[0] == 5.0).nonzero().flatten().tolist()
-    assert tokenizer.decode(ids[0, answer_positions]) == str(problem.answer)
+    key_positions = (weight[0] == 5.0).nonzero().flatten().tolist()
+    assert tokenizer.decode(ids[0, key_positions]) == problem.essential_lines[-1] + str(problem.answer)
 
 
 def test_light_examples_cover_every_kind_of_prefix(tokenizer):

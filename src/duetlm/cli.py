@@ -461,11 +461,14 @@ def pretrain_pair_command(
     ] = (Path(__file__).resolve().parent / "assets"),
     seed: Annotated[int, typer.Option(help="Seed of data, initialization and tokenizer.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
+    reuse_capable: Annotated[
+        bool, typer.Option(help="Keep the M already trained in OUT; retrain m only.")
+    ] = False,
 ) -> None:
     """Retrain the embedded pair from scratch on the builtin task (about 30 minutes on 2 CPU cores)."""
     from duetlm.models.pretrain import PretrainConfig, pretrain_pair
 
-    report = pretrain_pair(out, PretrainConfig(seed=seed, threads=threads))
+    report = pretrain_pair(out, PretrainConfig(seed=seed, threads=threads), reuse_capable=reuse_capable)
     for name in ("capable", "light"):
         part = report[name]
         status = "[green]passed[/]" if part["passed"] else "[red]did not pass[/]"

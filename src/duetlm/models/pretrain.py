@@ -67,7 +67,8 @@ class PretrainConfig:
     capable_gate: float = 0.95  # M-alone greedy accuracy
     light_gate_one_left: float = 0.90  # m given the essential trace minus its last step
     light_gate_full: float = 0.98  # m given the full essential trace
-    light_answer_weight: float = 5.0  # loss weight of the answer digit in m's target
+    light_batch_size: int = 64  # m's target is short: more examples per step
+    light_answer_weight: float = 5.0  # loss weight of the restated last step and the answer in m's target
     tokenizer_corpus: int = 3000  # sampled documents the BPE merges are trained on
     threads: int = 2
 
@@ -82,9 +83,10 @@ def render_light_prompt(tokenizer, problem: builtin.ChainProblem, signal: str, c
     )
 
 
-def write_up_segments(answer: int, weight: float) -> Segments:
-    before, after = builtin.WRITE_UP.split("{{{answer}}}")
-    return [(before + "{", 1.0), (str(answer), weight), ("}" + after.removeprefix("}") + "<|im_end|>", 1.0)]
+def write_up_segments(problem: builtin.ChainProblem, key_weight: float) -> Segments:
+    pieces = builtin.write_up_parts(problem)
+    segments = [(text, key_weight if key else 1.0) for text, key in pieces]
+    return [*segments[:-1], (segments[-1][0] + "<|im_end|>", 1.0)]
 
 
 def capable_example(tokenizer, problem, rng: random.Random, config: DuetConfig) -> Example:
@@ -117,7 +119,7 @@ def light_example(
     signal = "\n".join(line for line, _ in lines[:keep])
     if draw > 0.95 and signal:
         signal = signal[: rng.randint(1, len(signal))]  # a budget cut mid-line
-    answer = write_up_segments(problem.answer, answer_weight)
+    answer = write_up_segments(problem, answer_weight)
     if keep == 0:
         prompt = render_chat(tokenizer, capable_request(Problem(problem.question), config, 1))
         return prompt, [("<think>\n\n</think>\n\n", 1.0), *answer]
@@ -189,6 +191,7 @@ def train_until_gate(
     max_steps: int,
     cfg: PretrainConfig,
     rng: random.Random,
+    batch_size: int | None = None,
 ) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -201,7 +204,7 @@ def train_until_gate(
     bar = tqdm(range(1, max_steps + 1), desc=f"train {name}", unit="step")
     for step in bar:
         model.train()
-        batch = collate(tokenizer, [make_example(rng) for _ in range(cfg.batch_size)])
+        batch = collate(tokenizer, [make_example(rng) for _ in range(batch_size or cfg.batch_size)])
         loss = weighted_lm_loss(model, *batch)
         optimizer.zero_grad()
         loss.backward()
@@ -229,9 +232,20 @@ def train_until_gate(
     }
 
 
-def pretrain_pair(out_dir: str | Path, cfg: PretrainConfig | None = None) -> dict:
+def save(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def pretrain_pair(
+    out_dir: str | Path, cfg: PretrainConfig | None = None, reuse_capable: bool = False
+) -> dict:
     """Build the tokenizer, train M then m, save both as Hugging Face folders under `out_dir`
-    (`tiny-M`, `tiny-m`) with a `pretrain_report.json`. Returns the report."""
+    (`tiny-M`, `tiny-m`) with a `pretrain_report.json`. Returns the report.
+
+    M is saved as soon as it passes; `reuse_capable` loads it from `out_dir` instead of
+    training it again. m draws its data from its own seeded stream, so it comes out the same
+    either way."""
     cfg = cfg or PretrainConfig()
     out_dir = Path(out_dir)
     torch.set_num_threads(cfg.threads)
@@ -259,6 +273,8 @@ def pretrain_pair(out_dir: str | Path, cfg: PretrainConfig | None = None) -> dic
 
     capable = new_model(tokenizer, cfg.capable_shape)
     light = new_model(tokenizer, cfg.light_shape)
+    report: dict = {"config": asdict(cfg)}
+    capable_dir = out_dir / "tiny-M"
     capable_backend = HFBackend(model=capable, tokenizer=tokenizer, batch_size=100, spec="tiny-M")
     light_backend = HFBackend(model=light, tokenizer=tokenizer, batch_size=100, spec="tiny-m")
     duet = Duet(capable_backend, light_backend, DuetConfig(signal_max_tokens=400, answer_max_tokens=24))
@@ -277,18 +293,29 @@ def pretrain_pair(out_dir: str | Path, cfg: PretrainConfig | None = None) -> dic
             metrics[key] = accuracy([extract_boxed(r.text) for r in duet.finish(questions, signals)])
         return metrics
 
-    report: dict = {"config": asdict(cfg)}
-    report["capable"] = train_until_gate(
-        "M",
-        capable,
-        tokenizer,
-        lambda r: capable_example(tokenizer, train_problem(r), r, duet_config),
-        evaluate_capable,
-        lambda m: m["M_alone_acc"] >= cfg.capable_gate,
-        cfg.capable_max_steps,
-        cfg,
-        rng,
-    )
+    if reuse_capable:
+        if not (capable_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"--reuse-capable: no trained M at {capable_dir}")
+        capable.load_state_dict(
+            LlamaForCausalLM.from_pretrained(capable_dir, local_files_only=True).state_dict()
+        )
+        previous = json.loads((out_dir / "pretrain_report.json").read_text())
+        report["capable"] = previous["capable"]
+    else:
+        report["capable"] = train_until_gate(
+            "M",
+            capable,
+            tokenizer,
+            lambda r: capable_example(tokenizer, train_problem(r), r, duet_config),
+            evaluate_capable,
+            lambda m: m["M_alone_acc"] >= cfg.capable_gate,
+            cfg.capable_max_steps,
+            cfg,
+            rng,
+        )
+        save(capable, tokenizer, capable_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
     report["light"] = train_until_gate(
         "m",
         light,
@@ -298,11 +325,11 @@ def pretrain_pair(out_dir: str | Path, cfg: PretrainConfig | None = None) -> dic
         lambda m: m["m_one_left_acc"] >= cfg.light_gate_one_left and m["m_full_acc"] >= cfg.light_gate_full,
         cfg.light_max_steps,
         cfg,
-        rng,
+        random.Random(f"{cfg.seed}:light"),
+        batch_size=cfg.light_batch_size,
     )
+    save(light, tokenizer, out_dir / "tiny-m")
     for name, model in (("tiny-M", capable), ("tiny-m", light)):
-        model.save_pretrained(out_dir / name, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir / name)
         report[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
     (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -32,7 +32,6 @@ OPERATIONS: tuple[tuple[str, int], ...] = (
 MIN_STEPS, MAX_STEPS = 3, 10
 REDUNDANCY_RANGE = (1.0, 2.5)  # extra lines per step, drawn per trace: ~2.5x the essential tokens
 TEST_FRACTION_BUCKETS = 5  # one question in 5 (by hash) belongs to the test split
-WRITE_UP = "The result is \\boxed{{{answer}}}."
 
 
 def apply(value: int, op: str, operand: int) -> int:
@@ -100,10 +99,28 @@ def reasoning_lines(problem: ChainProblem, rng: random.Random, redundancy: float
     return lines
 
 
+def write_up_parts(problem: ChainProblem) -> list[tuple[str, bool]]:
+    """The final write-up, as reasoning models write one: it restates the last step and boxes
+    the result. (text, is_key) pieces: the key ones (the step and the answer) are what a
+    model that was not shown the last step has to compute."""
+    last = problem.essential_lines[-1]
+    return [
+        ("Last step ", False),
+        (last, True),
+        (". The result is \\boxed{", False),
+        (str(problem.answer), True),
+        ("}.", False),
+    ]
+
+
+def write_up(problem: ChainProblem) -> str:
+    return "".join(text for text, _ in write_up_parts(problem))
+
+
 def capable_target(problem: ChainProblem, rng: random.Random, redundancy: float) -> str:
     """What M is trained to write: thinking in tags, then the short write-up."""
     thinking = "\n".join(line for line, _ in reasoning_lines(problem, rng, redundancy))
-    return f"<think>\n{thinking}\n</think>\n\n{WRITE_UP.format(answer=problem.answer)}"
+    return f"<think>\n{thinking}\n</think>\n\n{write_up(problem)}"
 
 
 def sample_problem(

@@ -192,6 +192,7 @@ def train_until_gate(
     cfg: PretrainConfig,
     rng: random.Random,
     batch_size: int | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -220,6 +221,8 @@ def train_until_gate(
                 f"{name} step {step}: loss {loss.item():.4f} "
                 + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
             )
+            if checkpoint is not None:
+                checkpoint()  # the latest weights are on disk at every evaluation
             if step >= cfg.min_steps and passed(metrics):
                 break
     bar.close()
@@ -327,6 +330,7 @@ def pretrain_pair(
         cfg,
         random.Random(f"{cfg.seed}:light"),
         batch_size=cfg.light_batch_size,
+        checkpoint=lambda: save(light, tokenizer, out_dir / "tiny-m"),
     )
     save(light, tokenizer, out_dir / "tiny-m")
     for name, model in (("tiny-M", capable), ("tiny-m", light)):

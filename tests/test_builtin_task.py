@@ -54,7 +54,7 @@ def test_traces_hold_every_essential_step_in_order_plus_redundancy():
                 assert line.startswith(("check ", "so far "))
     target = builtin.capable_target(problem, rng, 1.5)
     assert target.startswith("<think>\n") and target.endswith(
-        f"</think>\n\nThe result is \\boxed{{{problem.answer}}}."
+        f"</think>\n\nLast step {problem.essential_lines[-1]}. The result is \\boxed{{{problem.answer}}}."
     )
 
 

@@ -66,7 +66,7 @@ class PretrainConfig:
     eval_questions: int = 200  # validation questions (train split, never trained on)
     capable_gate: float = 0.95  # M-alone greedy accuracy
     light_gate_one_left: float = 0.90  # m given the essential trace minus its last step
-    light_gate_full: float = 0.98  # m given the full essential trace
+    light_gate_full: float = 0.98  # m given the full essential trace, and a full M-style trace
     light_batch_size: int = 64  # m's target is short: more examples per step
     light_answer_weight: float = 5.0  # loss weight of the restated last step and the answer in m's target
     tokenizer_corpus: int = 3000  # sampled documents the BPE merges are trained on
@@ -101,18 +101,19 @@ def light_example(
 ) -> Example:
     """m sees a prefix of an M-style trace; which prefix is drawn to oversample the cases
     that need arithmetic (one or two steps left)."""
-    redundancy = rng.choice([0.0, rng.uniform(*builtin.REDUNDANCY_RANGE)])
+    # M's traces are mostly redundant: two draws in three carry redundancy.
+    redundancy = rng.choice([0.0, *[rng.uniform(*builtin.REDUNDANCY_RANGE)] * 2])
     lines = builtin.reasoning_lines(problem, rng, redundancy)
     essential_ends = [i + 1 for i, (_, essential) in enumerate(lines) if essential]
     n = len(essential_ends)
     draw = rng.random()
     if draw < 0.10:
         keep = 0  # no signal: m must produce the empty thinking itself (m-alone)
-    elif draw < 0.30:
-        keep = len(lines)
-    elif draw < 0.60:
+    elif draw < 0.45:
+        keep = len(lines)  # the whole trace, often ending in re-checks: nothing is left to compute
+    elif draw < 0.80:
         keep = rng.randint(essential_ends[n - 2], essential_ends[n - 1] - 1)  # one step left
-    elif draw < 0.75:
+    elif draw < 0.90:
         keep = rng.randint(essential_ends[n - 3], essential_ends[n - 2] - 1)  # two steps left
     else:
         keep = rng.randint(0, len(lines))
@@ -289,8 +290,15 @@ def pretrain_pair(
     def evaluate_capable() -> dict[str, float]:
         return {"M_alone_acc": accuracy([r.answer for r in duet.solve_batch(questions, "M-alone")])}
 
+    trace_rng = random.Random(f"{cfg.seed}:validation-traces")
+    full_traces = [
+        "\n".join(line for line, _ in builtin.reasoning_lines(p, trace_rng, builtin.REDUNDANCY_RANGE[1]))
+        for p in validation
+    ]
+
     def evaluate_light() -> dict[str, float]:
-        metrics = {}
+        results = duet.finish(questions, full_traces)
+        metrics = {"m_full_trace_acc": accuracy([extract_boxed(r.text) for r in results])}
         for key, drop in (("m_full_acc", 0), ("m_one_left_acc", 1), ("m_two_left_acc", 2)):
             signals = [builtin.essential_signal(p, drop) for p in validation]
             metrics[key] = accuracy([extract_boxed(r.text) for r in duet.finish(questions, signals)])
@@ -325,7 +333,10 @@ def pretrain_pair(
         tokenizer,
         lambda r: light_example(tokenizer, train_problem(r), r, duet_config, cfg.light_answer_weight),
         evaluate_light,
-        lambda m: m["m_one_left_acc"] >= cfg.light_gate_one_left and m["m_full_acc"] >= cfg.light_gate_full,
+        lambda m: (
+            m["m_one_left_acc"] >= cfg.light_gate_one_left
+            and min(m["m_full_acc"], m["m_full_trace_acc"]) >= cfg.light_gate_full
+        ),
         cfg.light_max_steps,
         cfg,
         random.Random(f"{cfg.seed}:light"),

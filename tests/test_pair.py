@@ -82,3 +82,34 @@ def test_embedded_names_resolve_to_hf_folders(name):
     spec = parse_spec(name)
     assert spec.kind == "hf" and spec.model.endswith(name)
     assert (EMBEDDED[name]() / "model.safetensors").is_file()
+
+
+# Measured with `python bench/pair_figures.py --questions 500` (builtin test split, greedy).
+STATED = {"M-alone": 0.938, "duet": 0.932, "m-alone": 0.164, "one_left": 0.994}
+
+
+def test_shipped_pair_reaches_its_stated_figures():
+    """A broken asset fails CI: 100 test questions, at least 80% of each stated accuracy, and
+    m alone still needs the signal."""
+    from duetlm.backends import BackendOptions, load_backend
+    from duetlm.config import DuetConfig
+    from duetlm.grading import extract_boxed
+    from duetlm.protocol import Duet, Problem
+
+    options = BackendOptions(device="cpu", batch_size=100)
+    duet = Duet(
+        load_backend("tiny-M", options),
+        load_backend("tiny-m", options),
+        DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
+    )
+    test = builtin.generate(100, "test")
+    problems = [Problem(p.question) for p in test]
+
+    def accuracy(answers):
+        return sum(a == str(p.answer) for a, p in zip(answers, test, strict=True)) / len(test)
+
+    for mode in ("M-alone", "duet"):
+        assert accuracy([r.answer for r in duet.solve_batch(problems, mode)]) >= 0.8 * STATED[mode], mode
+    assert accuracy([r.answer for r in duet.solve_batch(problems, "m-alone")]) <= 0.30
+    finished = duet.finish(problems, [builtin.essential_signal(p, 1) for p in test])
+    assert accuracy([extract_boxed(r.text) for r in finished]) >= 0.8 * STATED["one_left"]

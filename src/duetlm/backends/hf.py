@@ -103,6 +103,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_token_ids = self._eos_ids()
+        self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
 
     @staticmethod
     def _load(path_or_id: str, device: str, dtype: str, trust_remote_code: bool):
@@ -186,8 +187,7 @@ class HFBackend:
         self, row: torch.Tensor, prompt_tokens: int, sampling: SamplingParams, wall_s: float
     ) -> GenerationResult:
         """Where this row really ended, and why; tokens after the end are batch padding."""
-        end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
-        is_end = torch.isin(row, end_ids)  # (T,)
+        is_end = torch.isin(row, self._end_ids)  # (T,)
         first_end = int(is_end.int().argmax()) if bool(is_end.any()) else len(row)
         text = self.tokenizer.decode(row[:first_end], skip_special_tokens=False)
         text, stop_string = cut_at_stop(text, sampling.stop)

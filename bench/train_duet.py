@@ -2,6 +2,7 @@
 
     python bench/train_duet.py                      # configs/builtin.toml, 500 test questions
     python bench/train_duet.py --skip-training      # evaluate existing runs only
+    python bench/train_duet.py --reuse              # train only what is not finished yet
 
 1. joint DUET training from the shipped base pair (configs/builtin.toml);
 2. the single-model length-penalty GRPO baseline with the same budget B
@@ -63,7 +64,10 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=500)
     parser.add_argument("--budgets", default="16,24,32,48")
     parser.add_argument("--out", default="runs/bench-train")
-    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="evaluate existing runs only")
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip training a run whose folder holds a finished run"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -71,11 +75,16 @@ def main() -> None:
     joint = joint.model_copy(update={"out": str(out / "duet")})
     single = single.model_copy(update={"out": str(out / "single")})
     timings = {}
-    if not args.skip_training:
-        for name, config in (("duet", joint), ("single", single)):
-            started = time.perf_counter()
-            train(config)
-            timings[name] = time.perf_counter() - started
+    for name, config in (("duet", joint), ("single", single)):
+        final = Path(config.out) / "final.json"
+        done = final.is_file() and json.loads(final.read_text())["step"] == config.steps
+        if args.skip_training or (args.reuse and done):
+            if done:
+                timings[name] = json.loads(final.read_text())["wall_s"]
+            continue
+        started = time.perf_counter()
+        train(config)
+        timings[name] = time.perf_counter() - started
     trained_capable = f"hf:{out / 'duet' / 'last' / 'capable'}"
     trained_light = f"hf:{out / 'duet' / 'last' / 'light'}" if joint.train_light else joint.light
     single_capable = f"hf:{out / 'single' / 'last' / 'capable'}"

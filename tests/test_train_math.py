@@ -9,7 +9,7 @@ import torch
 
 from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss
 from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
-from duetlm.train.rollout import pack
+from duetlm.train.rollout import credit_only_tail, pack
 
 
 def test_capable_rewards_by_hand():
@@ -91,3 +91,11 @@ def test_pack_aligns_completion_mask_with_logps():
     assert seqs.input_ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
     # completion_mask[t] marks whether token t+1 was sampled
     assert seqs.completion_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+
+
+def test_forced_stop_credit_keeps_only_the_inserted_close_tag():
+    seqs = pack([[1, 2], [3]], [[4, 5, 6, 7], [8, 9, 10]], pad_id=0)
+    credited = credit_only_tail(seqs, rows=[1], tail=1)
+    # row 0 (sampled freely) keeps every sampled token; row 1 (cut) keeps only its last one
+    assert credited.completion_mask.tolist() == [[0, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
+    assert seqs.completion_mask.tolist()[1] == [1, 1, 1, 0, 0]  # the original is untouched

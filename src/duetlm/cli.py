@@ -238,8 +238,8 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
 
 
 EMBEDDED_NOTE = (
-    "[dim]The embedded pair (tiny-M, tiny-m, duet-M) is a small model pair trained on a synthetic "
-    "task; its numbers are not results on real LLMs.[/]"
+    "[dim]The embedded models (tiny-M, tiny-m, duet-M, duet-m) are small models trained on a synthetic "
+    "task; their numbers are not results on real LLMs.[/]"
 )
 
 

@@ -4,6 +4,7 @@ Names usable wherever a model spec is expected (`--capable tiny-M`):
     tiny-M   the capable model M, trained by supervised learning on full reasoning traces
     tiny-m   the light model m, trained to finish from a partial signal
     duet-M   tiny-M after joint DUET training (shorter signals)
+    duet-m   tiny-m after the same joint training (used to the shorter signals)
 They are small models trained on the synthetic builtin task only; their numbers are never
 results on real LLMs.
 """
@@ -35,4 +36,5 @@ EMBEDDED: dict[str, Callable[[], Path]] = {
     "tiny-M": _asset("tiny-M"),
     "tiny-m": _asset("tiny-m"),
     "duet-M": _asset("duet-M"),
+    "duet-m": _asset("duet-m"),
 }

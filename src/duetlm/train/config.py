@@ -83,6 +83,12 @@ class TrainConfig(BaseModel):
         description="Exploration: share of signals cut at a random line boundary and closed with the "
         "think tag, so GRPO sees shorter signals than the model samples by itself.",
     )
+    forced_stop_credit: Literal["stop", "sequence"] = Field(
+        "stop",
+        description="What a forced stop's advantage trains: 'stop' only the inserted close tag (the "
+        "prefix was sampled under a continuation that was thrown away, so its tokens get no credit "
+        "for what the cut did), 'sequence' every token of the cut signal.",
+    )
 
     # evaluation, logging, checkpoints
     eval_every: int = Field(10, ge=0, description="Greedy pair evaluation every N steps (0 = never).")

@@ -55,3 +55,14 @@ def force_early_stop(
     if not cuts:
         return None
     return body[: rng.choice(cuts)] + close_ids
+
+
+def credit_only_tail(seqs: Sequences, rows: list[int], tail: int) -> Sequences:
+    """A copy of `seqs` whose completion mask keeps, in each of `rows`, only the last `tail`
+    sampled tokens. A forced stop's outcome says whether stopping there was good; it says
+    nothing about the prefix, which the policy sampled towards a continuation that was cut."""
+    mask = seqs.completion_mask.clone()
+    for row in rows:
+        positions = mask[row].nonzero().flatten()
+        mask[row, positions[: max(len(positions) - tail, 0)]] = 0.0
+    return Sequences(seqs.input_ids, seqs.attention_mask, mask)

@@ -39,7 +39,7 @@ from duetlm.tasks import Example, grade, load_task
 from duetlm.train.config import LoraSettings, TrainConfig
 from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss, token_logps
 from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
-from duetlm.train.rollout import Sequences, force_early_stop, pack
+from duetlm.train.rollout import Sequences, credit_only_tail, force_early_stop, pack
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,10 @@ class DuetTrainer:
             pair_correct, alone_correct, lengths, self.lam, cfg.length_bound, cfg.use_marginal_utility
         )
         reward = parts["reward"] - cfg.kl_beta * kl  # (Q, S)
-        mean_length = self._global_mean(lengths)
+        forced = torch.tensor([[float(s["forced"]) for s in g] for g in signals])  # (Q, S)
+        # λ is the dual variable of the policy's constraint E[L] <= B: forced cuts are not samples
+        # of the policy, so they stay out of the mean that drives it.
+        mean_length = self._global_masked_mean(lengths, 1.0 - forced)
         self.lam = update_lambda(self.lam, mean_length, cfg.length_bound, cfg.lambda_lr, cfg.lambda_schedule)
 
         metrics = {
@@ -242,11 +245,10 @@ class DuetTrainer:
             "r_pair": self._global_mean(parts["r_pair"]),
             "r_light": self._global_mean(parts["r_light"]),
             "signal_tokens": mean_length,
+            "signal_tokens_with_cuts": self._global_mean(lengths),
             "pair_accuracy": self._global_mean(pair_correct.float()),
             "kl": self._global_mean(kl),
-            "forced_stops": self._global_mean(
-                torch.tensor([[float(s["forced"]) for s in g] for g in signals])
-            ),
+            "forced_stops": self._global_mean(forced),
         }
         if cfg.train_light:
             light_old = self._logps(self.light.module, light_seqs)
@@ -255,8 +257,12 @@ class DuetTrainer:
                 self.light, light_seqs, light_old, adv
             )
         adv = group_advantages(reward).reshape(-1)  # (Q*S,)
+        trained_seqs = capable_seqs
+        if cfg.forced_stop_credit == "stop":
+            forced_rows = [i for i, s in enumerate(s for g in signals for s in g) if s["forced"]]
+            trained_seqs = credit_only_tail(capable_seqs, forced_rows, len(self.think_close_ids))
         metrics["loss_capable"], metrics["grad_norm_capable"] = self._update(
-            self.capable, capable_seqs, capable_old, adv
+            self.capable, trained_seqs, capable_old, adv
         )
         return metrics
 
@@ -438,6 +444,13 @@ class DuetTrainer:
             float(self.acc.reduce(value, reduction="sum").item()) if self.world > 1 else float(value.item())
         )
 
+    def _global_masked_mean(self, values: torch.Tensor, weights: torch.Tensor) -> float:
+        """Mean of the values with weight 1 over all processes (of all values if none has)."""
+        count = self._global_sum(weights.sum())
+        if count == 0:
+            return self._global_mean(values)
+        return self._global_sum((values * weights).sum()) / count
+
     def _global_mean(self, values: torch.Tensor) -> float:
         values = values.detach().float()
         return self._global_sum(values.sum()) / self._global_sum(torch.tensor(float(values.numel())))
@@ -530,7 +543,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
 
     from duetlm.train.logging import MetricsLog
 
+    started = time.perf_counter()
     trainer = DuetTrainer(config, resume=resume)
+    first_step = trainer.step
     log = MetricsLog(trainer.out, config, enabled=trainer.acc.is_main_process, keep_until=trainer.step)
     bar = tqdm(
         total=config.steps,
@@ -557,5 +572,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     bar.close()
     log.close()
     if trainer.acc.is_main_process:
-        (trainer.out / "final.json").write_text(json.dumps({"step": trainer.step, "lambda": trainer.lam}))
+        final = {
+            "step": trainer.step,
+            "lambda": trainer.lam,
+            "resumed_at": first_step,
+            "wall_s": time.perf_counter() - started,  # this call: loading, steps, evals, saves
+        }
+        (trainer.out / "final.json").write_text(json.dumps(final))
     return trainer.out

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss
+from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss, token_logps
 from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
 from duetlm.train.rollout import credit_only_tail, pack
 
@@ -99,3 +99,28 @@ def test_forced_stop_credit_keeps_only_the_inserted_close_tag():
     # row 0 (sampled freely) keeps every sampled token; row 1 (cut) keeps only its last one
     assert credited.completion_mask.tolist() == [[0, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
     assert seqs.completion_mask.tolist()[1] == [1, 1, 1, 0, 0]  # the original is untouched
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in language model whose next-token logits are given, to check the arithmetic."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask):
+        return type("Output", (), {"logits": self.logits})()
+
+
+def test_token_logps_are_those_of_the_tempered_sampling_distribution():
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]]])  # (1, 3, V=3)
+    ids = torch.tensor([[0, 2, 1]])
+    for temperature in (1.0, 0.5):
+        got = token_logps(FixedLogits(logits), ids, torch.ones_like(ids), temperature)
+        tempered = torch.log_softmax(logits[0, :2] / temperature, dim=-1)
+        assert torch.allclose(got[0], torch.stack([tempered[0, 2], tempered[1, 1]]))
+    # colder sampling makes the likelier token likelier still: 0.5 beats 1.0 on token 1 at step 2
+    assert (
+        token_logps(FixedLogits(logits), ids, torch.ones_like(ids), 0.5)[0, 1]
+        > token_logps(FixedLogits(logits), ids, torch.ones_like(ids), 1.0)[0, 1]
+    )

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import QUESTIONS
 from duetlm.errors import ConfigError
 from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.grpo import token_logps
 from duetlm.train.rollout import pack
 from duetlm.train.trainer import DuetTrainer, train
 
@@ -106,6 +107,38 @@ def test_update_raises_logps_of_advantaged_sequences(model_dirs, task_path, tmp_
         )
     after = sequence_logps()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_length_sorted_trimmed_micro_batches_change_nothing_but_compute(model_dirs, task_path, tmp_path):
+    trainer = DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run", micro_batch=2, kl_beta=0.0))
+    tokenizer = trainer.capable.tokenizer
+    prompt = tokenizer("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
+        "input_ids"
+    ]
+    texts = [
+        "<think>\na much longer line of thought\n</think>",
+        "<think>\nx\n</think>",
+        "<think>\nmid\n</think>",
+    ]
+    completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seqs = pack([prompt] * 3, completions, tokenizer.pad_token_id)
+    model = trainer.capable.module
+    with torch.no_grad():
+        whole = token_logps(model, seqs.input_ids, seqs.attention_mask)
+    chunked = trainer._logps(model, seqs)
+    mask = seqs.completion_mask.bool()
+    assert torch.allclose(chunked[mask], whole[mask], atol=1e-5)
+
+    # old log-probs from the update's own forward pass give the same step as passing them in
+    advantages = torch.tensor([1.0, -1.0, 0.5])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer._update(trainer.capable, seqs, chunked, advantages)
+    explicit = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    trainer.capable.optimizer.state.clear()
+    trainer._update(trainer.capable, seqs, None, advantages)
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, explicit[key], atol=1e-6), key
 
 
 def test_resume_continues_exactly(model_dirs, task_path, tmp_path):

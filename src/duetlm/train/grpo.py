@@ -22,9 +22,15 @@ def light_advantages(pair_correct: torch.Tensor, eps: float = 1e-6) -> torch.Ten
     return group_advantages(pair_correct.float().reshape(q, s * a), eps).reshape(q, s, a)
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for every position t ≥ 1. (B, T) -> (B, T-1)."""
+def token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for every position t ≥ 1 under the policy that sampled them:
+    logits over `temperature`, so the objective is that of the sampling distribution (the one
+    greedy decoding is the cold limit of), not of the raw logits. (B, T) -> (B, T-1)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     return -F.cross_entropy(logits.transpose(1, 2).float(), input_ids[:, 1:], reduction="none")  # (B, T-1)
 
 

@@ -23,15 +23,25 @@ def plot_training(run: str | Path) -> Path:
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     length_key = "signal_tokens" if any("signal_tokens" in r for r in rows) else "output_tokens"
     series = [
-        (axes[0], length_key, "mean M tokens in rollouts"),
+        (axes[0], length_key, "M output tokens"),
         (axes[1], "lambda", "λ (length penalty weight)"),
     ]
     for axis, key, title in series:
         points = [(r["step"], r[key]) for r in rows if key in r]
-        axis.plot([p[0] for p in points], [p[1] for p in points])
+        axis.plot([p[0] for p in points], [p[1] for p in points], label="rollouts")
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
+    greedy = [(r["step"], r["eval_capable_tokens"]) for r in rows if "eval_capable_tokens" in r]
+    if greedy:
+        axes[0].plot([p[0] for p in greedy], [p[1] for p in greedy], marker="o", label="greedy eval")
+    settings = Path(run) / "train_config.json"
+    if settings.is_file():
+        bound = json.loads(settings.read_text()).get("length_bound")
+        if bound:
+            axes[0].axhline(bound, color="gray", linestyle="--", label=f"B = {bound:g}")
+    axes[0].set_title("M output tokens")
+    axes[0].legend()
     for key, label in (
         ("pair_accuracy", "rollout pair accuracy"),
         ("accuracy", "rollout accuracy"),

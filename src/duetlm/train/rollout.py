@@ -25,6 +25,21 @@ class Sequences:
             self.input_ids[start:end], self.attention_mask[start:end], self.completion_mask[start:end]
         )
 
+    def take(self, rows: torch.Tensor) -> Sequences:
+        """The given rows, with the padding columns none of them uses cut off (right padding and
+        a causal model: the cut changes no real position's output, only the compute)."""
+        width = int(self.attention_mask[rows].sum(dim=1).max())
+        return Sequences(
+            self.input_ids[rows, :width],
+            self.attention_mask[rows, :width],
+            self.completion_mask[rows, : width - 1],
+        )
+
+    def micro_batches(self, size: int) -> list[torch.Tensor]:
+        """Row indices in chunks of `size`, by length, so each chunk carries little padding."""
+        order = torch.argsort(self.attention_mask.sum(dim=1), stable=True)
+        return list(torch.split(order, size))
+
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Sequences:
     width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))

@@ -52,6 +52,7 @@ class Policy:
     tokenizer: object
     optimizer: torch.optim.Optimizer | None
     backend: HFBackend
+    temperature: float = 1.0  # the rollout temperature: log-probs are those of what was sampled
 
     @property
     def module(self):
@@ -163,7 +164,8 @@ class DuetTrainer:
             backend = VLLMBackend(weights, gpu_memory_utilization=0.3, spec=f"train:{name}")
         else:
             backend = HFBackend(model=module, tokenizer=tokenizer, batch_size=256, spec=f"train:{name}")
-        return Policy(model, tokenizer, optimizer, backend)
+        temperature = self.cfg.capable_temperature if name == "capable" else self.cfg.light_temperature
+        return Policy(model, tokenizer, optimizer, backend, temperature)
 
     @staticmethod
     def _sync_engine(policy: Policy) -> None:
@@ -228,7 +230,7 @@ class DuetTrainer:
             [[len(s["ids"]) for s in group] for group in signals], dtype=torch.float32
         )  # (Q, S)
 
-        capable_old = self._logps(self.capable.module, capable_seqs)
+        capable_old = self._logps(self.capable.module, capable_seqs, self.capable.temperature)
         kl = self._kl(capable_seqs, capable_old).reshape(lengths.shape)  # (Q, S)
         parts = capable_rewards(
             pair_correct, alone_correct, lengths, self.lam, cfg.length_bound, cfg.use_marginal_utility
@@ -251,10 +253,9 @@ class DuetTrainer:
             "forced_stops": self._global_mean(forced),
         }
         if cfg.train_light:
-            light_old = self._logps(self.light.module, light_seqs)
             adv = light_advantages(pair_correct).reshape(-1)  # (Q*S*A,)
             metrics["loss_light"], metrics["grad_norm_light"] = self._update(
-                self.light, light_seqs, light_old, adv
+                self.light, light_seqs, None, adv
             )
         adv = group_advantages(reward).reshape(-1)  # (Q*S,)
         trained_seqs = capable_seqs
@@ -292,7 +293,7 @@ class DuetTrainer:
             lengths.append(float(result.output_tokens))
         shape = (len(questions), cfg.n_capable)
         correct_t, lengths_t = torch.tensor(correct).reshape(shape), torch.tensor(lengths).reshape(shape)
-        old = self._logps(self.capable.module, seqs)
+        old = self._logps(self.capable.module, seqs, self.capable.temperature)
         kl = self._kl(seqs, old).reshape(shape)
         reward = single_model_rewards(correct_t, lengths_t, self.lam, cfg.length_bound) - cfg.kl_beta * kl
         mean_length = self._global_mean(lengths_t)
@@ -385,46 +386,61 @@ class DuetTrainer:
 
     # --- log-probs, KL, updates ----------------------------------------------------------
 
-    def _logps(self, model, seqs: Sequences) -> torch.Tensor:
-        """Per-token log-probs without gradient, in micro-batches. (B, T-1)"""
+    def _logps(self, model, seqs: Sequences, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs without gradient, in length-sorted micro-batches. (B, T-1)"""
         model.eval()
-        chunks = []
+        out = torch.zeros(seqs.completion_mask.shape)
         with torch.no_grad():
-            for start in range(0, len(seqs), self.cfg.micro_batch):
-                part = seqs.slice(start, start + self.cfg.micro_batch)
-                chunks.append(
-                    token_logps(
-                        model, part.input_ids.to(self.acc.device), part.attention_mask.to(self.acc.device)
-                    ).cpu()
+            for rows in seqs.micro_batches(self.cfg.micro_batch):
+                part = seqs.take(rows)
+                logps = token_logps(
+                    model,
+                    part.input_ids.to(self.acc.device),
+                    part.attention_mask.to(self.acc.device),
+                    temperature,
                 )
-        return torch.cat(chunks)
+                out[rows, : logps.shape[1]] = logps.cpu()
+        return out
 
     def _kl(self, seqs: Sequences, policy_logps: torch.Tensor) -> torch.Tensor:
         if self.cfg.kl_beta == 0:
             return torch.zeros(len(seqs))
         if self.reference is not None:
-            ref = self._logps(self.reference, seqs)
+            ref = self._logps(self.reference, seqs, self.capable.temperature)
         else:
             with self.capable.module.disable_adapter():
-                ref = self._logps(self.capable.module, seqs)
+                ref = self._logps(self.capable.module, seqs, self.capable.temperature)
         return kl_sum(policy_logps, ref, seqs.completion_mask)  # (B,)
 
-    def _update(self, policy: Policy, seqs: Sequences, old_logps: torch.Tensor, advantages: torch.Tensor):
-        """One PPO-clip epoch over the batch: token-mean over the global batch's tokens."""
+    def _update(
+        self,
+        policy: Policy,
+        seqs: Sequences,
+        old_logps: torch.Tensor | None,
+        advantages: torch.Tensor,
+    ):
+        """One PPO-clip epoch over the batch: token-mean over the global batch's tokens.
+
+        With one epoch and one optimizer step per batch the sampling policy is the one being
+        differentiated, so `old_logps=None` takes them from this very forward pass (detached)
+        instead of a separate one: the same loss and gradient for a third less compute."""
         policy.model.train()
         policy.optimizer.zero_grad(set_to_none=True)
         global_tokens = self._global_sum(seqs.completion_mask.sum())
         total = 0.0
-        for start in range(0, len(seqs), self.cfg.micro_batch):
-            end = start + self.cfg.micro_batch
-            part = seqs.slice(start, end)
+        for rows in seqs.micro_batches(self.cfg.micro_batch):
+            part = seqs.take(rows)
             logps = token_logps(
-                policy.model, part.input_ids.to(self.acc.device), part.attention_mask.to(self.acc.device)
+                policy.model,
+                part.input_ids.to(self.acc.device),
+                part.attention_mask.to(self.acc.device),
+                policy.temperature,
             )
+            old = logps.detach() if old_logps is None else old_logps[rows, : logps.shape[1]].to(logps.device)
             loss = ppo_clip_loss(
                 logps,
-                old_logps[start:end].to(logps.device),
-                advantages[start:end].to(logps.device),
+                old,
+                advantages[rows].to(logps.device),
                 part.completion_mask.to(logps.device),
                 self.cfg.clip_eps,
                 token_count=global_tokens,

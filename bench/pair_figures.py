@@ -45,6 +45,34 @@ def speed(backend, questions: list[str], batch: int) -> float:
     return sum(r.output_tokens for r in results) / (time.perf_counter() - started)
 
 
+def terse_accuracy(backend, test: list[builtin.ChainProblem], config: DuetConfig) -> float:
+    """M-alone with the first token of every redundant line ("check ", "so far ") banned:
+    whether M still computes when its thinking is terse, which is where the length penalty
+    has to take it."""
+    from duetlm.backends.base import render_chat
+    from duetlm.protocol import capable_request
+
+    tokenizer, model = backend.tokenizer, backend.model
+    banned = [tokenizer(word, add_special_tokens=False)["input_ids"][:1] for word in ("check ", "so far ")]
+    prompts = [render_chat(tokenizer, capable_request(Problem(p.question), config, 512)) for p in test]
+    answers = []
+    for start in range(0, len(prompts), 100):
+        encoded = tokenizer(
+            prompts[start : start + 100], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **encoded,
+                max_new_tokens=512,
+                do_sample=False,
+                bad_words_ids=banned,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=False)
+        answers += [extract_boxed(text.split("</think>")[-1]) for text in texts]
+    return accuracy(answers, test)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,6 +94,7 @@ def main() -> None:
     alone = duet.solve_batch(problems, "M-alone")
     figures["M-alone"] = accuracy([r.answer for r in alone], test)
     figures["M-alone output tokens (mean)"] = statistics.mean(r.usage.capable.output_tokens for r in alone)
+    figures["M-alone with redundant lines banned"] = terse_accuracy(capable, test, duet.config)
     figures["m-alone"] = accuracy([r.answer for r in duet.solve_batch(problems, "m-alone")], test)
     together = duet.solve_batch(problems, "duet")
     figures["duet"] = accuracy([r.answer for r in together], test)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,6 +76,29 @@ def test_pretrain_writes_loadable_safetensors_folders(tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         assert model.config.vocab_size == len(tokenizer)
         assert tokenizer.convert_tokens_to_ids("</think>") != tokenizer.unk_token_id
+
+
+def test_pretrain_is_deterministic_and_retrains_either_model_alone(tmp_path):
+    config = PretrainConfig(
+        capable_shape=ModelShape(32, 1, intermediate=64),
+        light_shape=ModelShape(16, 1, intermediate=32),
+        batch_size=4,
+        light_batch_size=4,
+        capable_max_steps=4,
+        light_max_steps=4,
+        eval_every=4,
+        eval_questions=4,
+        tokenizer_corpus=200,
+    )
+    pretrain_pair(tmp_path / "whole", config)
+    shutil.copytree(tmp_path / "whole", tmp_path / "capable_again")
+    pretrain_pair(tmp_path / "capable_again", config, reuse_light=True)
+    shutil.copytree(tmp_path / "whole", tmp_path / "light_again")
+    pretrain_pair(tmp_path / "light_again", config, reuse_capable=True)
+    for again in ("capable_again", "light_again"):
+        for name in ("tiny-M", "tiny-m"):
+            first = (tmp_path / "whole" / name / "model.safetensors").read_bytes()
+            assert (tmp_path / again / name / "model.safetensors").read_bytes() == first, (again, name)
 
 
 @pytest.mark.parametrize("name", ["tiny-M", "tiny-m"])

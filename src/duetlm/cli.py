@@ -21,7 +21,7 @@ from rich.table import Table
 
 from duetlm.backends import BackendOptions, load_backend
 from duetlm.config import DuetConfig
-from duetlm.errors import DuetError, InputError
+from duetlm.errors import ConfigError, DuetError, InputError
 from duetlm.protocol import Duet, Problem, SolveResult, parse_mode
 from duetlm.usage import Usage, savings_pct
 
@@ -464,11 +464,18 @@ def pretrain_pair_command(
     reuse_capable: Annotated[
         bool, typer.Option(help="Keep the M already trained in OUT; retrain m only.")
     ] = False,
+    reuse_light: Annotated[
+        bool, typer.Option(help="Keep the m already trained in OUT; retrain M only.")
+    ] = False,
 ) -> None:
-    """Retrain the embedded pair from scratch on the builtin task (about 30 minutes on 2 CPU cores)."""
+    """Retrain the embedded pair from scratch on the builtin task (about 45 minutes on 2 CPU cores)."""
     from duetlm.models.pretrain import PretrainConfig, pretrain_pair
 
-    report = pretrain_pair(out, PretrainConfig(seed=seed, threads=threads), reuse_capable=reuse_capable)
+    if reuse_capable and reuse_light:
+        raise ConfigError("--reuse-capable and --reuse-light together leave nothing to train")
+    report = pretrain_pair(
+        out, PretrainConfig(seed=seed, threads=threads), reuse_capable=reuse_capable, reuse_light=reuse_light
+    )
     for name in ("capable", "light"):
         part = report[name]
         status = "[green]passed[/]" if part["passed"] else "[red]did not pass[/]"

@@ -69,6 +69,11 @@ class PretrainConfig:
     light_gate_full: float = 0.98  # m given the full essential trace, and a full M-style trace
     light_batch_size: int = 64  # m's target is short: more examples per step
     light_answer_weight: float = 5.0  # loss weight of the restated last step and the answer in m's target
+    # Share of M's training traces written without any redundancy. A little keeps M's step-by-step
+    # computation working when its thinking is terse (trained on redundant traces only, M forced
+    # to skip the re-checks got 31% right: the length penalty would have nowhere to go), while the
+    # redundant majority keeps M's greedy thinking verbose, as a reasoning model's is.
+    capable_clean_share: float = 0.08
     tokenizer_corpus: int = 3000  # sampled documents the BPE merges are trained on
     threads: int = 2
 
@@ -89,8 +94,12 @@ def write_up_segments(problem: builtin.ChainProblem, key_weight: float) -> Segme
     return [*segments[:-1], (segments[-1][0] + "<|im_end|>", 1.0)]
 
 
-def capable_example(tokenizer, problem, rng: random.Random, config: DuetConfig) -> Example:
+def capable_example(
+    tokenizer, problem, rng: random.Random, config: DuetConfig, clean_share: float = 0.0
+) -> Example:
     redundancy = rng.uniform(*builtin.REDUNDANCY_RANGE)
+    if rng.random() < clean_share:
+        redundancy = 0.0
     return render_capable_prompt(tokenizer, problem, config), [
         (builtin.capable_target(problem, rng, redundancy) + "<|im_end|>", 1.0)
     ]
@@ -242,14 +251,18 @@ def save(model, tokenizer, folder: Path) -> None:
 
 
 def pretrain_pair(
-    out_dir: str | Path, cfg: PretrainConfig | None = None, reuse_capable: bool = False
+    out_dir: str | Path,
+    cfg: PretrainConfig | None = None,
+    reuse_capable: bool = False,
+    reuse_light: bool = False,
 ) -> dict:
     """Build the tokenizer, train M then m, save both as Hugging Face folders under `out_dir`
     (`tiny-M`, `tiny-m`) with a `pretrain_report.json`. Returns the report.
 
-    M is saved as soon as it passes; `reuse_capable` loads it from `out_dir` instead of
-    training it again. m draws its data from its own seeded stream, so it comes out the same
-    either way."""
+    M is saved as soon as it passes; `reuse_capable` (`reuse_light`) loads M (m) from
+    `out_dir` instead of training it again. Each model draws its data from its own seeded
+    stream and is initialized before either trains, so either comes out the same whether the
+    other is trained or reused."""
     cfg = cfg or PretrainConfig()
     out_dir = Path(out_dir)
     torch.set_num_threads(cfg.threads)
@@ -277,6 +290,7 @@ def pretrain_pair(
 
     capable = new_model(tokenizer, cfg.capable_shape)
     light = new_model(tokenizer, cfg.light_shape)
+    previous = previous_report(out_dir) if reuse_capable or reuse_light else {}
     report: dict = {"config": asdict(cfg)}
     capable_dir = out_dir / "tiny-M"
     capable_backend = HFBackend(model=capable, tokenizer=tokenizer, batch_size=100, spec="tiny-M")
@@ -310,14 +324,13 @@ def pretrain_pair(
         capable.load_state_dict(
             LlamaForCausalLM.from_pretrained(capable_dir, local_files_only=True).state_dict()
         )
-        previous = json.loads((out_dir / "pretrain_report.json").read_text())
         report["capable"] = previous["capable"]
     else:
         report["capable"] = train_until_gate(
             "M",
             capable,
             tokenizer,
-            lambda r: capable_example(tokenizer, train_problem(r), r, duet_config),
+            lambda r: capable_example(tokenizer, train_problem(r), r, duet_config, cfg.capable_clean_share),
             evaluate_capable,
             lambda m: m["M_alone_acc"] >= cfg.capable_gate,
             cfg.capable_max_steps,
@@ -327,7 +340,35 @@ def pretrain_pair(
         save(capable, tokenizer, capable_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
-    report["light"] = train_until_gate(
+    light_dir = out_dir / "tiny-m"
+    if reuse_light:
+        if not (light_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"--reuse-light: no trained m at {light_dir}")
+        light.load_state_dict(LlamaForCausalLM.from_pretrained(light_dir, local_files_only=True).state_dict())
+        report["light"] = previous["light"]
+    else:
+        report["light"] = train_light(
+            light, tokenizer, train_problem, evaluate_light, duet_config, cfg, out_dir
+        )
+    for name, model in (("tiny-M", capable), ("tiny-m", light)):
+        report[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
+    (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def previous_report(out_dir: Path) -> dict:
+    path = out_dir / "pretrain_report.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no pretrain_report.json in {out_dir} to take the reused model's record from"
+        )
+    return json.loads(path.read_text())
+
+
+def train_light(
+    light, tokenizer, train_problem, evaluate_light, duet_config, cfg: PretrainConfig, out_dir: Path
+):
+    record = train_until_gate(
         "m",
         light,
         tokenizer,
@@ -344,7 +385,4 @@ def pretrain_pair(
         checkpoint=lambda: save(light, tokenizer, out_dir / "tiny-m"),
     )
     save(light, tokenizer, out_dir / "tiny-m")
-    for name, model in (("tiny-M", capable), ("tiny-m", light)):
-        report[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
-    (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
-    return report
+    return record

@@ -55,6 +55,36 @@ def light_finishes(light: str, problems: list[builtin.ChainProblem]) -> int:
     return finished
 
 
+def plot_plane(rows: list[dict], path: Path) -> None:
+    """Accuracy against mean M output tokens, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    budgets = sorted((r for r in rows if "duet@" in r["label"]), key=lambda r: r["M_output_tokens_mean"])
+    axis.plot(
+        [r["M_output_tokens_mean"] for r in budgets],
+        [100 * r["accuracy"] for r in budgets],
+        "o--",
+        color="gray",
+        label="untrained duet@B (signal cut at B tokens)",
+    )
+    for r in rows:
+        if "duet@" in r["label"] or r["label"] == "base m-alone":
+            continue
+        axis.plot(r["M_output_tokens_mean"], 100 * r["accuracy"], "o", markersize=8, label=r["label"])
+    axis.set_xlabel("mean M output tokens per question")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title("builtin task, embedded toy pair (not real-LLM results)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,6 +156,8 @@ def main() -> None:
             f"{r['label']:<34} {100 * r['accuracy']:>7.1f}% {r['M_output_tokens_mean']:>9.1f} {savings:>7.1f}% "
             f"{ratio:>8.2f}"
         )
+    plot_plane(rows, out / "accuracy_vs_M_tokens.png")
+    print(f"plot: {out / 'accuracy_vs_M_tokens.png'}")
     (out / "table.json").write_text(
         json.dumps(
             {"floor": floor, "light_finishes": finished, "rows": rows, "training_seconds": timings}, indent=2

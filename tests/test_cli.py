@@ -90,3 +90,16 @@ def test_capable_that_never_closes_thinking_is_flagged(specs):
     done = run("solve", "something else entirely", *specs, "--signal-max-tokens", "20")
     assert done.returncode == 0, done.stderr
     assert "signal was cut" in done.stdout
+
+
+def test_demo_runs_the_base_and_the_trained_embedded_pair(tmp_path):
+    done = run("demo", "-n", "12", "--out", str(tmp_path / "demo"), "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "tiny-M + tiny-m" in done.stdout and "duet-M + duet-m" in done.stdout
+    base = [json.loads(line) for line in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
+    trained = [
+        json.loads(line)
+        for line in (tmp_path / "demo" / "trained" / "results.jsonl").read_text().splitlines()
+    ]
+    assert len(base) == 3 * 12 and len(trained) == 12
+    assert "not results on real LLMs" in done.stdout

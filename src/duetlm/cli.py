@@ -357,23 +357,34 @@ def demo(
     methods: Annotated[str, typer.Option(help="Comma-separated modes to compare.")] = "M-alone,duet,m-alone",
     out: Annotated[Path | None, typer.Option(help="Run folder (resumable); default runs/demo-N.")] = None,
     device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
+    trained: Annotated[
+        bool,
+        typer.Option(help="Also run the jointly trained embedded pair (duet-M + duet-m) in duet mode."),
+    ] = True,
 ) -> None:
     """DUET against its baselines on the builtin task, with the embedded pair by default:
-    `duet eval --task builtin` with settings for the toy task, then its report."""
+    `duet eval --task builtin` with settings for the toy task, then its report; with the
+    embedded pair, the jointly trained pair too."""
     from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 
-    eval_config = EvalConfig(
-        tasks=["builtin"],
-        methods=_split(methods),
-        capable=capable,
-        light=light,
-        limit=questions,
-        batch_size=64,
-        duet=DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
-    )
     out = out or Path(f"runs/demo-{questions}")
-    run_eval(eval_config, out, force=True, backend_options=BackendOptions(device=device))
-    print_report(out, load_summaries(out))
+    runs = [(out, capable, light, _split(methods))]
+    if trained and (capable, light) == (DEFAULT_CAPABLE, DEFAULT_LIGHT):
+        runs.append((out / "trained", "duet-M", "duet-m", ["duet"]))
+    for folder, capable_spec, light_spec, run_methods in runs:
+        eval_config = EvalConfig(
+            tasks=["builtin"],
+            methods=run_methods,
+            capable=capable_spec,
+            light=light_spec,
+            limit=questions,
+            batch_size=64,
+            duet=DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
+        )
+        run_eval(eval_config, folder, force=True, backend_options=BackendOptions(device=device))
+    for folder, capable_spec, light_spec, _ in runs:
+        console.print(f"[bold]{capable_spec} + {light_spec}[/]")
+        print_report(folder, load_summaries(folder))
 
 
 @app.command()

@@ -20,11 +20,6 @@ class Sequences:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def slice(self, start: int, end: int) -> Sequences:
-        return Sequences(
-            self.input_ids[start:end], self.attention_mask[start:end], self.completion_mask[start:end]
-        )
-
     def take(self, rows: torch.Tensor) -> Sequences:
         """The given rows, with the padding columns none of them uses cut off (right padding and
         a causal model: the cut changes no real position's output, only the compute)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import QUESTIONS
 from duetlm.errors import ConfigError, InputError
@@ -122,6 +124,19 @@ def test_changed_config_is_refused_unless_forced(specs, tmp_path):
     )
     assert forced.returncode == 0, forced.stderr
     assert len(list(out.glob("results.*.jsonl"))) == 1  # the old results were moved aside, not lost
+
+
+def test_retrained_weights_under_the_same_path_are_not_resumed(model_dirs, tmp_path):
+    light = tmp_path / "light"
+    shutil.copytree(model_dirs["light"], light)
+    out, path = tmp_path / "run", task_file(tmp_path, 2)
+    base = [DUET, "eval", "--task", f"jsonl:{path}", "--methods", "duet", "--out", str(out)]
+    specs = ["--capable", f"hf:{model_dirs['capable']}", "--light", f"hf:{light}"]
+    assert subprocess.run([*base, *specs], capture_output=True, env=ENV).returncode == 0
+    weights = load_file(str(light / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(light / "model.safetensors"), {"format": "pt"})
+    again = subprocess.run([*base, *specs], capture_output=True, text=True, env=ENV)
+    assert again.returncode == 2 and "different configuration" in again.stderr
 
 
 def test_cut_off_last_line_is_dropped_and_repaired(tmp_path):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from duetlm.backends import BackendOptions, load_backend
 from duetlm.config import DuetConfig
+from duetlm.errors import DuetError
 from duetlm.evaluate.store import ResultStore
 from duetlm.protocol import Duet, parse_mode
 from duetlm.tasks import Example, grade, load_task
@@ -58,8 +59,33 @@ class EvalConfig(BaseModel):
             "light": self.light,
             "seed": self.seed,
             "duet": self.duet.model_dump(),
+            "weights": [weights_fingerprint(self.capable), weights_fingerprint(self.light)],
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(spec: str) -> str | None:
+    """A digest of a local model's weight files (their sizes, first 4 MB and last 1 MB), so a
+    model retrained under the same name or path never resumes the old model's rows. Cheap for
+    any size, and unchanged by copying. None for remote models and hub ids."""
+    from duetlm.backends import parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+    except DuetError:
+        return None
+    folder = Path(parsed.model).expanduser()
+    if parsed.kind not in ("hf", "vllm") or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(4 << 20))
+            handle.seek(max(size - (1 << 20), 0))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def result_row(task: str, method: str, sample: int, example: Example, result, config_hash: str) -> dict:

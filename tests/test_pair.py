@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from duetlm.backends import parse_spec
+from duetlm.errors import InputError
 from duetlm.models import EMBEDDED
 from duetlm.models.pretrain import (
     ModelShape,
@@ -54,18 +55,23 @@ def test_light_examples_cover_every_kind_of_prefix(tokenizer):
     assert all("<think>" in p or p.endswith("assistant\n") for p in prompts)
 
 
-def test_pretrain_writes_loadable_safetensors_folders(tmp_path):
-    config = PretrainConfig(
+def tiny_pretrain_config(steps: int) -> PretrainConfig:
+    """The pair's recipe at a size that trains in seconds."""
+    return PretrainConfig(
         capable_shape=ModelShape(32, 1, intermediate=64),
         light_shape=ModelShape(16, 1, intermediate=32),
         batch_size=4,
-        capable_max_steps=3,
-        light_max_steps=3,
-        eval_every=3,
+        light_batch_size=4,
+        capable_max_steps=steps,
+        light_max_steps=steps,
+        eval_every=steps,
         eval_questions=4,
         tokenizer_corpus=200,
     )
-    report = pretrain_pair(tmp_path, config)
+
+
+def test_pretrain_writes_loadable_safetensors_folders(tmp_path):
+    report = pretrain_pair(tmp_path, tiny_pretrain_config(steps=3))
     assert set(report) >= {"capable", "light", "tiny-M_parameters", "tiny-m_parameters"}
     assert json.loads((tmp_path / "pretrain_report.json").read_text())["capable"]["steps"] == 3
     for name in ("tiny-M", "tiny-m"):
@@ -79,17 +85,7 @@ def test_pretrain_writes_loadable_safetensors_folders(tmp_path):
 
 
 def test_pretrain_is_deterministic_and_retrains_either_model_alone(tmp_path):
-    config = PretrainConfig(
-        capable_shape=ModelShape(32, 1, intermediate=64),
-        light_shape=ModelShape(16, 1, intermediate=32),
-        batch_size=4,
-        light_batch_size=4,
-        capable_max_steps=4,
-        light_max_steps=4,
-        eval_every=4,
-        eval_questions=4,
-        tokenizer_corpus=200,
-    )
+    config = tiny_pretrain_config(steps=4)
     pretrain_pair(tmp_path / "whole", config)
     shutil.copytree(tmp_path / "whole", tmp_path / "capable_again")
     pretrain_pair(tmp_path / "capable_again", config, reuse_light=True)
@@ -99,6 +95,11 @@ def test_pretrain_is_deterministic_and_retrains_either_model_alone(tmp_path):
         for name in ("tiny-M", "tiny-m"):
             first = (tmp_path / "whole" / name / "model.safetensors").read_bytes()
             assert (tmp_path / again / name / "model.safetensors").read_bytes() == first, (again, name)
+
+
+def test_reusing_a_model_that_is_not_there_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="holds no trained model"):
+        pretrain_pair(tmp_path, tiny_pretrain_config(steps=2), reuse_light=True)
 
 
 @pytest.mark.parametrize("name", ["tiny-M", "tiny-m", "duet-M", "duet-m"])

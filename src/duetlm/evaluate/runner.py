@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from duetlm.backends import BackendOptions, load_backend
+from duetlm.backends import BackendOptions, load_backend, parse_spec
 from duetlm.config import DuetConfig
 from duetlm.errors import DuetError
 from duetlm.evaluate.store import ResultStore
@@ -68,8 +68,6 @@ def weights_fingerprint(spec: str) -> str | None:
     """A digest of a local model's weight files (their sizes, first 4 MB and last 1 MB), so a
     model retrained under the same name or path never resumes the old model's rows. Cheap for
     any size, and unchanged by copying. None for remote models and hub ids."""
-    from duetlm.backends import parse_spec
-
     try:
         parsed = parse_spec(spec)
     except DuetError:

@@ -29,6 +29,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from duetlm.backends.base import render_chat
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
+from duetlm.errors import InputError
 from duetlm.grading import extract_boxed
 from duetlm.models.tokenizer import build_tokenizer
 from duetlm.protocol import Duet, Problem, capable_request, light_request
@@ -265,6 +266,13 @@ def pretrain_pair(
     other is trained or reused."""
     cfg = cfg or PretrainConfig()
     out_dir = Path(out_dir)
+    for reused, name in ((reuse_capable, "tiny-M"), (reuse_light, "tiny-m")):
+        if reused and not (out_dir / name / "model.safetensors").is_file():
+            raise InputError(f"asked to reuse {name}, but {out_dir / name} holds no trained model")
+    previous = previous_report(out_dir) if reuse_capable or reuse_light else {}
+    for reused, key in ((reuse_capable, "capable"), (reuse_light, "light")):
+        if reused and key not in previous:
+            raise InputError(f"{out_dir / 'pretrain_report.json'} has no record of the {key} model to reuse")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -290,7 +298,6 @@ def pretrain_pair(
 
     capable = new_model(tokenizer, cfg.capable_shape)
     light = new_model(tokenizer, cfg.light_shape)
-    previous = previous_report(out_dir) if reuse_capable or reuse_light else {}
     report: dict = {"config": asdict(cfg)}
     capable_dir = out_dir / "tiny-M"
     capable_backend = HFBackend(model=capable, tokenizer=tokenizer, batch_size=100, spec="tiny-M")
@@ -319,8 +326,6 @@ def pretrain_pair(
         return metrics
 
     if reuse_capable:
-        if not (capable_dir / "model.safetensors").is_file():
-            raise FileNotFoundError(f"--reuse-capable: no trained M at {capable_dir}")
         capable.load_state_dict(
             LlamaForCausalLM.from_pretrained(capable_dir, local_files_only=True).state_dict()
         )
@@ -342,8 +347,6 @@ def pretrain_pair(
         (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
     light_dir = out_dir / "tiny-m"
     if reuse_light:
-        if not (light_dir / "model.safetensors").is_file():
-            raise FileNotFoundError(f"--reuse-light: no trained m at {light_dir}")
         light.load_state_dict(LlamaForCausalLM.from_pretrained(light_dir, local_files_only=True).state_dict())
         report["light"] = previous["light"]
     else:
@@ -359,9 +362,7 @@ def pretrain_pair(
 def previous_report(out_dir: Path) -> dict:
     path = out_dir / "pretrain_report.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no pretrain_report.json in {out_dir} to take the reused model's record from"
-        )
+        raise InputError(f"no pretrain_report.json in {out_dir} to take the reused model's record from")
     return json.loads(path.read_text())
 
 

@@ -40,7 +40,6 @@ def plot_training(run: str | Path) -> Path:
         bound = json.loads(settings.read_text()).get("length_bound")
         if bound:
             axes[0].axhline(bound, color="gray", linestyle="--", label=f"B = {bound:g}")
-    axes[0].set_title("M output tokens")
     axes[0].legend()
     for key, label in (
         ("pair_accuracy", "rollout pair accuracy"),

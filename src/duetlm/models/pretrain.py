@@ -5,8 +5,9 @@ format by supervised learning: question -> `<think>` steps with redundancy `</th
 write-up. m (about 3.5x smaller) learns to write the answer from the question plus a prefix
 of the reasoning (none to all), with extra loss weight on the answer digit and prefixes that
 leave one or two steps oversampled: finishing a step it was not shown is the only part of
-m's job that takes arithmetic. Each model trains until it passes a validation gate (or its
-step cap), not for a fixed time. Both use exactly the prompts the protocol renders at
+m's job that takes arithmetic. Once that is learned, M's own greedy thinking joins m's data,
+so m reads what it will really be handed. Each model trains until it passes a validation gate
+(or its step cap), not for a fixed time. Both use exactly the prompts the protocol renders at
 inference, so the pair is driven by the same code path as Qwen3.
 """
 
@@ -61,14 +62,26 @@ class PretrainConfig:
     lr: float = 1e-3  # AdamW, linear warmup then cosine to 10% (3e-3 learned the lookups far slower)
     warmup_steps: int = 50
     capable_max_steps: int = 3000
-    light_max_steps: int = 4000
+    light_max_steps: int = 2400  # m's learning rate anneals by then: it reads long traces steadily
     min_steps: int = 300  # no gate is checked before this
     eval_every: int = 100
     eval_questions: int = 200  # validation questions (train split, never trained on)
     capable_gate: float = 0.95  # M-alone greedy accuracy
     light_gate_one_left: float = 0.90  # m given the essential trace minus its last step
-    light_gate_full: float = 0.98  # m given the full essential trace, and a full M-style trace
+    # m given the full essential trace; and m's answer from M's own thinking, against M's answer
+    light_gate_full: float = 0.98
     light_batch_size: int = 64  # m's target is short: more examples per step
+    micro_batches: int = 8  # length-sorted chunks per step: same gradient, far less padding
+    # M's own greedy thinking on this many training questions (the ones M got right) becomes
+    # part of m's data, drawn instead of a synthetic trace with probability light_capable_share.
+    # M's real traces have quirks the generator's lack (a step written twice, a long run of
+    # re-checks); trained on synthetic traces alone, m misread about 5% of M's complete signals
+    # on long chains.
+    # They enter at light_capable_from_step: mixed in from the start, they held back the
+    # arithmetic m needs for a missing step (one step left: 24% right at step 1,800).
+    light_capable_traces: int = 2000
+    light_capable_share: float = 0.25
+    light_capable_from_step: int = 1200
     light_answer_weight: float = 5.0  # loss weight of the restated last step and the answer in m's target
     # Share of M's training traces written without any redundancy. A little keeps M's step-by-step
     # computation working when its thinking is terse (trained on redundant traces only, M forced
@@ -171,6 +184,30 @@ def weighted_lm_loss(
     return (nll * target_weight).sum() / target_weight.sum()
 
 
+def accumulate_weighted_lm_loss(
+    model, input_ids: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, micro_batches: int
+) -> float:
+    """Backpropagate the batch's weighted loss in length-sorted micro-batches and return it.
+
+    The rows are right-padded, so each chunk of similar lengths is cut to its own longest row:
+    short examples stop paying for the longest one's padding (about a third of the compute on
+    the builtin task). Every chunk's loss is divided by the whole batch's weight, so the
+    accumulated gradient is the full batch's gradient; padding sits after every real token,
+    where a causal model never looks, so no attention mask is needed either."""
+    total_weight = weight[:, 1:].sum()
+    lengths = mask.sum(dim=1)
+    loss = 0.0
+    for rows in torch.split(torch.argsort(lengths, stable=True), -(-len(lengths) // micro_batches)):
+        width = int(lengths[rows].max())
+        ids, target_weight = input_ids[rows, :width], weight[rows, 1:width]
+        logits = model(input_ids=ids).logits[:, :-1]  # (b, w-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, w-1)
+        chunk = (nll * target_weight).sum() / total_weight
+        chunk.backward()
+        loss += chunk.item()
+    return loss
+
+
 def new_model(tokenizer, shape: ModelShape, max_positions: int = 512) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -196,7 +233,7 @@ def train_until_gate(
     name: str,
     model,
     tokenizer,
-    make_example: Callable[[random.Random], Example],
+    make_example: Callable[[random.Random, int], Example],
     evaluate: Callable[[], dict[str, float]],
     passed: Callable[[dict[str, float]], bool],
     max_steps: int,
@@ -216,21 +253,19 @@ def train_until_gate(
     bar = tqdm(range(1, max_steps + 1), desc=f"train {name}", unit="step")
     for step in bar:
         model.train()
-        batch = collate(tokenizer, [make_example(rng) for _ in range(batch_size or cfg.batch_size)])
-        loss = weighted_lm_loss(model, *batch)
+        batch = collate(tokenizer, [make_example(rng, step) for _ in range(batch_size or cfg.batch_size)])
         optimizer.zero_grad()
-        loss.backward()
+        loss = accumulate_weighted_lm_loss(model, *batch, cfg.micro_batches)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.eval_every == 0 or step == max_steps:
             model.eval()
             metrics = evaluate()
-            history.append({"step": step, "loss": loss.item(), **metrics})
+            history.append({"step": step, "loss": loss, **metrics})
             bar.write(
-                f"{name} step {step}: loss {loss.item():.4f} "
-                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                f"{name} step {step}: loss {loss:.4f} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
             )
             if checkpoint is not None:
                 checkpoint()  # the latest weights are on disk at every evaluation
@@ -317,14 +352,6 @@ def pretrain_pair(
         for p in validation
     ]
 
-    def evaluate_light() -> dict[str, float]:
-        results = duet.finish(questions, full_traces)
-        metrics = {"m_full_trace_acc": accuracy([extract_boxed(r.text) for r in results])}
-        for key, drop in (("m_full_acc", 0), ("m_one_left_acc", 1), ("m_two_left_acc", 2)):
-            signals = [builtin.essential_signal(p, drop) for p in validation]
-            metrics[key] = accuracy([extract_boxed(r.text) for r in duet.finish(questions, signals)])
-        return metrics
-
     if reuse_capable:
         capable.load_state_dict(
             LlamaForCausalLM.from_pretrained(capable_dir, local_files_only=True).state_dict()
@@ -335,7 +362,9 @@ def pretrain_pair(
             "M",
             capable,
             tokenizer,
-            lambda r: capable_example(tokenizer, train_problem(r), r, duet_config, cfg.capable_clean_share),
+            lambda r, _: capable_example(
+                tokenizer, train_problem(r), r, duet_config, cfg.capable_clean_share
+            ),
             evaluate_capable,
             lambda m: m["M_alone_acc"] >= cfg.capable_gate,
             cfg.capable_max_steps,
@@ -350,13 +379,43 @@ def pretrain_pair(
         light.load_state_dict(LlamaForCausalLM.from_pretrained(light_dir, local_files_only=True).state_dict())
         report["light"] = previous["light"]
     else:
+        capable_traces = capable_trace_pool(duet, train_problem, cfg)
+        # M's own greedy thinking on the validation questions, with the answer M wrote after it:
+        # m is gated on finishing exactly what it will be handed at inference, long re-checking
+        # traces included (synthetic traces alone let an m through that misread 5% of M's).
+        capable_runs = [r for r in duet.solve_batch(questions, "M-alone") if r.answer is not None]
+
+        def evaluate_light() -> dict[str, float]:
+            finished = duet.finish([r.question for r in capable_runs], [r.signal or "" for r in capable_runs])
+            agree = sum(extract_boxed(f.text) == r.answer for f, r in zip(finished, capable_runs))
+            metrics = {"m_on_M_signal_agree": agree / max(1, len(capable_runs))}
+            results = duet.finish(questions, full_traces)
+            metrics["m_full_trace_acc"] = accuracy([extract_boxed(r.text) for r in results])
+            for key, drop in (("m_full_acc", 0), ("m_one_left_acc", 1), ("m_two_left_acc", 2)):
+                signals = [builtin.essential_signal(p, drop) for p in validation]
+                metrics[key] = accuracy([extract_boxed(r.text) for r in duet.finish(questions, signals)])
+            return metrics
+
         report["light"] = train_light(
-            light, tokenizer, train_problem, evaluate_light, duet_config, cfg, out_dir
+            light, tokenizer, train_problem, capable_traces, evaluate_light, duet_config, cfg, out_dir
         )
+        report["light"]["capable_traces"] = len(capable_traces)
     for name, model in (("tiny-M", capable), ("tiny-m", light)):
         report[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
     (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def capable_trace_pool(
+    duet: Duet, train_problem: Callable[[random.Random], builtin.ChainProblem], cfg: PretrainConfig
+) -> list[tuple[builtin.ChainProblem, str]]:
+    """(problem, M's greedy thinking) for the training questions M answers right: the complete
+    signals m must learn to read. Drawn from a stream of its own, so m's data stays the same
+    whether M was just trained or reused."""
+    rng = random.Random(f"{cfg.seed}:capable-traces")
+    pool = [train_problem(rng) for _ in range(cfg.light_capable_traces)]
+    runs = duet.solve_batch([Problem(p.question) for p in pool], "M-alone")
+    return [(p, run.signal) for p, run in zip(pool, runs) if run.signal and run.answer == str(p.answer)]
 
 
 def previous_report(out_dir: Path) -> dict:
@@ -367,17 +426,32 @@ def previous_report(out_dir: Path) -> dict:
 
 
 def train_light(
-    light, tokenizer, train_problem, evaluate_light, duet_config, cfg: PretrainConfig, out_dir: Path
+    light,
+    tokenizer,
+    train_problem,
+    capable_traces: list[tuple[builtin.ChainProblem, str]],
+    evaluate_light,
+    duet_config,
+    cfg: PretrainConfig,
+    out_dir: Path,
 ):
+    def make_example(r: random.Random, step: int) -> Example:
+        if step >= cfg.light_capable_from_step and capable_traces and r.random() < cfg.light_capable_share:
+            problem, signal = r.choice(capable_traces)
+            return render_light_prompt(tokenizer, problem, signal, duet_config), write_up_segments(
+                problem, cfg.light_answer_weight
+            )
+        return light_example(tokenizer, train_problem(r), r, duet_config, cfg.light_answer_weight)
+
     record = train_until_gate(
         "m",
         light,
         tokenizer,
-        lambda r: light_example(tokenizer, train_problem(r), r, duet_config, cfg.light_answer_weight),
+        make_example,
         evaluate_light,
         lambda m: (
             m["m_one_left_acc"] >= cfg.light_gate_one_left
-            and min(m["m_full_acc"], m["m_full_trace_acc"]) >= cfg.light_gate_full
+            and min(m["m_full_acc"], m["m_on_M_signal_agree"]) >= cfg.light_gate_full
         ),
         cfg.light_max_steps,
         cfg,

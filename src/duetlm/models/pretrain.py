@@ -176,12 +176,17 @@ def collate(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Ten
 
 
 def weighted_lm_loss(
-    model, input_ids: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
+    model,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    total_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Weighted next-token loss, divided by `total_weight` (default: these rows' own weight)."""
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
     targets, target_weight = input_ids[:, 1:], weight[:, 1:]  # (B, T-1)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
-    return (nll * target_weight).sum() / target_weight.sum()
+    return (nll * target_weight).sum() / (target_weight.sum() if total_weight is None else total_weight)
 
 
 def accumulate_weighted_lm_loss(
@@ -199,10 +204,7 @@ def accumulate_weighted_lm_loss(
     loss = 0.0
     for rows in torch.split(torch.argsort(lengths, stable=True), -(-len(lengths) // micro_batches)):
         width = int(lengths[rows].max())
-        ids, target_weight = input_ids[rows, :width], weight[rows, 1:width]
-        logits = model(input_ids=ids).logits[:, :-1]  # (b, w-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, w-1)
-        chunk = (nll * target_weight).sum() / total_weight
+        chunk = weighted_lm_loss(model, input_ids[rows, :width], None, weight[rows, :width], total_weight)
         chunk.backward()
         loss += chunk.item()
     return loss

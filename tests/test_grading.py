@@ -1,10 +1,25 @@
-"""Answer extraction and math-verify equivalence, table-driven."""
+"""The grader, table-driven: extraction as models write, normalization, one verdict, any thread."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from duetlm.grading import answers_match, extract_boxed, extract_choice, gold_from_gsm8k, is_correct
+from duetlm.grading import (
+    answers_match,
+    extract_boxed,
+    extract_choice,
+    extract_math,
+    gold_from_gsm8k,
+    grade,
+    is_correct,
+    normalize_answer,
+)
+from duetlm.grading.workers import WorkerPool
 
 
 @pytest.mark.parametrize(
@@ -24,19 +39,88 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
+MULTIPLE_CHOICE = [
+    # (response, letter read or None)
+    ("reasoning...\nAnswer: B", "B"),
+    ("Answer: (C)", "C"),
+    ("answer: $D$", "D"),
+    ("Answer: A\nwait\nAnswer: C", "C"),
+    ("\\boxed{B}", "B"),
+    ("\\boxed{(B)}", "B"),
+    ("\\boxed{\\text{(B)}}", "B"),
+    ("\\boxed{\\textbf{(B)}}", "B"),
+    ("\\boxed{\\text{B}}", "B"),
+    ("\\boxed{B) 42 grams}", "B"),
+    ("**Answer:** B", "B"),
+    ("**Answer**: B", "B"),
+    ("Answer: **B**", "B"),
+    ("**Answer: B**", "B"),
+    ("The answer is (B).", "B"),
+    ("Thus the correct answer is: **D**", "D"),
+    ("Answer: B — the second option", "B"),
+    ("Answer: B.\nThat is all.", "B"),
+    ("\\boxed{A} at first, but Answer: C", "C"),  # the last answer in the text wins
+    ("Answer: C\nOn reflection, \\boxed{D}", "D"),
+    ("Answer: a mixture of salts", None),  # an article, not a letter
+    ("Answer: A mixture of salts", None),
+    ("The answer is unclear", None),
+    ("Answer: the first one", None),
+    ("Answer: E", None),  # not among the four options
+    ("I think B is right", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), MULTIPLE_CHOICE)
+def test_extract_choice(text, expected):
+    found = extract_choice(text, "ABCD")
+    assert (found.answer if found else None) == expected
+
+
+MATH = [
+    # (response, answer read, rule)
+    ("so \\boxed{42}", "42", "boxed"),
+    ("The final answer is $42$", "42", "answer_phrase"),
+    ("The final answer is $42$. I hope it is correct.", "42", "answer_phrase"),
+    ("**Answer:** 42", "42", "answer_phrase"),
+    ("**Answer**: 42", "42", "answer_phrase"),
+    ("Answer: \\(\\frac{3}{4}\\)", "\\frac{3}{4}", "answer_phrase"),
+    ("So the answer is 3.5.\nDone", "3.5", "answer_phrase"),
+    ("We get $x = 7$ and then 12 apples", "12", "last_expression"),
+    ("Adding, $3+4 = 7$", "3+4 = 7", "last_expression"),
+    ("Answer: 5, but \\boxed{6}", "6", "boxed"),  # a box beats every phrase
+    ("no numbers at all", None, None),
+]
+
+
+@pytest.mark.parametrize(("text", "answer", "rule"), MATH)
+def test_extract_math_and_its_rule(text, answer, rule):
+    found = extract_math(text)
+    assert (found.answer, found.rule) == (answer, rule) if found else (answer, rule) == (None, None)
+
+
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("answer", "normalized"),
     [
-        ("reasoning...\nAnswer: B", "B"),
-        ("Answer: (C)", "C"),
-        ("answer: $D$", "D"),
-        ("Answer: A\nwait\nAnswer: C", "C"),
-        ("The answer is unclear", None),
-        ("Answer: the first one", None),
+        ("4.5e33", "4.5\\times10^{33}"),
+        ("1E-5", "1\\times10^{-5}"),
+        ("2.0e+3", "2.0\\times10^{3}"),
+        ("111, \\! 111, \\! 111", "111111111"),
+        ("11,\\! 111,\\! 111,\\! 100", "11111111100"),
+        ("10,\\!080", "10080"),
+        ("\\$32,\\!348", "\\$32348"),
+        ("58,500", "58500"),
+        ("1\\,000", "1000"),
+        ("1, 234", "1, 234"),  # a list, not thousands
+        ("3, 5, 7", "3, 5, 7"),
+        ("1,-2", "1,-2"),
+        ("(6,31,-1)", "(6,31,-1)"),
+        ("e^{2}", "e^{2}"),
+        ("x_1e3", "x_1e3"),
     ],
 )
-def test_extract_choice(text, expected):
-    assert extract_choice(text) == expected
+def test_normalize_answer(answer, normalized):
+    assert normalize_answer(answer) == normalized
+    assert normalize_answer(normalized) == normalized
 
 
 @pytest.mark.parametrize(
@@ -48,6 +132,16 @@ def test_extract_choice(text, expected):
         ("14", "14", True),
         ("15", "14", False),
         ("\\frac{1}{3}", "0.5", False),
+        ("4.5 \\times 10^{33}", "4.5e33", True),  # math-verify alone reads 4.5e33 as 4.5·e·33
+        ("4.5e33", "4.5 \\times 10^{33}", True),
+        ("4.6 \\times 10^{33}", "4.5e33", False),
+        ("111", "111, \\! 111, \\! 111", False),  # math-verify alone reads the gold as the set {111}
+        ("111111111", "111, \\! 111, \\! 111", True),
+        ("111,111,111", "111, \\! 111, \\! 111", True),
+        ("11111111100", "11,\\! 111,\\! 111,\\! 100", True),
+        ("10080", "10,\\!080", True),
+        ("58500", "58,500", True),
+        ("-2, 1", "1,-2", True),
     ],
 )
 def test_answers_match(predicted, gold, expected):
@@ -55,18 +149,37 @@ def test_answers_match(predicted, gold, expected):
 
 
 @pytest.mark.parametrize(
-    ("response", "gold", "expected"),
+    ("response", "gold", "choices", "expected"),
     [
-        ("... so \\boxed{18}", "18", True),
-        ("... so \\boxed{18}", "17", False),
-        ("no answer at all", "18", False),
-        ("Answer: B", "B", True),
-        ("Answer: C", "B", False),
-        ("\\boxed{B}", "B", True),
+        ("... so \\boxed{18}", "18", 0, True),
+        ("... so \\boxed{18}", "17", 0, False),
+        ("no answer at all", "18", 0, False),
+        ("Answer: B", "B", 0, True),  # a letter gold without its options
+        ("Answer: B", "B", 4, True),
+        ("Answer: C", "B", 4, False),
+        ("\\boxed{B}", "B", 0, True),
+        ("\\boxed{B}", "B", 4, True),  # a box with choices (`grade` once called this no answer)
+        ("\\boxed{\\text{(B)}}", "B", 4, True),
+        ("The answer is (B).", "B", 4, True),
+        ("Answer: a mixture of both", "A", 4, False),
+        ("The final answer is $42$", "42", 0, True),
+        ("**Answer:** 42", "42", 0, True),
+        ("\\boxed{x=2}", ["x=1", "x=2"], 0, True),  # a list gold: any element counts
+        ("\\boxed{x=3}", ["x=1", "x=2"], 0, False),
     ],
 )
-def test_is_correct(response, gold, expected):
-    assert is_correct(response, gold) is expected
+def test_one_verdict_for_every_caller(response, gold, choices, expected):
+    verdict = grade(response, gold, choices)
+    assert verdict.correct is expected
+    assert is_correct(response, gold, choices) is expected
+
+
+def test_grade_names_the_rule_and_no_answer():
+    assert grade("\\boxed{7}", "7").rule == "boxed"
+    assert grade("The final answer is $7$", "7").rule == "answer_phrase"
+    assert grade("we got 7", "7").rule == "last_expression"
+    assert grade("nothing", "7") == (False, None, None, False)
+    assert grade("Answer: maybe", "B", 4) == (False, None, None, False)
 
 
 @pytest.mark.parametrize(
@@ -75,3 +188,68 @@ def test_is_correct(response, gold, expected):
 )
 def test_gsm8k_gold(field, gold):
     assert gold_from_gsm8k(field) == gold
+
+
+# --- any thread, with a timeout ----------------------------------------------------------
+
+SYMBOLIC = [(f"\\boxed{{\\frac{{{2 * i}}}{{4}}}}", f"{i / 2}", True) for i in range(1, 9)] + [
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+    ("\\boxed{\\frac{1}{3}}", "0.5", False),
+]
+
+
+def test_grading_from_threads_and_asyncio():
+    with ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda case: grade(case[0], case[1]).correct, SYMBOLIC))
+    assert verdicts == [expected for _, _, expected in SYMBOLIC]
+    assert asyncio.run(asyncio.to_thread(is_correct, "\\boxed{2\\sqrt{2}}", "\\sqrt{8}"))
+    assert not asyncio.run(asyncio.to_thread(is_correct, "\\boxed{2\\sqrt{3}}", "\\sqrt{8}"))
+
+
+TOWER = ("\\boxed{2^{2^{2^{2^{2^{30}}}}}}", "3^{3^{3^{3^{40}}}}")  # sympy would run for ages
+
+
+def test_timeout_in_the_main_thread_keeps_a_callers_alarm():
+    import signal
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        verdict = grade(*TOWER, timeout_s=0.5)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert verdict.timed_out and not verdict.correct
+    assert 25 < remaining < 30 and not fired
+
+
+def test_timeout_in_a_thread():
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(verdict=grade(*TOWER, timeout_s=0.5)))
+    thread.start()
+    thread.join(30)
+    assert box["verdict"].timed_out and not box["verdict"].correct
+
+
+def test_a_hung_worker_is_replaced():
+    silent = (sys.executable, "-c", "import sys, time\nsys.stdin.readline()\ntime.sleep(600)")
+    pool = WorkerPool(size=1, command=silent)
+    import duetlm.grading.workers as workers
+
+    grace, workers.GRACE_S = workers.GRACE_S, 0.2
+    try:
+        assert pool.compare("1", "2", 0.1) is None
+        assert pool._workers == []  # killed, not left running
+    finally:
+        workers.GRACE_S = grace
+        pool.close()
+    real = WorkerPool(size=1)
+    try:
+        assert real.compare("\\frac{1}{2}", "0.5", 5) is True
+        real._workers[0].process.kill()  # a worker that died is replaced once, transparently
+        real._workers[0].process.wait()
+        assert real.compare("\\frac{1}{3}", "0.5", 5) is False
+    finally:
+        real.close()

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from duetlm.backends import BackendOptions, load_backend
@@ -47,7 +48,7 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except DuetError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -188,15 +189,17 @@ def render_results(results: list[SolveResult], baseline: list[SolveResult] | Non
         if len(results) > 1:
             console.rule(f"question {index + 1}")
         console.print(
-            f"[bold]answer:[/] {result.answer if result.answer is not None else '[red](none extracted)[/]'}",
+            f"[bold]answer:[/] {escape(result.answer) if result.answer is not None else '[red](none extracted)[/]'}",
             highlight=False,
         )
         if result.signal is not None and result.mode != "M-alone":
-            console.print(f"[dim]signal ({result.signal_tokens} tokens):[/] {result.signal}", highlight=False)
+            console.print(
+                f"[dim]signal ({result.signal_tokens} tokens):[/] {escape(result.signal)}", highlight=False
+            )
         if result.truncated:
             console.print("[yellow]M did not close its thinking within its budget: the signal was cut[/]")
         if baseline is not None:
-            console.print(f"[dim]M-alone answer:[/] {baseline[index].answer}", highlight=False)
+            console.print(f"[dim]M-alone answer:[/] {escape(str(baseline[index].answer))}", highlight=False)
     usage = sum((r.usage for r in results), Usage())
     base_usage = sum((r.usage for r in baseline), Usage()) if baseline is not None else None
     console.print(
@@ -250,6 +253,27 @@ def print_report(directory: Path, summaries: list[dict]) -> None:
         console.print(EMBEDDED_NOTE)
 
 
+FieldOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="PART=EXPR (repeatable): which fields hold the question, answer, choices or id, for every "
+        "task read from a file or the hub. EXPR: a field (a|b: the first present; a.b: nested), a "
+        "format string '{Body} {Question}', boxed:FIELD (gold in its last \\boxed), ####:FIELD.",
+    ),
+]
+
+
+def key_values(items: list[str] | None, flag: str, form: str) -> dict[str, str]:
+    """`KEY=VALUE` options as a dict; a clear error for any other form."""
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{flag} takes {form}, got {item!r}")
+        pairs[key.strip()] = value
+    return pairs
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -278,6 +302,7 @@ def eval_command(
         "runs/eval"
     ),
     data: Annotated[list[str] | None, typer.Option(help="TASK=PATH: read a task from a local file.")] = None,
+    field: FieldOpt = None,
     config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy).")] = None,
     signal_max_tokens: Annotated[int | None, typer.Option(help="M's signal budget in duet mode.")] = None,
@@ -293,12 +318,7 @@ def eval_command(
     from duetlm.config import validate_config
     from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 
-    data_map = {}
-    for item in data or []:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise InputError(f"--data takes TASK=PATH, got {item!r}")
-        data_map[name] = path
+    data_map = key_values(data, "--data", "TASK=PATH")
     duet_config = build_config(config, signal_max_tokens, answer_max_tokens, temperature, None)
     eval_config = validate_config(
         EvalConfig,
@@ -311,6 +331,7 @@ def eval_command(
             "seed": seed,
             "limit": limit,
             "data": data_map,
+            "fields": key_values(field, "--field", "PART=EXPR"),
             "batch_size": batch_size,
             "duet": duet_config.model_dump(),
         },
@@ -383,7 +404,7 @@ def demo(
         )
         run_eval(eval_config, folder, force=True, backend_options=BackendOptions(device=device))
     for folder, capable_spec, light_spec, _ in runs:
-        console.print(f"[bold]{capable_spec} + {light_spec}[/]")
+        console.print(f"[bold]{escape(capable_spec)} + {escape(light_spec)}[/]")
         print_report(folder, load_summaries(folder))
 
 

@@ -8,10 +8,14 @@ the placeholders `{question}`, `{options}`, `{letters}` and `{signal}` are repla
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from duetlm.errors import ConfigError

@@ -48,8 +48,24 @@ def resolve_model_location(path_or_id: str) -> tuple[str, bool]:
 
 
 def pick_device(device: str) -> torch.device:
+    """The device to load on; one that this machine or torch build lacks is a clear error,
+    not a traceback from deep inside the first tensor copy."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise BackendError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise BackendError(
+                f"--device {device}: no CUDA GPU is usable (torch {torch.__version__}, {build}); "
+                "use --device cpu, or install a CUDA build of torch on a GPU machine"
+            )
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise BackendError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if chosen.type == "mps" and not (torch.backends.mps.is_available()):
+            raise BackendError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -13,15 +13,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from duetlm.backends import BackendOptions, load_backend, parse_spec
 from duetlm.config import DuetConfig
 from duetlm.errors import DuetError
 from duetlm.evaluate.store import ResultStore
+from duetlm.grading import Grade
 from duetlm.protocol import Duet, parse_mode
-from duetlm.tasks import Example, grade, load_task
+from duetlm.tasks import Example, TaskExamples, grade, load_task
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ class EvalConfig(BaseModel):
     seed: int = Field(0, description="Sample k uses seed + k.")
     limit: int | None = Field(None, ge=1, description="First N questions of each task; None = all.")
     data: dict[str, str] = Field(default_factory=dict, description="Task name -> local data file.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field mapping for every task read from rows (see duetlm.tasks.fields), e.g. "
+        "{'question': '{Body} {Question}', 'answer': 'Answer'}; empty = each task's own fields.",
+    )
     batch_size: int = Field(32, ge=1, description="Questions per protocol call.")
     duet: DuetConfig = Field(default_factory=DuetConfig)
 
@@ -52,6 +58,19 @@ class EvalConfig(BaseModel):
         for method in methods:
             parse_mode(method)
         return methods
+
+    @model_validator(mode="after")
+    def _data_names_a_task(self) -> EvalConfig:
+        stray = sorted(set(self.data) - set(self.tasks))
+        if stray:
+            raise ValueError(f"--data names {', '.join(stray)}, which is not among the tasks {self.tasks}")
+        return self
+
+    def load_tasks(self) -> dict[str, TaskExamples]:
+        return {
+            name: load_task(name, self.data.get(name), fields=self.fields if name != "builtin" else None)
+            for name in self.tasks
+        }
 
     def config_hash(self) -> str:
         key = {
@@ -87,16 +106,22 @@ def weights_fingerprint(spec: str) -> str | None:
 
 
 def result_row(task: str, method: str, sample: int, example: Example, result, config_hash: str) -> dict:
-    correct, _ = grade(result.text, example) if result.answer is not None else (False, None)
+    """One stored row. The verdict is `duetlm.grading.grade`'s on the final write-up; a
+    response whose thinking never closed (the protocol's `answer is None`) is no answer.
+    `wall_s` is this row's equal share of its batch's wall time (a batch runs as one)."""
+    verdict = grade(result.text, example) if result.answer is not None else Grade(False, None, None)
     return {
         "task": task,
         "method": method,
         "id": example.id,
         "sample": sample,
         "gold": example.gold,
-        "answer": result.answer,
-        "correct": bool(correct),
-        "no_answer": result.answer is None,
+        "golds": list(example.golds),
+        "answer": verdict.answer,
+        "answer_rule": verdict.rule,
+        "correct": verdict.correct,
+        "no_answer": verdict.answer is None,
+        "grading_timed_out": verdict.timed_out,
         "truncated": result.truncated,
         "signal_tokens": result.signal_tokens,
         "capable_finish": result.capable_finish,
@@ -121,9 +146,11 @@ def run_eval(
     progress: bool = True,
 ) -> Path:
     """Run (or resume) an evaluation into `out`; returns the results file."""
-    tasks = {name: load_task(name, config.data.get(name)) for name in config.tasks}
+    tasks = config.load_tasks()
     config_hash = config.config_hash()
     store = ResultStore(out, config.model_dump(), config_hash, force=force)
+    for name, examples in tasks.items():
+        store.check_same_questions(name, examples)
     if config.samples > 1 and config.duet.temperature == 0:
         logger.warning("samples > 1 with temperature 0: every sample will be the same greedy answer")
     if duet is None:

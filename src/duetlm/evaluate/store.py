@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from duetlm.errors import ConfigError, InputError
+from duetlm.jsonl import append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +30,11 @@ def read_rows(path: Path, repair: bool = False) -> list[dict]:
     the file); a malformed line elsewhere is an error naming the line."""
     if not path.is_file():
         return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    rows, good_bytes = [], 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            good_bytes += len(line) + 1
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
-                logger.warning("%s: dropping a cut-off last line (an interrupted write)", path)
-                if repair:
-                    with path.open("r+b") as handle:
-                        handle.truncate(good_bytes)
-                break
-            raise InputError(f"{path}:{number}: not valid JSON; the results file is damaged") from None
-        good_bytes += len(line) + 1
+    rows = []
+    for number, row in read_jsonl(path, on_cut_tail="repair" if repair else "drop"):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object; the results file is damaged")
+        rows.append(row)
     return rows
 
 
@@ -58,7 +45,10 @@ class ResultStore:
         self.results_path = self.directory / "results.jsonl"
         run_path = self.directory / "run.json"
         if run_path.is_file():
-            previous = json.loads(run_path.read_text())
+            try:
+                previous = json.loads(run_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"{run_path} is damaged ({exc}); restore it or use another --out") from None
             if previous.get("config_hash") != config_hash:
                 if not force:
                     raise ConfigError(
@@ -71,13 +61,23 @@ class ResultStore:
                     if path.exists():
                         path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
         run_path.write_text(json.dumps(run_info | {"config_hash": config_hash}, indent=2))
-        self.done: set[RowKey] = {row_key(r) for r in read_rows(self.results_path, repair=True)}
+        rows = read_rows(self.results_path, repair=True)
+        self.done: set[RowKey] = {row_key(r) for r in rows}
+        self._asked = {(r["task"], str(r["id"])): (r.get("question"), r.get("gold")) for r in rows}
+
+    def check_same_questions(self, task: str, examples) -> None:
+        """Refuse to extend rows written for other questions under the same ids (a task now
+        read from another file or with another field mapping): they would mix two datasets."""
+        for example in examples:
+            stored = self._asked.get((task, example.id))
+            if stored is not None and stored != (example.question, example.gold):
+                raise ConfigError(
+                    f"{self.directory}: task {task} question {example.id!r} differs from the one its "
+                    "stored results answer (other data or field mapping); use another --out, or --force"
+                )
 
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
-        with self.results_path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_jsonl(self.results_path, rows)
         self.done.update(row_key(r) for r in rows)

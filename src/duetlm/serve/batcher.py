@@ -58,7 +58,7 @@ class Batcher:
                     break
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             groups: dict[BatchKey, list] = defaultdict(list)
             for item in items:

@@ -9,13 +9,6 @@ from duetlm.tasks.registry import Example, Task, TaskExamples, register
 DEFAULT_SIZE = 1000
 
 
-def _never(location, row, index):  # the builtin task is generated, never read from rows
-    raise ConfigError("the builtin task is generated; it reads no data file")
-
-
-register(Task("builtin", _never, None, "chained arithmetic mod 10 (the embedded pair's task)"))
-
-
 def load(
     data=None,
     n: int = DEFAULT_SIZE,
@@ -32,3 +25,6 @@ def load(
         raise ConfigError(f"builtin task: {exc}") from None
     examples = [Example(p.id, p.question, str(p.answer), meta={"steps": len(p.ops)}) for p in problems]
     return TaskExamples("builtin", examples, f"generated (split={split}, seed={seed}, n={n})")
+
+
+register(Task("builtin", description="chained arithmetic mod 10 (the embedded pair's task)", loader=load))

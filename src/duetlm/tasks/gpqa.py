@@ -12,24 +12,22 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from duetlm.tasks.registry import Example, Task, TaskExamples, field_of, hub_rows, read_rows, register
+from duetlm.tasks.fields import read_text
+from duetlm.tasks.registry import Example, Task, TaskExamples, hub_rows, read_rows, register
 
 HUB = ("Idavidrein/gpqa", "gpqa_diamond", "train")
 LETTERS = "ABCD"
 
 
 def normalize(location: str, row: dict, index: int, seed: int) -> Example:
-    question = field_of(location, row, "Question")
-    correct = field_of(location, row, "Correct Answer").strip()
-    wrong = [field_of(location, row, f"Incorrect Answer {i}").strip() for i in (1, 2, 3)]
+    question = read_text(location, row, "Question", "question")
+    correct = read_text(location, row, "Correct Answer", "answer")
+    wrong = [read_text(location, row, f"Incorrect Answer {i}", "choices") for i in (1, 2, 3)]
     options = [correct, *wrong]
     random.Random(f"{seed}:{index}").shuffle(options)
     gold = LETTERS[options.index(correct)]
     ident = str(row.get("Record ID") or index)
     return Example(ident, question.strip(), gold, tuple(options), meta={"shuffle_seed": seed})
-
-
-register(Task("gpqa_diamond", lambda loc, row, i: normalize(loc, row, i, 0), HUB, "GPQA-Diamond", True))
 
 
 def load(data=None, seed: int = 0) -> TaskExamples:
@@ -38,3 +36,6 @@ def load(data=None, seed: int = 0) -> TaskExamples:
     return TaskExamples(
         "gpqa_diamond", [normalize(loc, row, i, seed) for i, (loc, row) in enumerate(rows)], source
     )
+
+
+register(Task("gpqa_diamond", hub=HUB, description="GPQA-Diamond", multiple_choice=True, loader=load))

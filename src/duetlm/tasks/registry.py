@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duetlm.errors import ConfigError, InputError
-from duetlm.grading import answers_match, extract_boxed, extract_choice
+from duetlm.grading import Grade
+from duetlm.grading import grade as grade_response
+from duetlm.jsonl import read_jsonl
 from duetlm.protocol import Problem
+from duetlm.tasks.fields import FieldMap, read_parts
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,12 @@ class Example:
     gold: str
     choices: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    also_accepted: tuple[str, ...] = ()
+    """Further golds that count as right (a list gold: any element counts)."""
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        return (self.gold, *self.also_accepted)
 
     @property
     def problem(self) -> Problem:
@@ -34,9 +43,14 @@ class TaskExamples(Sequence[Example]):
 
     def __init__(self, name: str, examples: list[Example], source: str) -> None:
         self.name, self.source, self._examples = name, source, examples
-        ids = [e.id for e in examples]
-        if len(set(ids)) != len(ids):
-            raise InputError(f"task {name} ({source}): example ids are not unique")
+        seen: set[str] = set()
+        for example in examples:
+            if example.id in seen:
+                raise InputError(
+                    f"task {name} ({source}): the id {example.id!r} appears twice; ids must be unique "
+                    "(map another field with --field id=NAME)"
+                )
+            seen.add(example.id)
 
     def __len__(self) -> int:
         return len(self._examples)
@@ -53,13 +67,15 @@ Rows = list[tuple[str, dict]]  # (location for error messages, raw row)
 
 @dataclass(frozen=True)
 class Task:
-    """A loader (raw rows -> examples) and where its data lives by default."""
+    """Where a task's rows come from by default and which fields hold what. A task with a
+    `loader` (the generated builtin task, GPQA's option shuffling) builds its examples itself."""
 
     name: str
-    normalize: Callable[[str, dict, int], Example]
+    fields: FieldMap | None = None
     hub: tuple[str, str | None, str] | None = None  # (dataset id, config, split)
     description: str = ""
     multiple_choice: bool = False
+    loader: Callable[..., TaskExamples] | None = None
 
 
 def read_rows(path: Path) -> Rows:
@@ -69,13 +85,7 @@ def read_rows(path: Path) -> Rows:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        for number, row in read_jsonl(path):
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object")
             rows.append((f"{path}:{number}", row))
@@ -113,15 +123,6 @@ def hub_rows(dataset: str, config: str | None, split: str) -> Rows:
     return [(f"{dataset}[{i}]", dict(row)) for i, row in enumerate(data)]
 
 
-def field_of(location: str, row: dict, *names: str) -> str:
-    """The first present field among `names`, as text; a clear error when none is."""
-    for name in names:
-        value = row.get(name)
-        if value is not None and str(value).strip() != "":
-            return str(value)
-    raise InputError(f"{location}: missing field {' or '.join(repr(n) for n in names)}")
-
-
 TASKS: dict[str, Task] = {}
 
 
@@ -130,9 +131,15 @@ def register(task: Task) -> Task:
     return task
 
 
-def load_task(name: str, data: str | Path | None = None, **options) -> TaskExamples:
+def load_task(
+    name: str, data: str | Path | None = None, fields: dict[str, str] | None = None, **options
+) -> TaskExamples:
     """The examples of a named task, from `data` when given, else from the task's default
-    source. `jsonl:PATH` names a user file with `question` and `answer` fields."""
+    source. `jsonl:PATH` names a user file (`question`, `answer`, optional `choices`).
+    `fields` maps the file's own field names (see `duetlm.tasks.fields`):
+
+        load_task("jsonl:svamp.json", fields={"question": "{Body} {Question}", "answer": "Answer"})
+    """
     from duetlm.tasks import builtin_task, gpqa, math_tasks  # noqa: F401 (registration)
 
     if name.startswith("jsonl:"):
@@ -140,27 +147,41 @@ def load_task(name: str, data: str | Path | None = None, **options) -> TaskExamp
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, jsonl:PATH")
     task = TASKS[name]
-    if name == "builtin":
-        return builtin_task.load(data, **options)
-    if name == "gpqa_diamond":
-        return gpqa.load(data, **options)
+    if task.loader is not None:
+        if fields:
+            raise ConfigError(
+                f"task {name} reads fixed fields and takes no field mapping; "
+                "for another file layout use jsonl:PATH with --field"
+            )
+        return task.loader(data, **options)
     if options:
         raise ConfigError(f"task {name} takes no options (got {', '.join(options)})")
+    assert task.fields is not None
+    field_map = task.fields.with_overrides(fields)
     if data is not None:
         rows, source = read_rows(Path(data)), str(data)
     elif task.hub is not None:
         rows, source = hub_rows(*task.hub), task.hub[0]
     else:
-        raise ConfigError(f"task {name} needs a data file: pass --data PATH")
+        raise ConfigError(f"task {name} needs a data file: pass --data {name}=PATH")
     if not rows:
         raise InputError(f"task {name}: {source} holds no rows")
-    return TaskExamples(name, [task.normalize(loc, row, i) for i, (loc, row) in enumerate(rows)], source)
+    return TaskExamples(
+        name, [example_of(loc, row, i, field_map) for i, (loc, row) in enumerate(rows)], source
+    )
 
 
-def grade(text: str, example: Example) -> tuple[bool, str | None]:
-    """(correct, extracted answer) for a response; no extracted answer is wrong."""
-    if example.choices:
-        predicted = extract_choice(text)
-        return predicted is not None and predicted == example.gold, predicted
-    predicted = extract_boxed(text)
-    return predicted is not None and answers_match(predicted, example.gold), predicted
+def example_of(location: str, row: dict, index: int, field_map: FieldMap) -> Example:
+    parts = read_parts(location, row, field_map)
+    return Example(
+        parts.id if parts.id is not None else str(index),
+        parts.question,
+        parts.golds[0],
+        parts.choices,
+        also_accepted=parts.golds[1:],
+    )
+
+
+def grade(text: str, example: Example) -> Grade:
+    """The verdict of `duetlm.grading.grade` on a response to `example`."""
+    return grade_response(text, example.golds, example.choices)

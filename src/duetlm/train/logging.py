@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from duetlm.jsonl import read_jsonl
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,15 +22,13 @@ class MetricsLog:
         (out / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
         # On resume, rows past the checkpoint were produced by the step in flight: drop them.
         rows = []
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= keep_until:
-                    rows.append(line)
-        self.path.write_text("".join(line + "\n" for line in rows) if keep_until else "")
+        if self.path.is_file() and keep_until:
+            rows = [
+                row
+                for _, row in read_jsonl(self.path, on_cut_tail="drop")
+                if isinstance(row, dict) and row.get("step", 0) <= keep_until
+            ]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

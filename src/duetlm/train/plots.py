@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from duetlm.errors import InputError
+from duetlm.jsonl import read_jsonl
 
 
 def plot_training(run: str | Path) -> Path:
@@ -17,7 +18,7 @@ def plot_training(run: str | Path) -> Path:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise InputError(f"{run} has no metrics.jsonl; is it a `duet train` run folder?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_jsonl(path, on_cut_tail="drop") if isinstance(row, dict)]
     if not rows:
         raise InputError(f"{path} is empty")
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -289,7 +289,7 @@ class DuetTrainer:
         for index, result in enumerate(results):
             example = questions[index // cfg.n_capable]
             thinking, final = split_thinking(result.text, prompts_cfg.think_open, prompts_cfg.think_close)
-            correct.append(float(thinking is not None and grade(final, example)[0]))
+            correct.append(float(thinking is not None and grade(final, example).correct))
             lengths.append(float(result.output_tokens))
         shape = (len(questions), cfg.n_capable)
         correct_t, lengths_t = torch.tensor(correct).reshape(shape), torch.tensor(lengths).reshape(shape)
@@ -353,7 +353,7 @@ class DuetTrainer:
         duet = Duet(self.light.backend, self.light.backend, light_cfg)
         results = duet.solve_batch([q.problem for q in questions for _ in range(cfg.n_light)], "m-alone")
         correct = [
-            float(r.answer is not None and grade(r.text, questions[i // cfg.n_light])[0])
+            float(r.answer is not None and grade(r.text, questions[i // cfg.n_light]).correct)
             for i, r in enumerate(results)
         ]
         return torch.tensor(correct).reshape(len(questions), cfg.n_light)
@@ -371,7 +371,7 @@ class DuetTrainer:
         ]
         results = self.light.backend.generate(requests)
         per_question = cfg.n_capable * cfg.n_light
-        correct = [float(grade(r.text, questions[i // per_question])[0]) for i, r in enumerate(results)]
+        correct = [float(grade(r.text, questions[i // per_question]).correct) for i, r in enumerate(results)]
         seqs = pack(
             self._prompt_ids(self.light.tokenizer, requests),
             [r.token_ids or [] for r in results],
@@ -488,7 +488,7 @@ class DuetTrainer:
         mode = "M-alone" if self.cfg.single_model else "duet"
         results = duet.solve_batch([e.problem for e in self.eval_examples], mode)
         correct = [
-            r.answer is not None and grade(r.text, e)[0]
+            r.answer is not None and grade(r.text, e).correct
             for r, e in zip(results, self.eval_examples, strict=True)
         ]
         return {

@@ -12,6 +12,7 @@ import pytest
 from conftest import QUESTIONS, SIGNAL
 
 DUET = [str(Path(sys.executable).with_name("duet"))]
+ENV = {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -20,7 +21,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+        env=ENV,
     )
 
 
@@ -103,3 +104,32 @@ def test_demo_runs_the_base_and_the_trained_embedded_pair(tmp_path):
     ]
     assert len(base) == 3 * 12 and len(trained) == 12
     assert "not results on real LLMs" in done.stdout
+    # the trained pair's table compares with the base pair's M-alone (it has none of its own)
+    trained_table = done.stdout.split("duet-M + duet-m")[1]
+    duet_line = next(line for line in trained_table.splitlines() if line.startswith("duet "))
+    assert "–" not in duet_line and "M-alone of" in trained_table
+
+
+def test_embedded_pair_defaults_fit_its_context(tmp_path):
+    from duetlm.models import EMBEDDED_BUDGETS
+
+    done = run("solve", "Start at 7, then +5, *3, -8 (mod 10). What is the result?", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "budgets cut" not in done.stderr  # the defaults fit the 512 positions
+    row = json.loads(done.stdout)
+    assert row["answer"] == "8" and not row["budget_clamped"]
+    assert EMBEDDED_BUDGETS["signal_max_tokens"] + EMBEDDED_BUDGETS["answer_max_tokens"] + 53 <= 512
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_on_a_machine_without_one_is_one_clear_line(specs):
+    done = run("solve", QUESTIONS[0], *specs, "--device", "cuda")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no CUDA GPU is usable" in done.stderr and "--device cpu" in done.stderr
+
+
+def test_install_hints_keep_their_extras():
+    hide = "import sys; sys.modules['uvicorn'] = None; from duetlm.cli import main; sys.argv = ['duet', 'serve']; main()"
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 2
+    assert "pip install 'duetlm[serve]'" in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,7 @@ def test_eval_then_report_with_plot(specs, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "M savings" in done.stdout
+    assert "saved" in done.stdout and "M-alone" in done.stdout
     report = subprocess.run(
         [DUET, "report", str(out), "--format", "json"], capture_output=True, text=True, env=ENV
     )
@@ -78,6 +79,54 @@ def test_eval_then_report_with_plot(specs, tmp_path):
         env=ENV,
     )
     assert "| duet |" in markdown.stdout
+
+
+def test_report_without_matplotlib(specs, tmp_path):
+    out = tmp_path / "run"
+    command = [DUET, "eval", "--task", f"jsonl:{task_file(tmp_path, 2)}", "--methods", "duet,M-alone", *specs]
+    assert subprocess.run([*command, "--out", str(out)], capture_output=True, env=ENV).returncode == 0
+    hide = "import sys; sys.modules['matplotlib'] = None; from duetlm.cli import main; sys.argv = ['duet', *sys.argv[1:]]; main()"
+    for form in ("json", "markdown", "table"):
+        done = subprocess.run(
+            [sys.executable, "-c", hide, "report", str(out), "--format", form],
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "plot skipped: matplotlib is not installed (pip install 'duetlm[eval]')" in done.stderr
+        assert "Traceback" not in done.stderr
+    assert json.loads(
+        subprocess.run(
+            [sys.executable, "-c", hide, "report", str(out), "--format", "json"], capture_output=True, env=ENV
+        ).stdout
+    )
+    assert not list(out.glob("*.png"))
+
+
+def test_eval_maps_fields_and_refuses_changed_data(specs, tmp_path):
+    path = tmp_path / "svamp.jsonl"
+    rows = [{"ID": f"s{i}", "Body": "x = (3 + 4) * 2;", "Question": "x?", "Answer": 14.0} for i in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    base = [DUET, "eval", "--task", f"jsonl:{path}", "--methods", "duet", *specs, "--out", str(out)]
+    mapped = [*base, "--field", "question={Body} {Question}", "--field", "answer=Answer", "--field", "id=ID"]
+    unmapped = subprocess.run(base, capture_output=True, text=True, env=ENV)
+    assert unmapped.returncode == 2 and "no 'question' for the question" in unmapped.stderr
+    done = subprocess.run(mapped, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    stored = read_rows(out / "results.jsonl")
+    assert [(r["id"], r["question"], r["gold"]) for r in stored] == [
+        ("s0", "x = (3 + 4) * 2; x?", "14"),
+        ("s1", "x = (3 + 4) * 2; x?", "14"),
+    ]
+    changed = subprocess.run(
+        [*base, "--field", "question={Question} {Body}", "--field", "answer=Answer", "--field", "id=ID"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert changed.returncode == 2 and "differs from the one its stored results answer" in changed.stderr
 
 
 def test_killed_run_resumes_without_duplicates(specs, tmp_path):
@@ -163,15 +212,16 @@ def test_other_config_hash_is_refused(tmp_path):
         ResultStore(tmp_path, {}, "two")
 
 
-def _row(method, qid, sample, correct, capable_tokens):
+def _row(method, qid, sample, correct, capable_tokens, rule="boxed", task="t"):
     usage = {"capable": {"output_tokens": capable_tokens}, "light": {"output_tokens": 1}, "cost": 0.5}
     return {
-        "task": "t",
+        "task": task,
         "method": method,
         "id": qid,
         "sample": sample,
         "correct": correct,
-        "no_answer": False,
+        "no_answer": rule is None,
+        "answer_rule": rule,
         "usage": usage,
         "wall_s": 1.0,
     }
@@ -184,8 +234,8 @@ def test_summary_statistics_by_hand():
         _row("M-alone", "b", 0, False, 100),
         _row("M-alone", "b", 1, True, 100),
         _row("duet", "a", 0, True, 40),
-        _row("duet", "a", 1, False, 40),
-        _row("duet", "b", 0, False, 40),
+        _row("duet", "a", 1, False, 40, rule="answer_phrase"),
+        _row("duet", "b", 0, False, 40, rule=None),
         _row("duet", "b", 1, False, 40),
     ]
     summary = {s["method"]: s for s in summarize(rows)}
@@ -194,9 +244,61 @@ def test_summary_statistics_by_hand():
     assert alone["stderr"] == pytest.approx(0.25)  # std(1.0, 0.5) = 0.3536 / sqrt(2)
     assert duet["savings_pct"] == pytest.approx(60.0)
     assert duet["accuracy_delta"] == pytest.approx(0.25 - 0.75)
+    # per-question differences 0.5 - 1.0 and 0.0 - 0.5: both -0.5, so no spread
+    assert duet["accuracy_delta_stderr"] == pytest.approx(0.0)
     assert duet["cost_per_solved"] == pytest.approx(4 * 0.5 / 1)
+    assert duet["no_answer_rate"] == pytest.approx(0.25) and duet["fallback_rate"] == pytest.approx(0.25)
     assert alone["pass_at_k"] == pytest.approx(1.0)
     assert duet["pass_at_k"] == pytest.approx(0.5)
+    assert all(tuple(s) == REPORT_KEYS for s in summary.values())
+
+
+def test_savings_and_accuracy_change_are_paired():
+    # M-alone answered 200 questions, duet only the first 96 (a run cut short): the comparison
+    # must use those 96, where M-alone is right on the even ones and spends 100 + i tokens.
+    rows = [_row("M-alone", f"q{i}", 0, i % 2 == 0, 100 + i) for i in range(200)]
+    rows += [_row("duet", f"q{i}", 0, i % 4 == 0, 50) for i in range(96)]
+    duet = next(s for s in summarize(rows) if s["method"] == "duet")
+    assert duet["n_paired"] == 96 and duet["n_questions"] == 96
+    base_tokens = sum(100 + i for i in range(96)) / 96
+    assert duet["savings_pct"] == pytest.approx(100 * (1 - 50 / base_tokens))
+    differences = [float(i % 4 == 0) - float(i % 2 == 0) for i in range(96)]  # 0 or -1
+    mean = sum(differences) / 96
+    assert duet["accuracy_delta"] == pytest.approx(mean) == pytest.approx(-0.25)
+    spread = (sum((d - mean) ** 2 for d in differences) / 95) ** 0.5
+    assert duet["accuracy_delta_stderr"] == pytest.approx(spread / 96**0.5)
+
+
+def test_reference_from_another_run():
+    base = [_row("M-alone", f"q{i}", 0, True, 100) for i in range(4)]
+    trained = [_row("duet", f"q{i}", 0, True, 30) for i in range(4)]
+    assert summarize(trained)[0]["savings_pct"] is None
+    duet = summarize(trained, baseline_rows=base)[0]
+    assert duet["savings_pct"] == pytest.approx(70.0) and duet["n_paired"] == 4
+    assert [s["method"] for s in summarize(trained, baseline_rows=base)] == ["duet"]
+
+
+def test_report_table_fits_80_columns():
+    from rich.console import Console
+
+    from duetlm.evaluate.table import summary_table
+
+    rows = [_row("M-alone", f"q{i}", k, True, 4096) for i in range(200) for k in range(8)]
+    for method in ("duet", "duet@1024", "m-alone", "M@1024"):
+        rows += [
+            _row(method, f"q{i}", k, i % 3 == 0, 1234, rule="last_expression")
+            for i in range(200)
+            for k in range(8)
+        ]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(summary_table("aime25 (runs/a-long-run-folder-name)", summarize(rows)))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for method in ("duet@1024", "m-alone", "M@1024", "M-alone"):
+        assert re.search(rf"^{re.escape(method)} ", text, re.MULTILINE)  # whole, not cut to `meth…`
+    assert "…" not in text
+    for column in ("$/sol", "p@k", "fb %"):
+        assert column in text
 
 
 @pytest.mark.parametrize(

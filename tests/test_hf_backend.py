@@ -104,3 +104,25 @@ def test_file_instead_of_folder_is_a_clear_error(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(BackendError, match="is a file"):
         HFBackend(str(path))
+
+
+def test_budgets_are_cut_to_the_context_with_one_warning(tokenizer, caplog):
+    from duetlm.models.pretrain import ModelShape, new_model
+
+    model = new_model(tokenizer, ModelShape(32, 1, intermediate=64), max_positions=160).eval()
+    backend = HFBackend(model=model, tokenizer=tokenizer, spec="hf:tiny-160")
+    short, longer = ask("1+1?", 500), ask("2+2? " * 3, 500)
+    too_long = ask("3+3? " * 40, 5)
+    with caplog.at_level("WARNING", logger="duetlm.backends.base"):
+        results = backend.generate([short, longer, too_long, ask("1+1?", 4)])
+    prompts = [n_tokens(tokenizer, render_chat(tokenizer, r)) for r in (short, longer, too_long)]
+    assert prompts[1] < 160 < prompts[2]
+    for result, n_prompt in zip(results[:2], prompts):
+        assert result.budget_clamped and result.prompt_tokens == n_prompt
+        assert result.output_tokens == 160 - n_prompt and result.finish_reason == "length"
+    assert results[2].output_tokens == 0 and results[2].extra["error"] == "context_length_exceeded"
+    assert not results[3].budget_clamped and results[3].output_tokens == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("budgets cut to fit the 160-token context" in m for m in messages) == 1
+    assert sum("fills the 160-token context" in m for m in messages) == 1
+    assert backend.context.clamped == 2 and backend.context.too_long == 1

@@ -107,6 +107,28 @@ def test_capable_at_budget_answers_itself(pair):
     assert result.signal == SIGNAL
 
 
+def test_capable_at_budget_forces_a_short_answer_after_a_cut(pair):
+    # M@6 cuts the scripted thinking: M is closed with the instruction to answer now and gets
+    # only forced_answer_max_tokens more, so its M tokens are bounded by B plus that budget.
+    capable, light = pair
+    config = DuetConfig(forced_answer_max_tokens=3)
+    result = Duet(capable, light, config).solve(QUESTIONS[0], mode="M@6")
+    forced = capable.requests[-1]
+    assert forced.prefill.startswith("<think>\n") and "answer now" in forced.prefill
+    assert forced.prefill.endswith("</think>\n\n") and forced.sampling.max_tokens == 3
+    assert result.truncated and result.signal_tokens == 6
+    assert result.usage.capable.output_tokens <= 6 + 3
+    assert result.usage.light.output_tokens == 0 and result.light_finish is None
+    assert result.capable_finish in ("length", "eos")  # M's own last finish, never m's
+
+
+def test_capable_at_budget_that_closes_by_itself_answers_as_usual(pair):
+    capable, light = pair
+    result = Duet(capable, light, DuetConfig(forced_answer_max_tokens=3)).solve(QUESTIONS[0], mode="M@100")
+    assert capable.requests[-1].prefill == f"<think>\n{SIGNAL}\n</think>\n\n"
+    assert result.answer == "14" and result.capable_finish == "eos" and result.light_finish is None
+
+
 def test_m_that_never_closes_thinking_gives_no_answer(pair):
     # An unseen question: the scripted M rambles without closing its thinking.
     capable, light = pair

@@ -81,7 +81,9 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = tmp_path / "missing.jsonl"
     path.write_text('{"problem": "p", "answer": "1"}\n{"problem": "p2"}\n')
-    with pytest.raises(InputError, match=f"{path}:2: no 'answer' for the answer .the row's fields: 'problem'"):
+    with pytest.raises(
+        InputError, match=f"{path}:2: no 'answer' for the answer .the row's fields: 'problem'"
+    ):
         load_task("math500", data=path)
 
 
@@ -169,9 +171,18 @@ def test_field_mapping_svamp_layout(tmp_path):
     path = _write(
         tmp_path,
         "svamp.jsonl",
-        [{"ID": "chal-1", "Body": "Tom has 3 red and 4 blue pens.", "Question": "How many pens?", "Answer": 7.0}],
+        [
+            {
+                "ID": "chal-1",
+                "Body": "Tom has 3 red and 4 blue pens.",
+                "Question": "How many pens?",
+                "Answer": 7.0,
+            }
+        ],
     )
-    with pytest.raises(InputError, match=r":1: no 'question' for the question .the row's fields: 'ID', 'Body'"):
+    with pytest.raises(
+        InputError, match=r":1: no 'question' for the question .the row's fields: 'ID', 'Body'"
+    ):
         load_task(f"jsonl:{path}")
     examples = load_task(f"jsonl:{path}", fields={"question": "{Body} {Question}", "answer": "Answer"})
     assert examples[0].question == "Tom has 3 red and 4 blue pens. How many pens?"
@@ -192,7 +203,9 @@ def test_field_mapping_gold_inside_a_solution(tmp_path):
 
 def test_field_mapping_list_gold_any_element_counts(tmp_path):
     # OlympiadBench's layout: final_answer is a list.
-    path = _write(tmp_path, "olympiad.jsonl", [{"id": 7, "question": "Roots?", "final_answer": ["$x=2$", "$2$"]}])
+    path = _write(
+        tmp_path, "olympiad.jsonl", [{"id": 7, "question": "Roots?", "final_answer": ["$x=2$", "$2$"]}]
+    )
     example = load_task(f"jsonl:{path}", fields={"answer": "final_answer"})[0]
     assert example.golds == ("$x=2$", "$2$")
     assert grade("\\boxed{2}", example).correct
@@ -206,7 +219,11 @@ def test_field_mapping_list_gold_any_element_counts(tmp_path):
         ({"question": "Q?", "choices": ["w", "x", "y", "z"], "answer": 2}, {}, ("w", "x", "y", "z"), "C"),
         # ARC: options nested under choices.text, the letter in answerKey
         (
-            {"question": "Q?", "choices": {"text": ["w", "x", "y"], "label": ["A", "B", "C"]}, "answerKey": "B"},
+            {
+                "question": "Q?",
+                "choices": {"text": ["w", "x", "y"], "label": ["A", "B", "C"]},
+                "answerKey": "B",
+            },
             {"choices": "choices.text", "answer": "answerKey"},
             ("w", "x", "y"),
             "B",

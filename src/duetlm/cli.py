@@ -34,7 +34,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whole, for logs and greps
 
 DEFAULT_CAPABLE = "tiny-M"
 DEFAULT_LIGHT = "tiny-m"
@@ -153,7 +153,7 @@ def solve(
     duet = Duet(
         load_backend(capable, BackendOptions(device=device, api_key=api_key)),
         load_backend(light, BackendOptions(device=device, api_key=api_key, tokenizer=light_tokenizer)),
-        build_config(config, signal_max_tokens, answer_max_tokens, temperature, seed),
+        build_config(config, signal_max_tokens, answer_max_tokens, temperature, seed, (capable, light)),
     )
     results = duet.solve_batch(problems, parsed_mode)
     baseline = duet.solve_batch(problems, "M-alone") if compare else None
@@ -167,8 +167,15 @@ def solve(
     render_results(results, baseline)
 
 
-def build_config(path, signal_max_tokens, answer_max_tokens, temperature, seed) -> DuetConfig:
-    base = DuetConfig.load(path) if path is not None else DuetConfig()
+def build_config(
+    path, signal_max_tokens, answer_max_tokens, temperature, seed, specs: tuple[str, ...] = ()
+) -> DuetConfig:
+    """The DuetConfig of a command: the file's, else the defaults (the embedded pair's budgets
+    when every model is embedded), with the flags on top."""
+    from duetlm.config import validate_config
+    from duetlm.models import budget_defaults
+
+    base = DuetConfig.load(path) if path is not None else DuetConfig(**budget_defaults(*specs))
     overrides = {
         k: v
         for k, v in {
@@ -179,8 +186,6 @@ def build_config(path, signal_max_tokens, answer_max_tokens, temperature, seed) 
         }.items()
         if v is not None
     }
-    from duetlm.config import validate_config
-
     return validate_config(DuetConfig, base.model_dump() | overrides, source="options")
 
 
@@ -207,48 +212,20 @@ def render_results(results: list[SolveResult], baseline: list[SolveResult] | Non
     )
 
 
-def summary_table(title: str, summaries: list[dict]) -> Table:
-    table = Table(title=title)
-    columns = (
-        "method",
-        "n",
-        "accuracy",
-        "± s.e.",
-        "no answer",
-        "M out tok",
-        "m out tok",
-        "M savings",
-        "Δ acc",
-        "wall s",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "method" else "right")
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    for s in summaries:
-        table.add_row(
-            s["method"],
-            f"{s['n_questions']}×{s['n_samples']}",
-            pct(s["accuracy"]),
-            pct(s["stderr"]),
-            pct(s["no_answer_rate"]),
-            f"{s['M_output_tokens_mean']:.1f}",
-            f"{s['m_output_tokens_mean']:.1f}",
-            "–" if s["savings_pct"] is None else f"{s['savings_pct']:.1f}%",
-            "–" if s["accuracy_delta"] is None else f"{100 * s['accuracy_delta']:+.1f}",
-            f"{s['wall_s']:.1f}",
-        )
-    return table
-
-
 EMBEDDED_NOTE = (
     "[dim]The embedded models (tiny-M, tiny-m, duet-M, duet-m) are small models trained on a synthetic "
     "task; their numbers are not results on real LLMs.[/]"
 )
 
 
-def print_report(directory: Path, summaries: list[dict]) -> None:
+def print_report(directory: Path, summaries: list[dict], baseline: Path | None = None) -> None:
+    from duetlm.evaluate.table import summary_table
+
     for task in sorted({s["task"] for s in summaries}):
-        console.print(summary_table(f"{task} ({directory})", [s for s in summaries if s["task"] == task]))
+        table = summary_table(f"{task} ({directory})", [s for s in summaries if s["task"] == task])
+        if baseline is not None:
+            table.caption += f"; M-alone of {baseline}"
+        console.print(table)
     if any(s["task"] == "builtin" for s in summaries):
         console.print(EMBEDDED_NOTE)
 
@@ -319,7 +296,9 @@ def eval_command(
     from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 
     data_map = key_values(data, "--data", "TASK=PATH")
-    duet_config = build_config(config, signal_max_tokens, answer_max_tokens, temperature, None)
+    duet_config = build_config(
+        config, signal_max_tokens, answer_max_tokens, temperature, None, (capable, light)
+    )
     eval_config = validate_config(
         EvalConfig,
         {
@@ -346,7 +325,13 @@ def eval_command(
 def report(
     directory: Annotated[Path, typer.Argument(help="A run folder written by duet eval.")],
     format: Annotated[str, typer.Option("--format", help="markdown, json or table.")] = "table",
-    plot: Annotated[bool, typer.Option(help="Write plot_TASK.png into the folder.")] = True,
+    plot: Annotated[
+        bool, typer.Option(help="Write plot_TASK.png into the folder (needs matplotlib).")
+    ] = True,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(help="Another run folder whose M-alone rows are the reference where this one has none."),
+    ] = None,
 ) -> None:
     """Tables (and plots) of accuracy against M tokens from a run folder."""
     from duetlm.evaluate import load_summaries, markdown
@@ -355,16 +340,53 @@ def report(
 
     if format not in ("markdown", "json", "table"):
         raise InputError(f"--format must be markdown, json or table, got {format!r}")
-    summaries = load_summaries(directory)
+    summaries = load_summaries(directory, baseline)
     if format == "json":
         sys.stdout.write(json.dumps(json_rows(summaries), indent=2) + "\n")
     elif format == "markdown":
         sys.stdout.write(markdown(summaries) + "\n")
     else:
-        print_report(directory, summaries)
+        print_report(directory, summaries, baseline)
     if plot:
-        for path in draw(summaries, directory):
+        try:
+            paths = draw(summaries, directory)
+        except ImportError:
+            err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
+            return
+        for path in paths:
             err_console.print(f"plot: {path}")
+
+
+@app.command("check-grader")
+@friendly_errors
+def check_grader(
+    task: Annotated[list[str], typer.Option("--task", "-t", help="Task name (repeatable), as for eval.")],
+    data: Annotated[list[str] | None, typer.Option(help="TASK=PATH: read a task from a local file.")] = None,
+    field: FieldOpt = None,
+    show: Annotated[int, typer.Option(min=0, help="Failures to list per task.")] = 20,
+) -> None:
+    """Check the grader on a task's own golds before trusting it with a model's answers: each
+    gold must accept itself boxed and an equivalent rewriting written unboxed, and refuse the
+    next question's gold. Exit code 1 when any check fails."""
+    from duetlm.grading.selfcheck import check_golds
+    from duetlm.tasks import load_task
+
+    data_map, fields = key_values(data, "--data", "TASK=PATH"), key_values(field, "--field", "PART=EXPR")
+    failed = 0
+    for name in task:
+        examples = load_task(name, data_map.get(name), fields=fields if name != "builtin" else None)
+        failures = check_golds([e.gold for e in examples], [len(e.choices) for e in examples])
+        failed += len(failures)
+        status = "[green]all hold[/]" if not failures else f"[red]{len(failures)} failed[/]"
+        console.print(f"{escape(name)}: {len(examples)} golds, {status}")
+        for failure in failures[:show]:
+            console.print(
+                f"  {failure.check}: gold {escape(failure.gold)!r} (question {examples[failure.index].id}) "
+                f"graded {escape(failure.response)!r} wrongly",
+                highlight=False,
+            )
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -387,6 +409,7 @@ def demo(
     `duet eval --task builtin` with settings for the toy task, then its report; with the
     embedded pair, the jointly trained pair too."""
     from duetlm.evaluate import EvalConfig, load_summaries, run_eval
+    from duetlm.models import EMBEDDED_BUDGETS
 
     out = out or Path(f"runs/demo-{questions}")
     runs = [(out, capable, light, _split(methods))]
@@ -400,12 +423,13 @@ def demo(
             light=light_spec,
             limit=questions,
             batch_size=64,
-            duet=DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
+            duet=DuetConfig(**EMBEDDED_BUDGETS),
         )
         run_eval(eval_config, folder, force=True, backend_options=BackendOptions(device=device))
     for folder, capable_spec, light_spec, _ in runs:
         console.print(f"[bold]{escape(capable_spec)} + {escape(light_spec)}[/]")
-        print_report(folder, load_summaries(folder))
+        baseline = None if folder == out else out  # the trained pair is compared with the base M-alone
+        print_report(folder, load_summaries(folder, baseline), baseline)
 
 
 @app.command()
@@ -434,7 +458,7 @@ def serve(
     duet = Duet(
         load_backend(capable, options),
         load_backend(light, options),
-        build_config(config, None, None, None, None),
+        build_config(config, None, None, None, None, (capable, light)),
     )
     serve_config = ServeConfig(
         name=name, api_key=api_key, batch_window_ms=batch_window_ms, max_batch=max_batch

@@ -45,6 +45,13 @@ class PromptConfig(BaseModel):
         "<think>\n{signal}\n</think>\n\n",
         description="Start of m's assistant turn; m continues it with the answer.",
     )
+    budget_close: str = Field(
+        "<think>\n{signal}\n\nMy thinking budget is used up, so I will write the final answer now from "
+        "the work above.\n</think>\n\n",
+        description="M@B: M's own turn when its thinking was cut at the budget B. The close tag and a "
+        "short instruction to answer now (budget forcing), so M answers instead of thinking on "
+        "in its write-up.",
+    )
     think_open: str = Field("<think>", description="Tag that opens M's thinking.")
     think_close: str = Field("</think>", description="Tag that closes it; M's generation stops here.")
 
@@ -64,6 +71,12 @@ class DuetConfig(BaseModel):
         4096, ge=1, description="M's token budget for the signal in `duet` mode; a cut signal is flagged."
     )
     answer_max_tokens: int = Field(1024, ge=1, description="m's budget for the final write-up.")
+    forced_answer_max_tokens: int = Field(
+        128,
+        ge=1,
+        description="M@B: M's budget for its answer after its thinking was cut at B and closed "
+        "(small, so that the baseline cannot go on reasoning after the close).",
+    )
     alone_max_tokens: int | None = Field(
         None, ge=1, description="M's budget in M-alone mode; None = signal_max_tokens + answer_max_tokens."
     )
@@ -93,6 +106,7 @@ class DuetConfig(BaseModel):
             ("choice_instruction", p.choice_instruction, "{options}"),
             ("sketch_instruction", p.sketch_instruction, "{question}"),
             ("light_prefill", p.light_prefill, "{signal}"),
+            ("budget_close", p.budget_close, "{signal}"),
         ]:
             if needed not in template:
                 raise ValueError(f"prompts.{name} must contain {needed}")

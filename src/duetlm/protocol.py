@@ -31,7 +31,8 @@ _BUDGETED = re.compile(r"^(duet|M)@(\d+)$")
 @dataclass(frozen=True)
 class Mode:
     """How to answer: `duet`, `M-alone`, `m-alone`, `duet@B` (signal cut at B tokens) or `M@B`
-    (M alone, thinking cut at B tokens, then M writes the answer itself)."""
+    (M alone with a thinking budget of B: a thinking cut at B is closed with an instruction to
+    answer now, and M answers within `forced_answer_max_tokens`)."""
 
     kind: str
     budget: int | None = None
@@ -94,6 +95,7 @@ class SolveResult:
     usage: Usage = field(default_factory=Usage)
     capable_text: str | None = None
     retries: int = 0
+    budget_clamped: bool = False  # a budget was cut to fit a model's context (see ContextGuard)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -208,17 +210,19 @@ class Duet:
         budget = mode.budget or cfg.signal_max_tokens
         signal_results = self.capable.generate([capable_request(p, cfg, budget) for p in problems])
         signals = [signal_of(r, cfg) for r in signal_results]
-        answer_results = self.finish(problems, signals, by_capable=mode.kind == "M")
+        if mode.kind == "M":
+            answer_results = self._budget_forced(problems, signals, signal_results)
+        else:
+            answer_results = self.finish(problems, signals)
         results = []
         for problem, first, signal, second in zip(problems, signal_results, signals, answer_results):
-            second_price = cfg.capable_price if mode.kind == "M" else cfg.light_price
-            first_usage, second_usage = (
-                self._usage(first, cfg.capable_price),
-                self._usage(second, second_price),
-            )
-            usage = (
-                Usage(first_usage + second_usage) if mode.kind == "M" else Usage(first_usage, second_usage)
-            )
+            first_usage = self._usage(first, cfg.capable_price)
+            if mode.kind == "M":  # M wrote both parts: one model's usage, its last finish reason
+                usage = Usage(first_usage + self._usage(second, cfg.capable_price))
+                capable_finish, light_finish = second.finish_reason, None
+            else:
+                usage = Usage(first_usage, self._usage(second, cfg.light_price))
+                capable_finish, light_finish = first.finish_reason, second.finish_reason
             truncated = first.finish_reason == "length"
             if truncated:
                 logger.info("signal cut at %d tokens (M did not close its thinking)", first.output_tokens)
@@ -231,25 +235,47 @@ class Duet:
                     signal=signal,
                     signal_tokens=first.output_tokens,
                     truncated=truncated,
-                    capable_finish=first.finish_reason,
-                    light_finish=second.finish_reason,
+                    capable_finish=capable_finish,
+                    light_finish=light_finish,
                     usage=usage,
                     capable_text=first.text,
                     retries=first.retries + second.retries,
+                    budget_clamped=first.budget_clamped or second.budget_clamped,
                 )
             )
         return results
 
-    def finish(
-        self, problems: Sequence[str | Problem], signals: Sequence[str], by_capable: bool = False
+    def _budget_forced(
+        self, problems: list[Problem], signals: list[str], signal_results: list[GenerationResult]
     ) -> list[GenerationResult]:
-        """Stage 2 alone: m (or M itself, for M@B) answers each problem given a signal. Used
-        for budget-cut curves and training rollouts, where the signal is chosen by the caller."""
+        """M@B's second part: M answers after its own thinking. A thinking that M closed within
+        B continues as M-alone would; one cut at B is closed with a short instruction to answer
+        now and gets a small answer budget (budget forcing), so the baseline's M tokens are
+        bounded by B plus that budget."""
         cfg = self.config
-        kwargs = cfg.capable_template_kwargs if by_capable else cfg.light_template_kwargs
-        answerer = self.capable if by_capable else self.light
-        return answerer.generate(
-            [light_request(as_problem(p), s, cfg, kwargs) for p, s in zip(problems, signals, strict=True)]
+        requests = []
+        for problem, signal, first in zip(problems, signals, signal_results):
+            cut = first.finish_reason == "length"
+            template = cfg.prompts.budget_close if cut else cfg.prompts.light_prefill
+            requests.append(
+                GenerationRequest.chat(
+                    user_prompt(problem, cfg),
+                    sampling(cfg, cfg.forced_answer_max_tokens if cut else cfg.answer_max_tokens),
+                    prefill=template.replace("{signal}", signal),
+                    chat_template_kwargs=cfg.capable_template_kwargs,
+                )
+            )
+        return self.capable.generate(requests)
+
+    def finish(self, problems: Sequence[str | Problem], signals: Sequence[str]) -> list[GenerationResult]:
+        """Stage 2 alone: m answers each problem given a signal. Used for budget-cut curves and
+        training rollouts, where the signal is chosen by the caller."""
+        cfg = self.config
+        return self.light.generate(
+            [
+                light_request(as_problem(p), s, cfg, cfg.light_template_kwargs)
+                for p, s in zip(problems, signals, strict=True)
+            ]
         )
 
     def _alone(
@@ -289,6 +315,7 @@ class Duet:
                     usage=Usage(capable=usage) if capable else Usage(light=usage),
                     capable_text=out.text if capable else None,
                     retries=out.retries,
+                    budget_clamped=out.budget_clamped,
                 )
             )
         return results

@@ -7,9 +7,12 @@ builds requests and reads results and never learns which backend answered (DESIG
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "eos", "length"]
 """`stop`: a stop string was produced; `eos`: the model ended its turn; `length`: max_tokens."""
@@ -71,7 +74,57 @@ class GenerationResult:
     stop_string: str | None = None
     retries: int = 0
     token_ids: list[int] | None = None  # the generated ids, where the backend exposes them (hf, vllm)
+    budget_clamped: bool = False  # max_tokens was cut so that prompt + output fit the context
     extra: dict = field(default_factory=dict)
+
+
+class ContextGuard:
+    """Fits each request's output budget into a model's context window.
+
+    Asking a model for more tokens than its positions hold makes transformers warn and run
+    far past what the model was trained on (the embedded models have 512 positions; the
+    default budgets are 4,096 + 1,024). So a budget is cut to `context - prompt` (the result
+    says `budget_clamped`), one warning per backend says how many, and a prompt that alone
+    fills the context gets an empty `length` result marked `context_length_exceeded`."""
+
+    def __init__(self, spec: str, context_length: int | None) -> None:
+        self.spec, self.context_length = spec, context_length
+        self.clamped = self.too_long = 0
+
+    def fit(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The budget to use: `max_tokens`, or what is left of the context (0: none left)."""
+        if self.context_length is None or prompt_tokens + max_tokens <= self.context_length:
+            return max_tokens
+        room = max(self.context_length - prompt_tokens, 0)
+        if room == 0:
+            self.too_long += 1
+            if self.too_long == 1:
+                logger.warning(
+                    "%s: a prompt of %d tokens fills the %d-token context; such requests get no output "
+                    "(counted as context_length_exceeded)",
+                    self.spec,
+                    prompt_tokens,
+                    self.context_length,
+                )
+        else:
+            self.clamped += 1
+            if self.clamped == 1:
+                logger.warning(
+                    "%s: budgets cut to fit the %d-token context (first: %d prompt + %d asked -> %d); "
+                    "lower --signal-max-tokens / --answer-max-tokens to fit it",
+                    self.spec,
+                    self.context_length,
+                    prompt_tokens,
+                    max_tokens,
+                    room,
+                )
+        return room
+
+    @staticmethod
+    def overflow_result(prompt_tokens: int) -> GenerationResult:
+        return GenerationResult(
+            "", prompt_tokens, 0, "length", budget_clamped=True, extra={"error": "context_length_exceeded"}
+        )
 
 
 @runtime_checkable

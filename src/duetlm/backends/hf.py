@@ -7,6 +7,7 @@ library), and returned in the caller's order with exact token counts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from duetlm.backends.base import (
+    ContextGuard,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -119,6 +121,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_token_ids = self._eos_ids()
+        self.context = ContextGuard(self.spec, getattr(self.model.config, "max_position_embeddings", None))
         self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
 
     @staticmethod
@@ -156,24 +159,33 @@ class HFBackend:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
         results: list[GenerationResult | None] = [None] * len(requests)
-        prompts = [render_chat(self.tokenizer, r) for r in requests]
+        prompts = self.tokenizer(
+            [render_chat(self.tokenizer, r) for r in requests], add_special_tokens=False
+        )["input_ids"]
         groups: dict[SamplingParams, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
-            groups[request.sampling].append(index)
+            budget = self.context.fit(len(prompts[index]), request.sampling.max_tokens)
+            if budget == 0:
+                results[index] = ContextGuard.overflow_result(len(prompts[index]))
+            else:
+                groups[dataclasses.replace(request.sampling, max_tokens=budget)].append(index)
         for sampling, indices in groups.items():
             indices.sort(key=lambda i: len(prompts[i]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 for index, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], sampling)):
+                    result.budget_clamped = sampling.max_tokens < requests[index].sampling.max_tokens
                     results[index] = result
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[str], sampling: SamplingParams) -> list[GenerationResult]:
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
         from transformers import GenerationConfig
 
         started = time.perf_counter()
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         encoded = encoded.to(self.device)
         greedy = sampling.temperature <= 0
         config = GenerationConfig(

@@ -1,13 +1,19 @@
 """`duet report`: one table per task from a results store, plus a plot per task.
 
-Columns (the JSON keys scripts depend on): task, method, n_questions, n_samples, accuracy,
-stderr, no_answer_rate, M_output_tokens_mean, m_output_tokens_mean, savings_pct,
-accuracy_delta, wall_s, cost_per_solved. Savings and deltas are against M-alone on the same
-questions of the same task; `stderr` is over questions (each question's mean over samples).
+Keys of every summary (`--format json`; scripts rely on them): task, method, n_questions,
+n_samples, accuracy, stderr (over questions, each question's mean over its samples),
+no_answer_rate, fallback_rate (answers read by a fallback rule: an unboxed final-answer
+phrase or the last expression), M_output_tokens_mean, m_output_tokens_mean, and, against
+M-alone **on the questions both have** (paired): n_paired, savings_pct (M output tokens),
+accuracy_delta and accuracy_delta_stderr (the standard error of the per-question
+difference). Then wall_s (the method's total wall time; rows of a batch share the batch's
+time equally, so a row's own `wall_s` is a share, not a latency), cost_per_solved and
+pass_at_k (None with one sample).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import defaultdict
@@ -16,6 +22,11 @@ from pathlib import Path
 
 from duetlm.errors import InputError
 from duetlm.evaluate.store import read_rows
+from duetlm.grading import FALLBACK_RULES
+
+logger = logging.getLogger(__name__)
+
+BASELINE = "M-alone"
 
 REPORT_KEYS = (
     "task",
@@ -25,12 +36,16 @@ REPORT_KEYS = (
     "accuracy",
     "stderr",
     "no_answer_rate",
+    "fallback_rate",
     "M_output_tokens_mean",
     "m_output_tokens_mean",
+    "n_paired",
     "savings_pct",
     "accuracy_delta",
+    "accuracy_delta_stderr",
     "wall_s",
     "cost_per_solved",
+    "pass_at_k",
 )
 
 
@@ -41,94 +56,146 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _stderr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def per_question(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Each question's accuracy and M tokens, averaged over its samples."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_id[str(row["id"])].append(row)
+    return {
+        qid: {
+            "accuracy": _mean([float(r["correct"]) for r in rs]),
+            "capable_tokens": _mean([r["usage"]["capable"]["output_tokens"] for r in rs]),
+            "samples": len(rs),
+            "correct": sum(r["correct"] for r in rs),
+        }
+        for qid, rs in by_id.items()
+    }
+
+
+def paired(method: dict[str, dict], baseline: dict[str, dict]) -> dict:
+    """Savings and accuracy change against the baseline over the questions both answered."""
+    common = sorted(set(method) & set(baseline))
+    if not common:
+        return {"n_paired": 0, "savings_pct": None, "accuracy_delta": None, "accuracy_delta_stderr": None}
+    base_tokens = _mean([baseline[q]["capable_tokens"] for q in common])
+    tokens = _mean([method[q]["capable_tokens"] for q in common])
+    differences = [method[q]["accuracy"] - baseline[q]["accuracy"] for q in common]
+    return {
+        "n_paired": len(common),
+        "savings_pct": 100 * (1 - tokens / base_tokens) if base_tokens > 0 else None,
+        "accuracy_delta": _mean(differences),
+        "accuracy_delta_stderr": _stderr(differences),
+    }
+
+
+def summarize(rows: list[dict], baseline_rows: list[dict] | None = None) -> list[dict]:
+    """One summary per (task, method). The reference for savings is the task's M-alone rows,
+    or, where the run has none, the M-alone rows of `baseline_rows` (another run's)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["task"], row["method"])].append(row)
+    references = {}
+    for row in baseline_rows or []:
+        if row["method"] == BASELINE:
+            references.setdefault(row["task"], []).append(row)
+    references |= {task: members for (task, method), members in groups.items() if method == BASELINE}
+    reference_stats = {task: per_question(members) for task, members in references.items()}
     summaries = []
     for (task, method), members in groups.items():
-        by_question: dict[str, list[dict]] = defaultdict(list)
-        for row in members:
-            by_question[str(row["id"])].append(row)
-        per_question = [sum(r["correct"] for r in rs) / len(rs) for rs in by_question.values()]
-        n_q = len(per_question)
-        accuracy = sum(per_question) / n_q
-        variance = sum((a - accuracy) ** 2 for a in per_question) / (n_q - 1) if n_q > 1 else 0.0
+        questions = per_question(members)
+        accuracies = [q["accuracy"] for q in questions.values()]
         solved = sum(r["correct"] for r in members)
-        cost = sum(r["usage"]["cost"] for r in members)
-        samples = max(len(rs) for rs in by_question.values())
+        samples = max(q["samples"] for q in questions.values())
+        answered = [r for r in members if not r["no_answer"]]
         summary = {
             "task": task,
             "method": method,
-            "n_questions": n_q,
+            "n_questions": len(questions),
             "n_samples": samples,
-            "accuracy": accuracy,
-            "stderr": math.sqrt(variance / n_q),
-            "no_answer_rate": sum(r["no_answer"] for r in members) / len(members),
-            "M_output_tokens_mean": sum(r["usage"]["capable"]["output_tokens"] for r in members)
-            / len(members),
-            "m_output_tokens_mean": sum(r["usage"]["light"]["output_tokens"] for r in members) / len(members),
-            "savings_pct": None,
-            "accuracy_delta": None,
+            "accuracy": _mean(accuracies),
+            "stderr": _stderr(accuracies),
+            "no_answer_rate": 1 - len(answered) / len(members),
+            "fallback_rate": sum(r.get("answer_rule") in FALLBACK_RULES for r in answered) / len(members),
+            "M_output_tokens_mean": _mean([r["usage"]["capable"]["output_tokens"] for r in members]),
+            "m_output_tokens_mean": _mean([r["usage"]["light"]["output_tokens"] for r in members]),
+            **paired(questions, reference_stats.get(task, {})),
             "wall_s": sum(r["wall_s"] for r in members),
-            "cost_per_solved": cost / solved if solved else None,
+            "cost_per_solved": sum(r["usage"]["cost"] for r in members) / solved if solved else None,
+            "pass_at_k": (
+                _mean([pass_at_k(q["samples"], q["correct"], samples) for q in questions.values()])
+                if samples > 1
+                else None
+            ),
         }
-        if samples > 1:
-            summary["pass_at_k"] = (
-                sum(pass_at_k(len(rs), sum(r["correct"] for r in rs), samples) for rs in by_question.values())
-                / n_q
-            )
-        summaries.append(summary)
-    for summary in summaries:
-        baseline = next(
-            (s for s in summaries if s["task"] == summary["task"] and s["method"] == "M-alone"), None
-        )
-        if baseline is not None and baseline["M_output_tokens_mean"] > 0:
-            summary["savings_pct"] = 100 * (
-                1 - summary["M_output_tokens_mean"] / baseline["M_output_tokens_mean"]
-            )
-            summary["accuracy_delta"] = summary["accuracy"] - baseline["accuracy"]
+        summaries.append({key: summary[key] for key in REPORT_KEYS})
     return sorted(summaries, key=lambda s: (s["task"], s["M_output_tokens_mean"]))
 
 
-def load_summaries(directory: str | Path) -> list[dict]:
+def _results_rows(directory: str | Path) -> list[dict]:
     path = Path(directory) / "results.jsonl"
     if not path.is_file():
         raise InputError(f"{directory} has no results.jsonl; run `duet eval --out {directory}` first")
     rows = read_rows(path)
     if not rows:
         raise InputError(f"{path} holds no results yet")
-    return summarize(rows)
+    return rows
+
+
+def load_summaries(directory: str | Path, baseline: str | Path | None = None) -> list[dict]:
+    """Summaries of a run folder; `baseline`: another run folder whose M-alone rows are the
+    reference where this run has none (same task names and question ids)."""
+    return summarize(_results_rows(directory), _results_rows(baseline) if baseline is not None else None)
 
 
 def json_rows(summaries: list[dict]) -> list[dict]:
     return [{key: s[key] for key in REPORT_KEYS} for s in summaries]
 
 
-def _fmt(value, pct: bool = False, digits: int = 1) -> str:
+def _fmt(value, pct: bool = False, digits: int = 1, sign: bool = False) -> str:
     if value is None:
         return "–"
-    return f"{100 * value:.{digits}f}" if pct else f"{value:.{digits}f}"
+    shown = 100 * value if pct else value
+    return f"{shown:+.{digits}f}" if sign else f"{shown:.{digits}f}"
 
 
 def markdown(summaries: list[dict]) -> str:
     out = []
     for task in sorted({s["task"] for s in summaries}):
         rows = [s for s in summaries if s["task"] == task]
-        with_k = any("pass_at_k" in s for s in rows)
-        head = "| method | n | acc % | ± s.e. | no answer % | M out tok | m out tok | M savings % | Δ acc | wall s | cost/solved |"
+        with_k = any(s["pass_at_k"] is not None for s in rows)
+        head = (
+            "| method | n | acc % | ± s.e. | no answer % | fallback % | M out tok | m out tok | paired n "
+            "| M savings % | Δ acc | ± s.e. | wall s | cost/solved |"
+        )
         head += " pass@k % |" if with_k else ""
         out += [f"### {task}", "", head, "|" + "---|" * (head.count("|") - 1)]
         for s in rows:
             line = (
                 f"| {s['method']} | {s['n_questions']}×{s['n_samples']} | {_fmt(s['accuracy'], True)} | "
-                f"{_fmt(s['stderr'], True)} | {_fmt(s['no_answer_rate'], True)} | {_fmt(s['M_output_tokens_mean'])} | "
-                f"{_fmt(s['m_output_tokens_mean'])} | {_fmt(s['savings_pct'])} | {_fmt(s['accuracy_delta'], True)} | "
+                f"{_fmt(s['stderr'], True)} | {_fmt(s['no_answer_rate'], True)} | "
+                f"{_fmt(s['fallback_rate'], True)} | {_fmt(s['M_output_tokens_mean'])} | "
+                f"{_fmt(s['m_output_tokens_mean'])} | {s['n_paired']} | {_fmt(s['savings_pct'])} | "
+                f"{_fmt(s['accuracy_delta'], True, sign=True)} | {_fmt(s['accuracy_delta_stderr'], True)} | "
                 f"{_fmt(s['wall_s'])} | {_fmt(s['cost_per_solved'], digits=6)} |"
             )
-            line += f" {_fmt(s.get('pass_at_k'), True)} |" if with_k else ""
+            line += f" {_fmt(s['pass_at_k'], True)} |" if with_k else ""
             out.append(line)
         out.append("")
+    out.append(
+        "Savings and Δ acc are against M-alone on the questions both methods answered (paired n); "
+        "wall s is each method's total time, batches split evenly over their rows."
+    )
     return "\n".join(out)
 
 
@@ -140,7 +207,8 @@ def file_safe(task: str) -> str:
 
 
 def plot(summaries: list[dict], directory: str | Path) -> list[Path]:
-    """A PNG per task: accuracy against mean M output tokens, one point per method."""
+    """A PNG per task: accuracy against mean M output tokens, one point per method. Needs
+    matplotlib (`pip install 'duetlm[eval]'`); without it, an ImportError the CLI reports."""
     import matplotlib
 
     matplotlib.use("Agg")

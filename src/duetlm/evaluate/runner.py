@@ -59,6 +59,17 @@ class EvalConfig(BaseModel):
             parse_mode(method)
         return methods
 
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_budgets(cls, data):
+        """Without a DuetConfig, an all-embedded run gets budgets that fit its models."""
+        if isinstance(data, dict) and "duet" not in data:
+            from duetlm.models import budget_defaults
+
+            budgets = budget_defaults(data.get("capable", "tiny-M"), data.get("light", "tiny-m"))
+            data = data | ({"duet": DuetConfig(**budgets)} if budgets else {})
+        return data
+
     @model_validator(mode="after")
     def _data_names_a_task(self) -> EvalConfig:
         stray = sorted(set(self.data) - set(self.tasks))

@@ -38,3 +38,17 @@ EMBEDDED: dict[str, Callable[[], Path]] = {
     "duet-M": _asset("duet-M"),
     "duet-m": _asset("duet-m"),
 }
+
+
+EMBEDDED_BUDGETS = {"signal_max_tokens": 384, "answer_max_tokens": 64, "forced_answer_max_tokens": 24}
+"""Token budgets that fit the embedded models' 512 positions: builtin prompts take at most 53
+tokens, so M-alone's 384 + 64 leaves room; the longest M trace is about 250 tokens, and M's
+write-up (`Last step 8+9=7. The result is \\boxed{7}.`) about 15, which M@B's forced answer
+budget of 24 allows. (The general defaults, 4,096 + 1,024 + 128, are for real reasoning
+models.)"""
+
+
+def budget_defaults(*specs: str) -> dict[str, int]:
+    """The default budgets for a run of these model specs: the embedded pair's when every
+    model is embedded, else none (DuetConfig's own)."""
+    return dict(EMBEDDED_BUDGETS) if specs and all(s.strip() in EMBEDDED for s in specs) else {}

@@ -255,3 +255,18 @@ def test_field_mapping_errors(tmp_path):
     twice = _write(tmp_path, "twice.jsonl", [{"id": 1, "question": "a", "answer": "1"}] * 2)
     with pytest.raises(InputError, match="the id '1' appears twice"):
         load_task(f"jsonl:{twice}")
+
+
+def test_hub_tasks_reach_the_datasets_library():
+    # `datasets` is installed with the package: offline, a hub task fails at the hub (with the
+    # way out named), not at a missing install.
+    import os
+    import subprocess
+    import sys
+
+    code = "from duetlm.tasks import load_task; load_task('gsm8k')"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "could not load openai/gsm8k" in done.stderr and "--data" in done.stderr
+    assert "needs `datasets`" not in done.stderr

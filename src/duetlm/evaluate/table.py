@@ -63,7 +63,9 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
         cells += [_cost(s["cost_per_solved"])] if show_cost else []
         cells += [_pct(s["pass_at_k"])] if show_k else []
         table.add_row(*cells)
-    notes = ["acc, Δ acc: % ± s.e.; saved: % of M tokens; both against M-alone on the questions both answered"]
+    notes = [
+        "acc, Δ acc: % ± s.e.; saved: % of M tokens; both against M-alone on the questions both answered"
+    ]
     unpaired = [
         f"{s['method']} on {s['n_paired']}" for s in summaries if s["n_paired"] not in (0, s["n_questions"])
     ]

@@ -112,7 +112,9 @@ def hub_rows(dataset: str, config: str | None, split: str) -> Rows:
     try:
         from datasets import load_dataset
     except ImportError as exc:
-        raise ConfigError("loading from the hub needs `datasets` (pip install datasets), or pass --data TASK=PATH") from exc
+        raise ConfigError(
+            "loading from the hub needs `datasets` (pip install datasets), or pass --data TASK=PATH"
+        ) from exc
     try:
         data = load_dataset(dataset, config, split=split)
     except Exception as exc:  # the datasets library raises many unrelated types

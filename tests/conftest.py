@@ -54,6 +54,8 @@ def train_script(model, tokenizer, examples: list[tuple[str, str]], steps: int =
 
 
 QUESTIONS = ["What is (3+4)*2?", "Compute (3+4) times 2.", "x = (3 + 4) * 2; x?"]
+UNCLOSED_QUESTION = "What is 3+4, briefly?"
+UNCLOSED_SCRIPT = "<think>\nfirst 3+4=7<|im_end|>"  # the turn ends inside the thinking
 
 
 def _prompt(tokenizer, question: str, prefill: str = "") -> str:
@@ -90,6 +92,29 @@ def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
         model.save_pretrained(dirs[name])
         tokenizer.save_pretrained(dirs[name])
     return dirs
+
+
+@pytest.fixture(scope="session")
+def qwen3_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The Qwen3 test bed (see `tests/qwen3.py`): saved folders with the real tokenizer, chat
+    template and generation config. `random` is untrained; `capable` and `light` are scripted
+    like the models of `model_dirs`, and `capable` ends a fourth question's thinking with
+    `<|im_end|>` instead of `</think>` (as a real model cut at end of turn does)."""
+    from qwen3 import qwen3_tokenizer, save, tiny_qwen3
+
+    tokenizer = qwen3_tokenizer()
+    root = tmp_path_factory.mktemp("qwen3")
+    prefill = f"<think>\n{SIGNAL}\n</think>\n\n"
+    capable = tiny_qwen3(seed=1)
+    scripts = [(_prompt(tokenizer, q), CAPABLE_SCRIPT) for q in QUESTIONS]
+    scripts.append((_prompt(tokenizer, UNCLOSED_QUESTION), UNCLOSED_SCRIPT))
+    train_script(capable, tokenizer, scripts, steps=60)
+    light = tiny_qwen3(seed=2)
+    train_script(
+        light, tokenizer, [(_prompt(tokenizer, q, prefill), LIGHT_SCRIPT) for q in QUESTIONS], steps=60
+    )
+    models = {"random": tiny_qwen3(seed=0), "capable": capable, "light": light}
+    return {name: save(model, tokenizer, root / name) for name, model in models.items()}
 
 
 @pytest.fixture(scope="session")

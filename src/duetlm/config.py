@@ -85,6 +85,13 @@ class DuetConfig(BaseModel):
     )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (the default, reproducible).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="Sample among the k likeliest tokens when temperature > 0; 0 = all. Sampling "
+        "settings are never taken from a model's generation_config.json: Qwen3's recommended "
+        "thinking-mode sampling is temperature 0.6, top_k 20, top_p 0.95, set here.",
+    )
     seed: int | None = Field(0, description="Sampling seed; None leaves the backend's RNG as it is.")
     capable_template_kwargs: dict = Field(
         default_factory=lambda: {"enable_thinking": True},

@@ -138,7 +138,7 @@ def signal_from_stage1(text: str, think_open: str) -> str:
 
 
 def sampling(config: DuetConfig, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
-    return SamplingParams(max_tokens, config.temperature, config.top_p, config.seed, stop)
+    return SamplingParams(max_tokens, config.temperature, config.top_p, config.seed, stop, config.top_k)
 
 
 def capable_request(problem: Problem, config: DuetConfig, budget: int) -> GenerationRequest:

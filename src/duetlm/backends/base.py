@@ -20,13 +20,18 @@ FinishReason = Literal["stop", "eos", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one continuation. temperature 0 means greedy decoding."""
+    """How to sample one continuation: exactly this distribution, whatever a model's
+    `generation_config.json` suggests (temperature 0 means greedy decoding; top_k 0 and top_p
+    1 mean no truncation). `logprobs` asks for the log-probability of each sampled token under
+    the distribution it was sampled from."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = 0
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class GenerationResult:
     retries: int = 0
     token_ids: list[int] | None = None  # the generated ids, where the backend exposes them (hf, vllm)
     budget_clamped: bool = False  # max_tokens was cut so that prompt + output fit the context
+    logprobs: list[float] | None = None  # per output token, when the request asked (hf, vllm)
     extra: dict = field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ library), and returned in the caller's order with exact token counts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -86,6 +87,76 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+_NEUTRAL = {  # every knob of generate() that reshapes the distribution, set to "off"
+    "top_h": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "guidance_scale": None,
+    "renormalize_logits": False,
+}
+
+
+def exact_generation_config(sampling: SamplingParams, eos_ids: list[int], pad_id: int):
+    """A GenerationConfig that samples exactly `sampling`'s distribution: temperature, top-p
+    and top-k as given (0: off), every other processor off, so that log-probs computed at the
+    same temperature are those of the sampled tokens (the trainer relies on it)."""
+    from transformers import GenerationConfig
+
+    greedy = sampling.temperature <= 0  # warpers unused: left to the library's defaults
+    return GenerationConfig(
+        max_new_tokens=sampling.max_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
+        top_k=None if greedy else sampling.top_k,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+        stop_strings=list(sampling.stop) or None,
+        output_scores=sampling.logprobs,
+        return_dict_in_generate=sampling.logprobs,
+        **_NEUTRAL,
+    )
+
+
+@contextlib.contextmanager
+def own_generation_defaults(model):
+    """Run generate() with the model's own generation_config set aside. transformers fills
+    every setting left unset from it (Qwen3's says top_k 20, top_p 0.95), so a request would
+    otherwise sample from another distribution than the one it asked for."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(
+        eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id, bos_token_id=saved.bos_token_id
+    )
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
+def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """log p of each sampled token under the processed scores it was drawn from.
+    scores: T tensors (B, V); tokens: (B, T) -> (B, T), on the CPU."""
+    out = torch.stack(
+        [
+            torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, t : t + 1].to(step.device)).squeeze(1)
+            for t, step in enumerate(scores)
+        ],
+        dim=1,
+    )
+    return out.cpu()
 
 
 class HFBackend:
@@ -182,34 +253,35 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
-        from transformers import GenerationConfig
 
         started = time.perf_counter()
         encoded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         encoded = encoded.to(self.device)
-        greedy = sampling.temperature <= 0
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_token_ids,
-            stop_strings=list(sampling.stop) or None,
-        )
-        if not greedy and sampling.seed is not None:
+        config = exact_generation_config(sampling, self.eos_token_ids, self.tokenizer.pad_token_id)
+        if sampling.temperature > 0 and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
-            output_ids = self.model.generate(
-                **encoded, generation_config=config, tokenizer=self.tokenizer if sampling.stop else None
+        with torch.inference_mode(), own_generation_defaults(self.model):
+            output = self.model.generate(
+                **encoded,
+                generation_config=config,
+                tokenizer=self.tokenizer if sampling.stop else None,
             )
+        output_ids = output.sequences if sampling.logprobs else output
+        step_logprobs = (
+            sampled_logprobs(output.scores, output_ids[:, -len(output.scores) :])
+            if sampling.logprobs
+            else None
+        )
         generated = output_ids[:, encoded["input_ids"].shape[1] :].cpu()  # (B, T)
         prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
         share = (time.perf_counter() - started) / len(prompts)
-        return [
+        results = [
             self._finish(row, n_prompt, sampling, share) for row, n_prompt in zip(generated, prompt_tokens)
         ]
+        if step_logprobs is not None:
+            for result, row in zip(results, step_logprobs):
+                result.logprobs = row[: result.output_tokens].tolist()
+        return results
 
     def _finish(
         self, row: torch.Tensor, prompt_tokens: int, sampling: SamplingParams, wall_s: float

@@ -154,15 +154,18 @@ class OpenAIBackend:
         if sampling.stop:
             common["stop"] = list(sampling.stop)
         kwargs = dict(request.chat_template_kwargs)
+        sampling_extra = {"top_k": sampling.top_k} if sampling.top_k else {}  # not an OpenAI field
         if request.prefill and self.tokenizer is not None:
-            response = await client.completions.create(prompt=render_chat(self.tokenizer, request), **common)
+            response = await client.completions.create(
+                prompt=render_chat(self.tokenizer, request), extra_body=sampling_extra or None, **common
+            )
             if not response.choices:
                 raise GenerationError(f"{self.spec}: the server returned no choices")
             choice = response.choices[0]
             text, reasoning = choice.text or "", None
         else:
             messages = request.message_dicts()
-            extra_body: dict = {"chat_template_kwargs": kwargs} if kwargs else {}
+            extra_body: dict = sampling_extra | ({"chat_template_kwargs": kwargs} if kwargs else {})
             if request.prefill:
                 messages.append({"role": "assistant", "content": request.prefill})
                 extra_body |= {"continue_final_message": True, "add_generation_prompt": False}

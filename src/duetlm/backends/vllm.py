@@ -67,6 +67,8 @@ class VLLMBackend:
                 max_tokens=r.sampling.max_tokens,
                 temperature=r.sampling.temperature,
                 top_p=r.sampling.top_p,
+                top_k=r.sampling.top_k or -1,  # -1: no top-k, in every vLLM version
+                logprobs=0 if r.sampling.logprobs else None,  # the sampled token's only
                 seed=r.sampling.seed,
                 stop=list(r.sampling.stop) or None,
                 skip_special_tokens=False,
@@ -95,6 +97,14 @@ class VLLMBackend:
                     wall_s=share,
                     stop_string=stop_string,
                     token_ids=list(completion.token_ids),
+                    logprobs=(
+                        [
+                            step[token].logprob
+                            for step, token in zip(completion.logprobs, completion.token_ids)
+                        ]
+                        if completion.logprobs
+                        else None
+                    ),
                 )
             )
         return results

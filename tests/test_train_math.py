@@ -9,7 +9,7 @@ import torch
 
 from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss, token_logps
 from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
-from duetlm.train.rollout import credit_only_tail, pack
+from duetlm.train.sequences import credit_only_tail, pack
 
 
 def test_capable_rewards_by_hand():

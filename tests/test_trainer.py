@@ -5,6 +5,7 @@ compute what one does."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import QUESTIONS
 from duetlm.errors import ConfigError
 from duetlm.train.config import LoraSettings, TrainConfig
 from duetlm.train.grpo import token_logps
-from duetlm.train.rollout import pack
+from duetlm.train.sequences import Sequences, pack
 from duetlm.train.trainer import DuetTrainer, train
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
@@ -26,9 +27,12 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def task_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "train.jsonl"
-    rows = [{"id": f"q{i}", "question": QUESTIONS[i % 3], "answer": "14"} for i in range(12)]
+    folder = tmp_path_factory.mktemp("task")
+    path = folder / "train.jsonl"
+    rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(12)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]
+    (folder / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in held_out) + "\n")
     return path
 
 
@@ -37,6 +41,7 @@ def small_config(model_dirs, task_path, out, **overrides) -> TrainConfig:
         "capable": f"hf:{model_dirs['capable']}",
         "light": f"hf:{model_dirs['light']}",
         "task": f"jsonl:{task_path}",
+        "eval_task": f"jsonl:{task_path.with_name('eval.jsonl')}",
         "out": str(out),
         "steps": 2,
         "questions_per_step": 2,
@@ -97,13 +102,13 @@ def test_update_raises_logps_of_advantaged_sequences(model_dirs, task_path, tmp_
     seqs = pack([prompt, prompt], [good, bad], tokenizer.pad_token_id)
 
     def sequence_logps():
-        logps = trainer._logps(trainer.capable.module, seqs)
+        logps = trainer._logps(trainer.capable, seqs)
         return (logps * seqs.completion_mask).sum(dim=1)
 
     before = sequence_logps()
     for _ in range(3):
         trainer._update(
-            trainer.capable, seqs, trainer._logps(trainer.capable.module, seqs), torch.tensor([1.0, -1.0])
+            "capable", trainer.capable, seqs, torch.tensor([1.0, -1.0]), trainer._logps(trainer.capable, seqs)
         )
     after = sequence_logps()
     assert after[0] > before[0] and after[1] < before[1]
@@ -122,23 +127,21 @@ def test_length_sorted_trimmed_micro_batches_change_nothing_but_compute(model_di
     ]
     completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     seqs = pack([prompt] * 3, completions, tokenizer.pad_token_id)
-    model = trainer.capable.module
+    model = trainer.capable.lm
     with torch.no_grad():
-        whole = token_logps(model, seqs.input_ids, seqs.attention_mask)
-    chunked = trainer._logps(model, seqs)
+        whole = token_logps(model, seqs.input_ids, seqs.attention_mask, trainer.capable.temperature)
+    chunked = trainer._logps(trainer.capable, seqs)
     mask = seqs.completion_mask.bool()
     assert torch.allclose(chunked[mask], whole[mask], atol=1e-5)
 
-    # old log-probs from the update's own forward pass give the same step as passing them in
-    advantages = torch.tensor([1.0, -1.0, 0.5])
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer._update(trainer.capable, seqs, chunked, advantages)
-    explicit = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(start)
-    trainer.capable.optimizer.state.clear()
-    trainer._update(trainer.capable, seqs, None, advantages)
-    for key, value in model.state_dict().items():
-        assert torch.allclose(value, explicit[key], atol=1e-6), key
+    # the ratio is 1 against the sampling policy's own log-probs, and the clip acts when it is not
+    group = torch.tensor([1.0, -1.0])
+    two = Sequences(seqs.input_ids[:2], seqs.attention_mask[:2], seqs.completion_mask[:2])
+    same = trainer._update("capable", trainer.capable, two, group, None)
+    assert same["clip_fraction_capable"] == 0.0
+    shifted = trainer._logps(trainer.capable, two) + math.log(2.0)  # old policy twice as likely
+    moved = trainer._update("capable", trainer.capable, two, group, shifted)
+    assert moved["clip_fraction_capable"] == 1.0
 
 
 def test_resume_continues_exactly(model_dirs, task_path, tmp_path):

@@ -172,6 +172,7 @@ class HFBackend:
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 32,
+        batch_tokens: int | None = None,
         trust_remote_code: bool = False,
         model=None,
         tokenizer=None,
@@ -179,7 +180,7 @@ class HFBackend:
     ) -> None:
         if batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
         if model is not None and tokenizer is not None:
             self.model, self.tokenizer = model, tokenizer
             self.device = next(model.parameters()).device
@@ -245,12 +246,24 @@ class HFBackend:
                 groups[dataclasses.replace(request.sampling, max_tokens=budget)].append(index)
         for sampling, indices in groups.items():
             indices.sort(key=lambda i: len(prompts[i]))
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
+            for chunk in self._chunks(indices, [len(p) for p in prompts], sampling.max_tokens):
                 for index, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], sampling)):
                     result.budget_clamped = sampling.max_tokens < requests[index].sampling.max_tokens
                     results[index] = result
         return results  # type: ignore[return-value]
+
+    def _chunks(self, indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+        """Consecutive rows (sorted by prompt length) per generate() call: at most batch_size,
+        and with `batch_tokens`, rows x (longest prompt + budget) within it (the KV cache)."""
+        chunks: list[list[int]] = [[]]
+        for index in indices:
+            rows = len(chunks[-1]) + 1
+            too_many = rows > self.batch_size
+            too_big = self.batch_tokens is not None and rows * (lengths[index] + budget) > self.batch_tokens
+            if chunks[-1] and (too_many or too_big):
+                chunks.append([])
+            chunks[-1].append(index)
+        return [c for c in chunks if c]
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
 

@@ -10,7 +10,7 @@ hf backend renders them and passed as token ids, so both backends see identical 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from duetlm.backends.base import FinishReason, GenerationRequest, GenerationResult, cut_at_stop, render_chat
 from duetlm.errors import BackendError
@@ -29,7 +29,10 @@ class VLLMBackend:
         max_model_len: int | None = None,
         seed: int = 0,
         spec: str | None = None,
+        **engine_options,
     ) -> None:
+        """`engine_options` go to `vllm.LLM` as they are (the trainer's rollout engine passes
+        `worker_extension_cls`, `enable_sleep_mode` and `logprobs_mode`)."""
         try:
             import vllm
         except ImportError as exc:
@@ -49,6 +52,7 @@ class VLLMBackend:
             max_model_len=max_model_len,
             seed=seed,
             enable_prefix_caching=True,
+            **engine_options,
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -108,16 +112,6 @@ class VLLMBackend:
                 )
             )
         return results
-
-    def load_weights(self, named_tensors: Iterable) -> None:
-        """Push updated weights (name, tensor) into the engine, so rollouts after a training
-        step sample from the trained policy without a reload."""
-
-        def _load(worker, weights=tuple(named_tensors)):
-            worker.model_runner.model.load_weights(weights=weights)
-
-        self.llm.collective_rpc(_load)
-        self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         del self.llm

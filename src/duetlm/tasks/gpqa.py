@@ -30,8 +30,8 @@ def normalize(location: str, row: dict, index: int, seed: int) -> Example:
     return Example(ident, question.strip(), gold, tuple(options), meta={"shuffle_seed": seed})
 
 
-def load(data=None, seed: int = 0) -> TaskExamples:
-    rows = read_rows(Path(data)) if data is not None else hub_rows(*HUB)
+def load(data=None, seed: int = 0, split: str | None = None) -> TaskExamples:
+    rows = read_rows(Path(data)) if data is not None else hub_rows(HUB[0], HUB[1], split or HUB[2])
     source = str(data) if data is not None else HUB[0]
     return TaskExamples(
         "gpqa_diamond", [normalize(loc, row, i, seed) for i, (loc, row) in enumerate(rows)], source

@@ -7,6 +7,7 @@
 | aime24 | HuggingFaceH4/aime_2024 (train), 30 | problem, answer | AIME 2024 I and II |
 | aime25 | math-ai/aime25 (test), 30 | problem, answer | AIME 2025 I and II |
 | amc23 | math-ai/amc23 (test), 40 | problem/question, answer (a float: 27.0) | AMC 2023 |
+| math_train | DigitalLearningGmbH/MATH-lighteval (train), 7500 | problem, gold boxed in solution | Hendrycks et al. 2021 |
 | jsonl | (a user file) | question, answer (optional id, choices) | |
 
 Any of them reads a differently laid out copy with a field mapping (`duetlm.tasks.fields`).
@@ -33,4 +34,12 @@ register(
 register(Task("aime24", COMPETITION, ("HuggingFaceH4/aime_2024", None, "train"), "AIME 2024"))
 register(Task("aime25", COMPETITION, ("math-ai/aime25", None, "test"), "AIME 2025"))
 register(Task("amc23", COMPETITION, ("math-ai/amc23", None, "test"), "AMC 2023"))
+register(
+    Task(
+        "math_train",
+        FieldMap(question="problem", answer="boxed:solution"),
+        ("DigitalLearningGmbH/MATH-lighteval", None, "train"),
+        "MATH's 7,500 training problems (for training; MATH-500 comes from its test set)",
+    )
+)
 register(Task("jsonl", FieldMap(choices="choices?"), None, "a user file with question and answer fields"))

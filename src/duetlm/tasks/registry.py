@@ -134,10 +134,15 @@ def register(task: Task) -> Task:
 
 
 def load_task(
-    name: str, data: str | Path | None = None, fields: dict[str, str] | None = None, **options
+    name: str,
+    data: str | Path | None = None,
+    fields: dict[str, str] | None = None,
+    split: str | None = None,
+    **options,
 ) -> TaskExamples:
     """The examples of a named task, from `data` when given, else from the task's default
     source. `jsonl:PATH` names a user file (`question`, `answer`, optional `choices`).
+    `split` picks another split of a hub task or of the builtin task (`train`).
     `fields` maps the file's own field names (see `duetlm.tasks.fields`):
 
         load_task("jsonl:svamp.json", fields={"question": "{Body} {Question}", "answer": "Answer"})
@@ -155,7 +160,7 @@ def load_task(
                 f"task {name} reads fixed fields and takes no field mapping; "
                 "for another file layout use jsonl:PATH with --field"
             )
-        return task.loader(data, **options)
+        return task.loader(data, **options, **({"split": split} if split else {}))
     if options:
         raise ConfigError(f"task {name} takes no options (got {', '.join(options)})")
     assert task.fields is not None
@@ -163,7 +168,11 @@ def load_task(
     if data is not None:
         rows, source = read_rows(Path(data)), str(data)
     elif task.hub is not None:
-        rows, source = hub_rows(*task.hub), task.hub[0]
+        dataset, config, default_split = task.hub
+        rows, source = (
+            hub_rows(dataset, config, split or default_split),
+            f"{dataset} ({split or default_split})",
+        )
     else:
         raise ConfigError(f"task {name} needs a data file: pass --data {name}=PATH")
     if not rows:

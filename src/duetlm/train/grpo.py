@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -23,15 +24,45 @@ def light_advantages(pair_correct: torch.Tensor, eps: float = 1e-6) -> torch.Ten
 
 
 def token_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    completion_mask: torch.Tensor | None = None,
+    chunk: int = 1024,
 ) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for every position t ≥ 1 under the policy that sampled them:
+    """log p(token_t | tokens_<t) for every position t >= 1 under the policy that sampled them:
     logits over `temperature`, so the objective is that of the sampling distribution (the one
-    greedy decoding is the cold limit of), not of the raw logits. (B, T) -> (B, T-1)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    return -F.cross_entropy(logits.transpose(1, 2).float(), input_ids[:, 1:], reduction="none")  # (B, T-1)
+    greedy decoding is the cold limit of), not of the raw logits. (B, T) -> (B, T-1).
+
+    With `completion_mask` (B, T-1), only the marked positions are scored (the rest are 0):
+    the decoder's last hidden states are gathered there and projected onto the vocabulary
+    `chunk` positions at a time, each chunk recomputed in the backward pass. Neither the
+    prompt's logits nor an fp32 copy of the batch's logits ever exists (Qwen3's 151,936-word
+    vocabulary makes those the largest tensors of a step)."""
+    if completion_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+        if temperature > 0 and temperature != 1.0:
+            logits = logits / temperature
+        return -F.cross_entropy(logits.transpose(1, 2).float(), input_ids[:, 1:], reduction="none")
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows, cols = completion_mask.nonzero(as_tuple=True)  # position t predicts token t+1
+    states, targets = hidden[rows, cols], input_ids[rows, cols + 1]  # (N, H), (N,)
+    head = model.get_output_embeddings()
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+
+    def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float() * scale  # (n, V), fp32 for this chunk only
+        return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    pieces = [
+        checkpoint(chunk_logps, states[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+        for i in range(0, len(targets), chunk)
+    ]
+    out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)
+    if pieces:
+        out = out.index_put((rows, cols), torch.cat(pieces))
+    return out
 
 
 def ppo_clip_loss(

@@ -10,6 +10,7 @@ Pure tensor functions; shapes in comments: Q questions, S = n_M signals, A = n_m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -54,3 +55,37 @@ def update_lambda(
     if schedule == "constant":
         return lam
     return float(min(1.0, max(0.0, lam + eta * (mean_length / length_bound - 1.0))))
+
+
+@dataclass
+class JointScores:
+    """Everything a joint step computes from its rollouts before updating (shapes: Q questions,
+    S = n_M signals, A = n_m answers)."""
+
+    reward: torch.Tensor  # (Q, S) R_M, KL included
+    r_pair: torch.Tensor  # (Q, S)
+    r_light: torch.Tensor  # (Q,)
+    capable_advantages: torch.Tensor  # (Q, S) normalized within each question's signals
+    light_advantages: torch.Tensor  # (Q, S, A) normalized over each question's S*A guided answers
+
+
+def score_joint(
+    pair_correct: torch.Tensor,  # (Q, S, A)
+    light_alone_correct: torch.Tensor,  # (Q, A)
+    signal_tokens: torch.Tensor,  # (Q, S)
+    kl: torch.Tensor,  # (Q, S) summed log-ratio of each signal to the initial M
+    lam: float,
+    length_bound: float,
+    kl_beta: float,
+    marginal_utility: bool = True,
+) -> JointScores:
+    """R_M = r(M,m) − r(m) − λ·L/B − β·KL, and both models' GRPO advantages (DESIGN section 2)."""
+    from duetlm.train.grpo import group_advantages, light_advantages
+
+    parts = capable_rewards(
+        pair_correct, light_alone_correct, signal_tokens, lam, length_bound, marginal_utility
+    )
+    reward = parts["reward"] - kl_beta * kl  # (Q, S)
+    return JointScores(
+        reward, parts["r_pair"], parts["r_light"], group_advantages(reward), light_advantages(pair_correct)
+    )

@@ -3,60 +3,41 @@
 One step, in the reference order:
     M rollout -> standalone m (once per question) -> guided m -> rewards -> λ update
     -> update m -> update M
-Rollouts go through the same `HFBackend` as inference, wrapping the very modules being
-trained, so what is trained is what is served. Under `torchrun`/`accelerate launch` each
-process takes a shard of the batch's questions; λ, token counts and metrics are reduced over
-all processes and gradients are averaged by DDP, so N processes compute the update of one.
+Rollouts go through the same backends as inference, wrapping the very modules being trained
+(or a vLLM engine that takes their weights after every update), so what is trained is what is
+served. Under `torchrun`/`accelerate launch` each process takes a shard of the batch's
+questions; λ, token counts and metrics are reduced over all processes and gradients are
+averaged by DDP, so N processes compute the update of one. The parts live apart: rollouts
+(`rollout`), scoring (`reward`, `grpo`), the update (`update`), checkpoints (`checkpoint`),
+weights and dtypes (`policy`), the memory plan (`memory`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
-import shutil
 import time
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import torch
 
 from duetlm.backends import parse_spec
-from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
 from duetlm.backends.hf import HFBackend, pick_device, resolve_model_location
-from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError
-from duetlm.protocol import (
-    Duet,
-    capable_request,
-    light_request,
-    signal_from_stage1,
-    split_thinking,
-    user_prompt,
-)
+from duetlm.protocol import Duet
 from duetlm.tasks import Example, grade, load_task
+from duetlm.train import checkpoint as ckpt
 from duetlm.train.config import LoraSettings, TrainConfig
-from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss, token_logps
-from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
-from duetlm.train.rollout import Sequences, credit_only_tail, force_early_stop, pack
+from duetlm.train.grpo import group_advantages, kl_sum
+from duetlm.train.policy import LogprobNet, Policy, autocast, load_lm, merged_state_dict
+from duetlm.train.reward import score_joint, single_model_rewards, update_lambda
+from duetlm.train.rollout import Rollouts
+from duetlm.train.sequences import Sequences, credit_only_tail
+from duetlm.train.update import UpdateSettings, ppo_update
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Policy:
-    """A trainable model with its tokenizer, optimizer and the backend that samples from it."""
-
-    model: torch.nn.Module  # possibly DDP-wrapped
-    tokenizer: object
-    optimizer: torch.optim.Optimizer | None
-    backend: HFBackend
-    temperature: float = 1.0  # the rollout temperature: log-probs are those of what was sampled
-
-    @property
-    def module(self):
-        return getattr(self.model, "module", self.model)
 
 
 def model_location(spec: str) -> str:
@@ -68,148 +49,160 @@ def model_location(spec: str) -> str:
     return resolve_model_location(parsed.model)[0]
 
 
-def load_policy(location: str, lora: LoraSettings | None, device: torch.device, adapter: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local = Path(location).exists()
-    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(location, local_files_only=local, dtype=dtype).to(device)
-    if lora is not None:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        else:
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, config)
-    return model, tokenizer
-
-
 class DuetTrainer:
     def __init__(self, config: TrainConfig, resume: bool = False, accelerator=None) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.cfg = config
         device = pick_device(config.device)
         self.acc = accelerator or Accelerator(cpu=device.type == "cpu")
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        if config.questions_per_step % self.world:
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise ConfigError(
-                f"questions_per_step ({config.questions_per_step}) must divide evenly over {self.world} processes"
+                f"{self.acc.distributed_type.value} is not supported: duetlm trains with DDP (each process holds "
+                "whole models). For models that do not fit, use LoRA (lora_capable) and bf16-mixed; "
+                "`duet train --dry-run` shows the memory plan"
+            )
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        local = config.questions_per_step // self.world
+        if config.questions_per_step % self.world or local % config.mini_batches:
+            raise ConfigError(
+                f"questions_per_step ({config.questions_per_step}) must split evenly over {self.world} "
+                f"process(es) and then over mini_batches ({config.mini_batches})"
             )
         self.out = Path(config.out)
-        checkpoint = self.out / "last" if resume else None
-        if resume and not (checkpoint / "state.pt").is_file():
-            raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
+        checkpoint = ckpt.find_checkpoint(self.out) if resume else None
+        if resume and checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint at {self.out / 'last'}")
+        state = ckpt.load_state(checkpoint) if checkpoint is not None else None
+        if state is not None:
+            ckpt.check_resumable(state, config.model_dump(), checkpoint)
         self.step, self.lam, self.position = 0, config.lambda_init, 0
         random.seed(config.seed)
         torch.manual_seed(config.seed)
 
-        capable_location, light_location = model_location(config.capable), model_location(config.light)
         self.capable = self._policy(
-            capable_location, config.lora_capable, config.capable_lr, checkpoint, "capable", trainable=True
+            "capable", config.capable, config.lora_capable, config.capable_lr, checkpoint
         )
         self.light = self._policy(
-            light_location,
+            "light",
+            config.light,
             config.lora_light,
             config.light_lr,
             checkpoint,
-            "light",
             trainable=config.train_light,
         )
         self.reference = None
         if config.kl_beta > 0 and config.lora_capable is None:
             # The initial M, frozen (with LoRA, the base model with adapters off plays this part).
-            self.reference, _ = load_policy(capable_location, None, self.acc.device)
-            self.reference.eval().requires_grad_(False)
-
-        self.train_examples = self._training_examples()
+            lm, _ = load_lm(
+                model_location(config.capable), self.acc.device, config.precision, trainable=False
+            )
+            self.reference = LogprobNet(lm, config.logprob_chunk)
+        self.rollouts = Rollouts(config, self.capable, self.light, self.acc.device)
         self.eval_examples = self._eval_examples()
-        self.duet_config = config.duet.model_copy(update={"seed": None})
-        self.think_close_ids = self.capable.tokenizer(
-            config.duet.prompts.think_close, add_special_tokens=False
-        )["input_ids"]
-        if checkpoint is not None:
-            self._load_state(checkpoint)
+        self.train_examples = self._training_examples()
+        self._order: tuple[int, list[int]] = (-1, [])  # (pass over the data, its order)
+        if state is not None:
+            self._restore(state, checkpoint)
 
     # --- setup ---------------------------------------------------------------------------
 
-    def _policy(self, location, lora, lr, checkpoint, name, trainable, engine="hf") -> Policy:
-        weights, adapter = location, None
+    def _policy(self, name, spec, lora: LoraSettings | None, lr, checkpoint, trainable=True) -> Policy:
+        cfg = self.cfg
+        location, adapter = model_location(spec), None
         if checkpoint is not None and (checkpoint / name).is_dir():
             if lora is not None and (checkpoint / f"{name}_adapter").is_dir():
                 adapter = str(checkpoint / f"{name}_adapter")
             else:
-                weights = str(checkpoint / name)
-        model, tokenizer = load_policy(weights, lora if trainable else None, self.acc.device, adapter)
+                location = str(checkpoint / name)
+        lm, tokenizer = load_lm(
+            location,
+            self.acc.device,
+            cfg.precision,
+            lora if trainable else None,
+            adapter,
+            trainable,
+            cfg.gradient_checkpointing,
+        )
+        net = LogprobNet(lm, cfg.logprob_chunk)
         optimizer = None
         if trainable:
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
-            model, optimizer = self.acc.prepare(model, optimizer)
-        else:
-            model.requires_grad_(False)
-        module = getattr(model, "module", model)
-        if engine == "vllm":
-            # Rollouts on vLLM; `_sync_engine` pushes the trained weights after every update.
-            from duetlm.backends.vllm import VLLMBackend
+            parameters = [p for p in net.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=cfg.weight_decay)
+            net, optimizer = self.acc.prepare(net, optimizer)
+        if parse_spec(spec).kind == "vllm" and name == "capable":
+            from duetlm.train.vllm_engine import VLLMRolloutEngine
 
-            backend = VLLMBackend(weights, gpu_memory_utilization=0.3, spec=f"train:{name}")
-        else:
-            backend = HFBackend(model=module, tokenizer=tokenizer, batch_size=256, spec=f"train:{name}")
-        temperature = self.cfg.capable_temperature if name == "capable" else self.cfg.light_temperature
-        return Policy(model, tokenizer, optimizer, backend, temperature)
-
-    @staticmethod
-    def _sync_engine(policy: Policy) -> None:
-        """After an update, a vLLM rollout engine gets the new weights (LoRA merged on the fly);
-        the hf backend wraps the trained module itself and needs nothing."""
-        if hasattr(policy.backend, "load_weights"):
-            module = policy.module
-            if hasattr(module, "merge_and_unload"):
-                module = copy.deepcopy(module).merge_and_unload()
-            policy.backend.load_weights((name, p.detach()) for name, p in module.state_dict().items())
-
-    def _training_examples(self) -> list[Example]:
-        cfg = self.cfg
-        if cfg.task == "builtin":
-            examples = list(
-                load_task(
-                    "builtin", split="train", n=max(cfg.steps * cfg.questions_per_step, 1000), seed=cfg.seed
-                )
+            engine = VLLMRolloutEngine(
+                location,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                sleep=cfg.vllm_sleep,
+                seed=cfg.seed,
+                spec=f"train:{name}",
             )
+            if adapter is not None:  # resumed LoRA: the engine starts from the trained weights
+                engine.push(merged_state_dict(lm))
         else:
-            examples = list(load_task(cfg.task, cfg.data))
-        random.Random(cfg.seed).shuffle(examples)
-        return examples
+            engine = HFBackend(
+                model=lm,
+                tokenizer=tokenizer,
+                batch_size=1024,
+                batch_tokens=cfg.rollout_batch_tokens,
+                spec=f"train:{name}",
+            )
+        temperature = cfg.capable_temperature if name == "capable" else cfg.light_temperature
+        return Policy(lm, net, tokenizer, optimizer, engine, temperature, lora is not None and trainable)
+
+    def _examples(self, task: str, data, split, fields) -> list[Example]:
+        options = {"n": max(self.cfg.steps * self.cfg.questions_per_step, 1000), "seed": self.cfg.seed}
+        if task == "builtin":
+            return list(load_task(task, split=split or "train", **options))
+        return list(load_task(task, data, fields=fields or None, split=split))
 
     def _eval_examples(self) -> list[Example]:
-        if self.cfg.task == "builtin":
-            return list(load_task("builtin", split="test", n=self.cfg.eval_questions))
-        return list(load_task(self.cfg.task, self.cfg.data))[: self.cfg.eval_questions]
+        cfg = self.cfg
+        if cfg.eval_task is None:  # the builtin task's test split
+            return list(load_task("builtin", split="test", n=cfg.eval_questions))
+        examples = list(load_task(cfg.eval_task, cfg.eval_data, split=cfg.eval_split))
+        return examples[: cfg.eval_questions]
+
+    def _training_examples(self) -> list[Example]:
+        """The training set, without any question that the evaluation set also holds."""
+        cfg = self.cfg
+        examples = self._examples(cfg.task, cfg.data, cfg.split, cfg.fields)
+        held_out = {_normalized(e.question) for e in self._all_eval_examples()}
+        kept = [e for e in examples if _normalized(e.question) not in held_out]
+        if len(kept) < len(examples):
+            logger.warning(
+                "dropped %d training questions that the evaluation set also holds", len(examples) - len(kept)
+            )
+        if not kept:
+            raise ConfigError(
+                f"task {cfg.task}: no training question is left once the evaluation set is removed"
+            )
+        return kept
+
+    def _all_eval_examples(self) -> list[Example]:
+        cfg = self.cfg
+        if cfg.eval_task is None:
+            return list(load_task("builtin", split="test", n=max(cfg.eval_questions, 1000)))
+        return list(load_task(cfg.eval_task, cfg.eval_data, split=cfg.eval_split))
 
     def _next_questions(self) -> list[Example]:
-        """This process's shard of the next batch; the data position is global."""
+        """This process's shard of the next batch. The data position is global; each pass over
+        the data has its own order, from the seed and the pass number (so resuming repeats it)."""
         n, examples = self.cfg.questions_per_step, self.train_examples
-        batch = [examples[(self.position + i) % len(examples)] for i in range(n)]
+        batch = []
+        for offset in range(n):
+            epoch, index = divmod(self.position + offset, len(examples))
+            if self._order[0] != epoch:
+                order = list(range(len(examples)))
+                random.Random(f"{self.cfg.seed}:epoch:{epoch}").shuffle(order)
+                self._order = (epoch, order)
+            batch.append(examples[self._order[1][index]])
         self.position += n
         return batch[self.rank :: self.world]
-
-    def _sampling_config(self, temperature: float) -> DuetConfig:
-        return self.duet_config.model_copy(
-            update={
-                "temperature": temperature,
-                "top_p": self.cfg.top_p,
-                "answer_max_tokens": self.cfg.answer_max_tokens,
-            }
-        )
 
     # --- one step ------------------------------------------------------------------------
 
@@ -223,236 +216,135 @@ class DuetTrainer:
 
     def _joint_step(self, questions: list[Example]) -> dict:
         cfg = self.cfg
-        signals, capable_seqs = self.rollout_capable(questions)  # n_M per question
-        alone_correct = self.rollout_light_alone(questions)  # (Q, A)
-        light_seqs, pair_correct = self.rollout_light_guided(questions, signals)  # (Q, S, A)
-        lengths = torch.tensor(
-            [[len(s["ids"]) for s in group] for group in signals], dtype=torch.float32
-        )  # (Q, S)
-
-        capable_old = self._logps(self.capable.module, capable_seqs, self.capable.temperature)
-        kl = self._kl(capable_seqs, capable_old).reshape(lengths.shape)  # (Q, S)
-        parts = capable_rewards(
-            pair_correct, alone_correct, lengths, self.lam, cfg.length_bound, cfg.use_marginal_utility
+        capable = self.rollouts.capable_signals(questions, self.step)  # n_M signals per question
+        alone = self.rollouts.light_alone(questions)  # (Q, A)
+        light_seqs, pair_correct = self.rollouts.light_guided(questions, capable.signals)  # (Q, S, A)
+        self._release_engines()
+        old = self._logps(self.capable, capable.seqs)  # the sampling policy's log-probs
+        lengths, forced = capable.lengths, capable.forced  # (Q, S)
+        kl = self._kl(capable.seqs, old).reshape(lengths.shape)  # (Q, S)
+        scores = score_joint(
+            pair_correct,
+            alone,
+            lengths,
+            kl,
+            self.lam,
+            cfg.length_bound,
+            cfg.kl_beta,
+            cfg.use_marginal_utility,
         )
-        reward = parts["reward"] - cfg.kl_beta * kl  # (Q, S)
-        forced = torch.tensor([[float(s["forced"]) for s in g] for g in signals])  # (Q, S)
-        # λ is the dual variable of the policy's constraint E[L] <= B: forced cuts are not samples
-        # of the policy, so they stay out of the mean that drives it.
+        # λ is the dual variable of the policy's constraint E[L] <= B, updated after the rewards:
+        # forced cuts are not samples of the policy, so they stay out of the mean that drives it.
         mean_length = self._global_masked_mean(lengths, 1.0 - forced)
         self.lam = update_lambda(self.lam, mean_length, cfg.length_bound, cfg.lambda_lr, cfg.lambda_schedule)
+        metrics = self._rollout_metrics(capable, scores, pair_correct, kl, mean_length, lengths, forced, old)
+        if cfg.train_light:
+            metrics |= self._update("light", self.light, light_seqs, scores.light_advantages.reshape(-1))
+        trained = capable.seqs
+        if cfg.forced_stop_credit == "stop":  # a cut's advantage trains only the inserted close tag
+            cut_rows = [i for i, s in enumerate(s for g in capable.signals for s in g) if s.forced]
+            trained = credit_only_tail(capable.seqs, cut_rows, len(self.rollouts.close_ids))
+        metrics |= self._update("capable", self.capable, trained, scores.capable_advantages.reshape(-1), old)
+        self._push_engines()
+        return metrics
 
+    def _single_model_step(self, questions: list[Example]) -> dict:
+        cfg = self.cfg
+        seqs, correct, lengths = self.rollouts.capable_alone(questions)  # (Q, S) each
+        self._release_engines()
+        old = self._logps(self.capable, seqs)
+        kl = self._kl(seqs, old).reshape(lengths.shape)
+        reward = single_model_rewards(correct, lengths, self.lam, cfg.length_bound) - cfg.kl_beta * kl
+        mean_length = self._global_mean(lengths)
+        self.lam = update_lambda(self.lam, mean_length, cfg.length_bound, cfg.lambda_lr, cfg.lambda_schedule)
         metrics = {
             "reward": self._global_mean(reward),
-            "r_pair": self._global_mean(parts["r_pair"]),
-            "r_light": self._global_mean(parts["r_light"]),
+            "accuracy": self._global_mean(correct),
+            "output_tokens": mean_length,
+            "kl": self._global_mean(kl),
+        }
+        metrics |= self._update("capable", self.capable, seqs, group_advantages(reward).reshape(-1), old)
+        self._push_engines()
+        return metrics
+
+    def _rollout_metrics(self, capable, scores, pair_correct, kl, mean_length, lengths, forced, old) -> dict:
+        metrics = {
+            "reward": self._global_mean(scores.reward),
+            "r_pair": self._global_mean(scores.r_pair),
+            "r_light": self._global_mean(scores.r_light),
             "signal_tokens": mean_length,
             "signal_tokens_with_cuts": self._global_mean(lengths),
             "pair_accuracy": self._global_mean(pair_correct.float()),
             "kl": self._global_mean(kl),
             "forced_stops": self._global_mean(forced),
         }
-        if cfg.train_light:
-            adv = light_advantages(pair_correct).reshape(-1)  # (Q*S*A,)
-            metrics["loss_light"], metrics["grad_norm_light"] = self._update(
-                self.light, light_seqs, None, adv
-            )
-        adv = group_advantages(reward).reshape(-1)  # (Q*S,)
-        trained_seqs = capable_seqs
-        if cfg.forced_stop_credit == "stop":
-            forced_rows = [i for i, s in enumerate(s for g in signals for s in g) if s["forced"]]
-            trained_seqs = credit_only_tail(capable_seqs, forced_rows, len(self.think_close_ids))
-        metrics["loss_capable"], metrics["grad_norm_capable"] = self._update(
-            self.capable, trained_seqs, capable_old, adv
-        )
+        if self.cfg.check_rollout_logprobs:
+            metrics["rollout_logprob_gap"] = rollout_logprob_gap(capable, old)
         return metrics
 
-    def _single_model_step(self, questions: list[Example]) -> dict:
-        cfg = self.cfg
-        sampling_cfg = self._sampling_config(cfg.capable_temperature)
-        budget = cfg.signal_max_tokens + cfg.answer_max_tokens
-        sampling = SamplingParams(budget, cfg.capable_temperature, cfg.top_p, None, ())
-        requests = [
-            GenerationRequest.chat(
-                user_prompt(q.problem, sampling_cfg),
-                sampling,
-                chat_template_kwargs=sampling_cfg.capable_template_kwargs,
-            )
-            for q in questions
-            for _ in range(cfg.n_capable)
-        ]
-        results = self.capable.backend.generate(requests)
-        prompts = self._prompt_ids(self.capable.tokenizer, requests)
-        seqs = pack(prompts, [r.token_ids for r in results], self.capable.tokenizer.pad_token_id)
-        prompts_cfg = cfg.duet.prompts
-        correct, lengths = [], []
-        for index, result in enumerate(results):
-            example = questions[index // cfg.n_capable]
-            thinking, final = split_thinking(result.text, prompts_cfg.think_open, prompts_cfg.think_close)
-            correct.append(float(thinking is not None and grade(final, example).correct))
-            lengths.append(float(result.output_tokens))
-        shape = (len(questions), cfg.n_capable)
-        correct_t, lengths_t = torch.tensor(correct).reshape(shape), torch.tensor(lengths).reshape(shape)
-        old = self._logps(self.capable.module, seqs, self.capable.temperature)
-        kl = self._kl(seqs, old).reshape(shape)
-        reward = single_model_rewards(correct_t, lengths_t, self.lam, cfg.length_bound) - cfg.kl_beta * kl
-        mean_length = self._global_mean(lengths_t)
-        self.lam = update_lambda(self.lam, mean_length, cfg.length_bound, cfg.lambda_lr, cfg.lambda_schedule)
-        loss, grad_norm = self._update(self.capable, seqs, old, group_advantages(reward).reshape(-1))
-        return {
-            "reward": self._global_mean(reward),
-            "accuracy": self._global_mean(correct_t),
-            "output_tokens": mean_length,
-            "kl": self._global_mean(kl),
-            "loss_capable": loss,
-            "grad_norm_capable": grad_norm,
-        }
+    # --- log-probs, KL, updates, engines -------------------------------------------------
 
-    # --- rollouts ------------------------------------------------------------------------
-
-    def rollout_capable(self, questions: list[Example]) -> tuple[list[list[dict]], Sequences]:
-        """n_M signals per question, some cut short by forced early stops (exploration)."""
-        cfg = self.cfg
-        sampling_cfg = self._sampling_config(cfg.capable_temperature)
-        requests = [
-            capable_request(q.problem, sampling_cfg, cfg.signal_max_tokens)
-            for q in questions
-            for _ in range(cfg.n_capable)
-        ]
-        results = self.capable.backend.generate(requests)
-        tokenizer, think_open = self.capable.tokenizer, cfg.duet.prompts.think_open
-        groups: list[list[dict]] = []
-        for qi, question in enumerate(questions):
-            group = []
-            for si in range(cfg.n_capable):
-                ids = list(results[qi * cfg.n_capable + si].token_ids or [])
-                forced = False
-                rng = random.Random(f"{cfg.seed}:{self.step}:{question.id}:{si}")
-                if cfg.forced_stop_prob > 0 and rng.random() < cfg.forced_stop_prob:
-                    cut = force_early_stop(ids, tokenizer, self.think_close_ids, rng)
-                    if cut is not None:
-                        ids, forced = cut, True
-                body = (
-                    ids[: -len(self.think_close_ids)]
-                    if ids[-len(self.think_close_ids) :] == self.think_close_ids
-                    else ids
-                )
-                text = tokenizer.decode(body, skip_special_tokens=False)
-                group.append({"ids": ids, "signal": signal_from_stage1(text, think_open), "forced": forced})
-            groups.append(group)
-        prompts = self._prompt_ids(tokenizer, requests)
-        seqs = pack(prompts, [s["ids"] for g in groups for s in g], tokenizer.pad_token_id)
-        return groups, seqs
-
-    def rollout_light_alone(self, questions: list[Example]) -> torch.Tensor:
-        """r(m)(x): n_m standalone answers per question, drawn once per question. (Q, A)"""
-        cfg = self.cfg
-        light_cfg = self._sampling_config(cfg.light_temperature).model_copy(
-            update={"light_alone_max_tokens": cfg.answer_max_tokens}
-        )
-        duet = Duet(self.light.backend, self.light.backend, light_cfg)
-        results = duet.solve_batch([q.problem for q in questions for _ in range(cfg.n_light)], "m-alone")
-        correct = [
-            float(r.answer is not None and grade(r.text, questions[i // cfg.n_light]).correct)
-            for i, r in enumerate(results)
-        ]
-        return torch.tensor(correct).reshape(len(questions), cfg.n_light)
-
-    def rollout_light_guided(self, questions: list[Example], signals: list[list[dict]]):
-        """n_m answers of m for every signal; returns m's sequences and correctness (Q, S, A)."""
-        cfg = self.cfg
-        light_cfg = self._sampling_config(cfg.light_temperature)
-        kwargs = light_cfg.light_template_kwargs
-        requests = [
-            light_request(q.problem, s["signal"], light_cfg, kwargs)
-            for q, group in zip(questions, signals, strict=True)
-            for s in group
-            for _ in range(cfg.n_light)
-        ]
-        results = self.light.backend.generate(requests)
-        per_question = cfg.n_capable * cfg.n_light
-        correct = [float(grade(r.text, questions[i // per_question]).correct) for i, r in enumerate(results)]
-        seqs = pack(
-            self._prompt_ids(self.light.tokenizer, requests),
-            [r.token_ids or [] for r in results],
-            self.light.tokenizer.pad_token_id,
-        )
-        return seqs, torch.tensor(correct).reshape(len(questions), cfg.n_capable, cfg.n_light)
-
-    @staticmethod
-    def _prompt_ids(tokenizer, requests: list[GenerationRequest]) -> list[list[int]]:
-        rendered = [render_chat(tokenizer, r) for r in requests]
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-
-    # --- log-probs, KL, updates ----------------------------------------------------------
-
-    def _logps(self, model, seqs: Sequences, temperature: float = 1.0) -> torch.Tensor:
-        """Per-token log-probs without gradient, in length-sorted micro-batches. (B, T-1)"""
-        model.eval()
+    def _logps(self, policy: Policy | LogprobNet, seqs: Sequences) -> torch.Tensor:
+        """Per-token log-probs at the rollout temperature, no gradient, in length-sorted
+        micro-batches. (B, T-1), 0 outside completions."""
+        net = policy.net if isinstance(policy, Policy) else policy
+        net = getattr(net, "module", net)  # no DDP for a pass without gradients
         out = torch.zeros(seqs.completion_mask.shape)
-        with torch.no_grad():
+        net.eval()
+        with torch.no_grad(), autocast(self.acc.device, self.cfg.precision):
             for rows in seqs.micro_batches(self.cfg.micro_batch):
                 part = seqs.take(rows)
-                logps = token_logps(
-                    model,
+                logps = net(
                     part.input_ids.to(self.acc.device),
                     part.attention_mask.to(self.acc.device),
-                    temperature,
+                    part.completion_mask.to(self.acc.device),
+                    self.capable.temperature if isinstance(policy, LogprobNet) else policy.temperature,
                 )
-                out[rows, : logps.shape[1]] = logps.cpu()
+                out[rows, : logps.shape[1]] = logps.float().cpu()
         return out
 
     def _kl(self, seqs: Sequences, policy_logps: torch.Tensor) -> torch.Tensor:
         if self.cfg.kl_beta == 0:
             return torch.zeros(len(seqs))
         if self.reference is not None:
-            ref = self._logps(self.reference, seqs, self.capable.temperature)
+            ref = self._logps(self.reference, seqs)
         else:
-            with self.capable.module.disable_adapter():
-                ref = self._logps(self.capable.module, seqs, self.capable.temperature)
+            with self.capable.lm.disable_adapter():
+                ref = self._logps(self.capable, seqs)
         return kl_sum(policy_logps, ref, seqs.completion_mask)  # (B,)
 
-    def _update(
-        self,
-        policy: Policy,
-        seqs: Sequences,
-        old_logps: torch.Tensor | None,
-        advantages: torch.Tensor,
-    ):
-        """One PPO-clip epoch over the batch: token-mean over the global batch's tokens.
+    def _update(self, name: str, policy: Policy, seqs, advantages, old_logps=None) -> dict:
+        cfg = self.cfg
+        if old_logps is None and cfg.ppo_epochs * cfg.mini_batches > 1:
+            old_logps = self._logps(policy, seqs)  # several steps: the ratio needs the sampling policy
+        group = cfg.n_capable * cfg.n_light if name == "light" else cfg.n_capable
+        settings = UpdateSettings(
+            cfg.ppo_epochs,
+            cfg.mini_batches,
+            cfg.micro_batch,
+            cfg.clip_eps,
+            cfg.max_grad_norm,
+            cfg.precision,
+            seed=zlib.crc32(f"{cfg.seed}:{self.step}:{name}".encode()),
+        )
+        stats = ppo_update(policy, self.acc, seqs, old_logps, advantages, group, settings, self._global_sum)
+        return {
+            f"loss_{name}": stats.loss,
+            f"grad_norm_{name}": stats.grad_norm,
+            f"clip_fraction_{name}": stats.clip_fraction,
+        }
 
-        With one epoch and one optimizer step per batch the sampling policy is the one being
-        differentiated, so `old_logps=None` takes them from this very forward pass (detached)
-        instead of a separate one: the same loss and gradient for a third less compute."""
-        policy.model.train()
-        policy.optimizer.zero_grad(set_to_none=True)
-        global_tokens = self._global_sum(seqs.completion_mask.sum())
-        total = 0.0
-        for rows in seqs.micro_batches(self.cfg.micro_batch):
-            part = seqs.take(rows)
-            logps = token_logps(
-                policy.model,
-                part.input_ids.to(self.acc.device),
-                part.attention_mask.to(self.acc.device),
-                policy.temperature,
-            )
-            old = logps.detach() if old_logps is None else old_logps[rows, : logps.shape[1]].to(logps.device)
-            loss = ppo_clip_loss(
-                logps,
-                old,
-                advantages[rows].to(logps.device),
-                part.completion_mask.to(logps.device),
-                self.cfg.clip_eps,
-                token_count=global_tokens,
-            )
-            # DDP averages gradients over processes; scaling restores the sum over the global batch.
-            self.acc.backward(loss * self.world)
-            total += loss.item()
-        grad_norm = self.acc.clip_grad_norm_(policy.model.parameters(), self.cfg.max_grad_norm)
-        policy.optimizer.step()
-        policy.model.eval()
-        self._sync_engine(policy)
-        return self._global_sum(torch.tensor(total)), float(grad_norm)
+    def _release_engines(self) -> None:
+        for policy in (self.capable, self.light):
+            if hasattr(policy.engine, "release"):
+                policy.engine.release()
+
+    def _push_engines(self) -> None:
+        """A vLLM engine samples from the trained weights from the next step on; the hf engine
+        wraps the trained module itself and needs nothing."""
+        for policy in (self.capable, self.light):
+            if hasattr(policy.engine, "push") and policy.optimizer is not None:
+                policy.engine.push(merged_state_dict(policy.lm))
 
     def _global_sum(self, value: torch.Tensor) -> float:
         value = value.detach().float().reshape(1).to(self.acc.device)
@@ -476,17 +368,19 @@ class DuetTrainer:
     def evaluate(self) -> dict:
         """Greedy accuracy and M tokens on the eval questions (the pair, or M alone in the
         single-model baseline)."""
-        config = self.cfg.duet.model_copy(
+        cfg = self.cfg
+        config = cfg.duet.model_copy(
             update={
                 "temperature": 0.0,
-                "signal_max_tokens": self.cfg.signal_max_tokens,
-                "answer_max_tokens": self.cfg.answer_max_tokens,
-                "alone_max_tokens": self.cfg.signal_max_tokens + self.cfg.answer_max_tokens,
+                "signal_max_tokens": cfg.signal_max_tokens,
+                "answer_max_tokens": cfg.answer_max_tokens,
+                "alone_max_tokens": cfg.signal_max_tokens + cfg.answer_max_tokens,
             }
         )
-        duet = Duet(self.capable.backend, self.light.backend, config)
-        mode = "M-alone" if self.cfg.single_model else "duet"
-        results = duet.solve_batch([e.problem for e in self.eval_examples], mode)
+        duet = Duet(self.capable.engine, self.light.engine, config)
+        mode = "M-alone" if cfg.single_model else "duet"
+        with autocast(self.acc.device, cfg.precision):
+            results = duet.solve_batch([e.problem for e in self.eval_examples], mode)
         correct = [
             r.answer is not None and grade(r.text, e).correct
             for r, e in zip(results, self.eval_examples, strict=True)
@@ -498,68 +392,87 @@ class DuetTrainer:
 
     # --- checkpoints ---------------------------------------------------------------------
 
-    def save(self, path: Path | None = None) -> Path:
-        """An HF folder per model plus trainer state, written next to `last` and swapped in,
-        so a kill during the save leaves the previous checkpoint intact."""
-        path = path or self.out / "last"
+    def save(self) -> Path:
+        """An HF folder per trained model plus the trainer state, swapped in as `last`."""
         self.acc.wait_for_everyone()
+        path = self.out / "last"
         if self.acc.is_main_process:
-            staging = path.with_name(path.name + ".tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            for name, policy, lora in (
-                ("capable", self.capable, self.cfg.lora_capable),
-                ("light", self.light, self.cfg.lora_light),
-            ):
-                if name == "light" and not self.cfg.train_light:
-                    continue
-                module = self.acc.unwrap_model(policy.model)
-                if lora is not None:
-                    module.save_pretrained(staging / f"{name}_adapter")
-                    if self.cfg.merge_adapters:
-                        copy.deepcopy(module).merge_and_unload().save_pretrained(staging / name)
-                else:
-                    module.save_pretrained(staging / name)
-                policy.tokenizer.save_pretrained(staging / name)
-            state = {
-                "step": self.step,
-                "lambda": self.lam,
-                "position": self.position,
-                "capable_optimizer": self.capable.optimizer.state_dict(),
-                "light_optimizer": self.light.optimizer.state_dict() if self.light.optimizer else None,
-                "python_rng": random.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "config": self.cfg.model_dump(),
-            }
-            torch.save(state, staging / "state.pt")
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if path.exists():
-                path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            path = ckpt.save_checkpoint(self.out, self._write_models, self._state())
         self.acc.wait_for_everyone()
         return path
 
-    def _load_state(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+    def _write_models(self, folder: Path) -> None:
+        for name, policy in (("capable", self.capable), ("light", self.light)):
+            if policy.optimizer is None:
+                continue
+            if policy.lora:
+                policy.lm.save_pretrained(folder / f"{name}_adapter")
+                if self.cfg.merge_adapters:
+                    policy.lm.get_base_model().save_pretrained(
+                        folder / name, state_dict=merged_state_dict(policy.lm)
+                    )
+            else:
+                policy.lm.save_pretrained(folder / name)
+            policy.tokenizer.save_pretrained(folder / name)
+
+    def _state(self) -> dict:
+        """Tensors and plain containers only: loadable with weights_only=True."""
+        return {
+            "step": self.step,
+            "lambda": self.lam,
+            "position": self.position,
+            "capable_optimizer": self.capable.optimizer.state_dict(),
+            "light_optimizer": self.light.optimizer.state_dict() if self.light.optimizer else None,
+            "python_rng": random.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.model_dump(),
+        }
+
+    def _restore(self, state: dict, checkpoint: Path) -> None:
         self.step, self.lam, self.position = state["step"], state["lambda"], state["position"]
         self.capable.optimizer.load_state_dict(state["capable_optimizer"])
         if self.light.optimizer is not None and state["light_optimizer"] is not None:
             self.light.optimizer.load_state_dict(state["light_optimizer"])
-        random.setstate(state["python_rng"])
+        random.setstate(_as_rng_state(state["python_rng"]))
         torch.set_rng_state(state["torch_rng"])
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def rollout_logprob_gap(capable, old: torch.Tensor) -> float:
+    """Largest |engine log-prob − trainer log-prob| over M's sampled tokens (forced cuts skipped)."""
+    gaps, row = [0.0], 0
+    mask = capable.seqs.completion_mask
+    for group in capable.signals:
+        for signal in group:
+            if signal.sampled_logprobs and not signal.forced:
+                trainer = old[row][mask[row].bool()][: len(signal.sampled_logprobs)]
+                engine = torch.tensor(signal.sampled_logprobs[: len(trainer)])
+                gaps.append(float((trainer - engine).abs().max()))
+            row += 1
+    return max(gaps)
+
+
+def _normalized(question: str) -> str:
+    return " ".join(question.lower().split())
+
+
+def _as_rng_state(state) -> tuple:
+    """random.setstate wants tuples; a state that went through torch.save may hold lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Path:
     """Run (or resume) training; returns the run folder. Metrics go to metrics.jsonl (one line
-    per step, rewritten to the checkpoint's step on resume) and TensorBoard."""
+    per step, rewritten to the checkpoint's step on resume) and TensorBoard. A new run refuses a
+    folder that holds another run unless `force` (which moves that run aside)."""
     from tqdm.auto import tqdm
 
     from duetlm.train.logging import MetricsLog
 
     started = time.perf_counter()
+    if not resume:
+        ckpt.claim_run_folder(Path(config.out), force)
     trainer = DuetTrainer(config, resume=resume)
     first_step = trainer.step
     log = MetricsLog(trainer.out, config, enabled=trainer.acc.is_main_process, keep_until=trainer.step)

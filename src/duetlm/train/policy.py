@@ -1,0 +1,118 @@
+"""A model being trained: its weights in the right dtypes, its optimizer, its rollout engine.
+
+Precision (`TrainConfig.precision`): trainable parameters are always fp32 (the master copy the
+optimizer updates), and `bf16-mixed` runs every forward under bf16 autocast. Frozen weights
+(LoRA's base, the reference model) are stored in bf16 under `bf16-mixed`, since no update
+ever touches them. The module the optimizer steps through is a `LogprobNet` around the causal
+LM, so that DDP wraps a forward that computes exactly the log-probs the loss needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from duetlm.train.config import LoraSettings
+from duetlm.train.grpo import token_logps
+
+
+class LogprobNet(torch.nn.Module):
+    """The policy as the loss sees it: token log-probs at a temperature over completion
+    positions. DDP wraps this module, so its forward is the one whose gradients are reduced."""
+
+    def __init__(self, lm: torch.nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids, attention_mask, completion_mask, temperature: float) -> torch.Tensor:
+        return token_logps(self.lm, input_ids, attention_mask, temperature, completion_mask, self.chunk)
+
+
+@dataclass
+class Policy:
+    """A trainable model with its tokenizer, optimizer and the engine that samples from it."""
+
+    lm: torch.nn.Module  # the causal LM (peft-wrapped with LoRA); what rollouts and saving use
+    net: torch.nn.Module  # LogprobNet around `lm`, DDP-wrapped under several processes
+    tokenizer: object
+    optimizer: torch.optim.Optimizer | None
+    engine: object  # a Backend: the hf backend over `lm`, or a vLLM rollout engine
+    temperature: float = 1.0  # the rollout temperature: log-probs are those of what was sampled
+    lora: bool = False
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 compute for `bf16-mixed`, nothing otherwise (CPU autocast supports bf16 too)."""
+    if precision != "bf16-mixed":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def load_lm(
+    location: str,
+    device: torch.device,
+    precision: str,
+    lora: LoraSettings | None = None,
+    adapter: str | None = None,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+):
+    """(model, tokenizer): fp32 where trained, bf16 where frozen under bf16-mixed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(location).exists()
+    frozen_bf16 = precision == "bf16-mixed" and (lora is not None or not trainable)
+    dtype = torch.bfloat16 if frozen_bf16 else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(location, local_files_only=local, dtype=dtype).to(device)
+    if not trainable:
+        return model.eval().requires_grad_(False), tokenizer
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generation turns it back on per call
+    if lora is not None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if gradient_checkpointing:
+            model.enable_input_require_grads()  # so checkpointed layers see a grad-requiring input
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()  # adapters: fp32 master weights
+    return model, tokenizer
+
+
+def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as a plain Hugging Face checkpoint names them, LoRA deltas merged in, without
+    touching the model (merging in place and back would round the base weights each step)."""
+    if not hasattr(lm, "get_base_model"):
+        return {name: p.detach() for name, p in lm.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = lm.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            weight = module.get_base_layer().weight
+            merged[f"{name}.weight"] = (weight.float() + delta.float()).to(weight.dtype).detach()
+    out = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        plain = name.replace(".base_layer.", ".")
+        out[plain] = merged.get(plain, tensor.detach())
+    return out

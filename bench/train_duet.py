@@ -29,6 +29,7 @@ from duetlm.backends import BackendOptions, load_backend
 from duetlm.config import DuetConfig
 from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 from duetlm.grading import extract_boxed
+from duetlm.models import EMBEDDED_BUDGETS
 from duetlm.protocol import Duet, Problem
 from duetlm.tasks import builtin
 from duetlm.train.config import TrainConfig
@@ -113,12 +114,12 @@ def main() -> None:
                 timings[name] = json.loads(final.read_text())["wall_s"]
             continue
         started = time.perf_counter()
-        train(config)
+        train(config, force=True)
         timings[name] = time.perf_counter() - started
     trained_capable = f"hf:{out / 'duet' / 'last' / 'capable'}"
     trained_light = f"hf:{out / 'duet' / 'last' / 'light'}" if joint.train_light else joint.light
     single_capable = f"hf:{out / 'single' / 'last' / 'capable'}"
-    duet_config = DuetConfig(signal_max_tokens=512, answer_max_tokens=64)
+    duet_config = DuetConfig(**EMBEDDED_BUDGETS)
     budgets = [f"duet@{b}" for b in args.budgets.split(",")]
     runs = [
         ("base", joint.capable, joint.light, ["M-alone", "m-alone", "duet", *budgets]),

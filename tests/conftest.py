@@ -7,6 +7,7 @@ transformers generation path.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -130,3 +131,43 @@ def light_backend(model_dirs) -> HFBackend:
 @pytest.fixture(scope="session")
 def random_backend(model_dirs) -> HFBackend:
     return HFBackend(str(model_dirs["random"]), device="cpu", batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def task_path(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("task")
+    path = folder / "train.jsonl"
+    rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]
+    (folder / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in held_out) + "\n")
+    return path
+
+
+def small_config(model_dirs, task_path, out, **overrides):
+    """A training config for the tiny scripted models: a few seconds a step."""
+    from duetlm.train.config import TrainConfig
+
+    settings = {
+        "capable": f"hf:{model_dirs['capable']}",
+        "light": f"hf:{model_dirs['light']}",
+        "task": f"jsonl:{task_path}",
+        "eval_task": f"jsonl:{task_path.with_name('eval.jsonl')}",
+        "out": str(out),
+        "steps": 2,
+        "questions_per_step": 2,
+        "n_capable": 2,
+        "n_light": 2,
+        "signal_max_tokens": 40,
+        "answer_max_tokens": 24,
+        "light_temperature": 1.5,
+        "forced_stop_prob": 0.5,
+        "eval_every": 1,
+        "eval_questions": 3,
+        "length_bound": 16,
+        "capable_lr": 1e-3,
+        "light_lr": 1e-3,
+        "tensorboard": False,
+        "device": "cpu",
+    }
+    return TrainConfig(**(settings | overrides))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUESTIONS
+from conftest import QUESTIONS, small_config
 from duetlm.errors import ConfigError
 from duetlm.train.config import LoraSettings, TrainConfig
 from duetlm.train.grpo import token_logps
@@ -23,43 +23,6 @@ from duetlm.train.sequences import Sequences, pack
 from duetlm.train.trainer import DuetTrainer, train
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def task_path(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("task")
-    path = folder / "train.jsonl"
-    rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(12)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]
-    (folder / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in held_out) + "\n")
-    return path
-
-
-def small_config(model_dirs, task_path, out, **overrides) -> TrainConfig:
-    settings = {
-        "capable": f"hf:{model_dirs['capable']}",
-        "light": f"hf:{model_dirs['light']}",
-        "task": f"jsonl:{task_path}",
-        "eval_task": f"jsonl:{task_path.with_name('eval.jsonl')}",
-        "out": str(out),
-        "steps": 2,
-        "questions_per_step": 2,
-        "n_capable": 2,
-        "n_light": 2,
-        "signal_max_tokens": 40,
-        "answer_max_tokens": 24,
-        "light_temperature": 1.5,
-        "forced_stop_prob": 0.5,
-        "eval_every": 1,
-        "eval_questions": 3,
-        "length_bound": 16,
-        "capable_lr": 1e-3,
-        "light_lr": 1e-3,
-        "tensorboard": False,
-        "device": "cpu",
-    }
-    return TrainConfig(**(settings | overrides))
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -293,3 +256,101 @@ def test_kill_during_training_loses_at_most_the_step_in_flight(model_dirs, task_
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+# --- data, checkpoints and run folders ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"task": "builtin", "eval_task": "builtin", "eval_split": "train"}, "read the same data"),
+        ({"eval_task": None}, "eval_task is required"),
+        ({"top_p": 0.9}, "top_p = 0.9"),
+        ({"mini_batches": 3}, "mini_batches = 3 must divide"),
+    ],
+)
+def test_configs_that_would_train_wrongly_are_refused(model_dirs, task_path, tmp_path, overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        small_config(model_dirs, task_path, tmp_path / "run", **overrides)
+    same_file = {"eval_task": f"jsonl:{task_path}"}
+    with pytest.raises(ValueError, match="read the same data"):
+        small_config(model_dirs, task_path, tmp_path / "run", **same_file)
+
+
+def test_training_drops_the_evaluation_questions(model_dirs, task_path, tmp_path, caplog):
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [json.loads(line) for line in task_path.read_text().splitlines()]
+    rows += [{"id": "leak", "question": f"  {QUESTIONS[1].upper()} ", "answer": "14"}]  # an eval question
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        trainer = DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run", task=f"jsonl:{mixed}"))
+    assert "leak" not in {e.id for e in trainer.train_examples} and len(trainer.train_examples) == 12
+    assert any("dropped 1 training question" in r.getMessage() for r in caplog.records)
+
+
+def test_each_pass_over_the_data_has_its_own_order(model_dirs, task_path, tmp_path):
+    trainer = DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run"))
+    passes = [[e.id for _ in range(6) for e in trainer._next_questions()] for _ in range(2)]
+    assert sorted(passes[0]) == sorted(passes[1]) == sorted(e.id for e in trainer.train_examples)
+    assert passes[0] != passes[1]
+
+
+def test_state_loads_without_code_and_a_kill_between_renames_resumes(model_dirs, task_path, tmp_path):
+    config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, eval_every=0)
+    out = train(config, progress=False)
+    state = torch.load(out / "last" / "state.pt", weights_only=True)
+    assert state["step"] == 1 and state["config"]["steps"] == 1
+    (out / "last").rename(out / "last.old")  # killed after `last -> last.old`, before the new one
+    resumed = train(config.model_copy(update={"steps": 2}), resume=True, progress=False)
+    assert torch.load(resumed / "last" / "state.pt", weights_only=True)["step"] == 2
+    assert not (out / "last.old").exists()
+
+
+def test_resume_with_another_config_is_refused(model_dirs, task_path, tmp_path):
+    config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, eval_every=0)
+    train(config, progress=False)
+    with pytest.raises(ConfigError, match=r"capable_lr: 0\.001 -> 0\.0005"):
+        train(config.model_copy(update={"steps": 2, "capable_lr": 5e-4}), resume=True, progress=False)
+
+
+def test_a_new_run_never_overwrites_another(model_dirs, task_path, tmp_path):
+    config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, eval_every=0)
+    train(config, progress=False)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, progress=False)
+    train(config, progress=False, force=True)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == rows
+
+
+def test_missing_tensorboard_is_said(tmp_path, caplog):
+    pytest.importorskip("torch")
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    from duetlm.train.logging import MetricsLog
+
+    with caplog.at_level("WARNING"):
+        MetricsLog(tmp_path, TrainConfig(tensorboard=True))
+    assert any("tensorboard is not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_fsdp_and_deepspeed_are_refused_before_loading(model_dirs, task_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(ConfigError, match=r"FSDP is not supported.*LoRA"):
+        DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run", capable="hf:/no/such/model"))
+
+
+def test_pretrain_pair_writes_to_a_run_folder_by_default():
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("duet")), "pretrain-pair", "--help"],
+        capture_output=True,
+        text=True,
+        env=ENV | {"COLUMNS": "200"},
+    )
+    assert "[default: runs/pretrain-pair]" in done.stdout  # not the package's own assets

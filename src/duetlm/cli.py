@@ -483,18 +483,39 @@ def train(
     ] = False,
     out: Annotated[str | None, typer.Option(help="Override the run folder.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Start over in a folder that holds a run (the old run is moved aside).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Load nothing; print the per-device memory plan and whether it fits.")
+    ] = False,
+    device_memory: Annotated[str, typer.Option(help="Memory of one device, for --dry-run.")] = "80GB",
+    devices: Annotated[
+        int | None,
+        typer.Option(min=1, help="Devices (DDP processes) for --dry-run; default $WORLD_SIZE or 1."),
+    ] = None,
 ) -> None:
     """Joint DUET training (length-penalized GRPO) of M and m; see DESIGN section 2."""
+    import os
+
     from duetlm.config import validate_config
     from duetlm.train.config import TrainConfig
-    from duetlm.train.trainer import train as run_training
 
     base = TrainConfig.load(config) if config is not None else TrainConfig()
     overrides = {k: v for k, v in {"out": out, "steps": steps}.items() if v is not None}
     train_config = validate_config(
         TrainConfig, base.model_dump() | overrides, source=str(config or "defaults")
     )
-    folder = run_training(train_config, resume=resume)
+    if dry_run:
+        from duetlm.train.memory import parse_size, render
+
+        world = devices or int(os.environ.get("WORLD_SIZE", "1"))
+        text, fits = render(train_config, parse_size(device_memory), world)
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(0 if fits else 1)
+    from duetlm.train.trainer import train as run_training
+
+    folder = run_training(train_config, resume=resume, force=force)
     console.print(
         f"run folder: {folder} (checkpoint: {folder / 'last'}, metrics: {folder / 'metrics.jsonl'})"
     )
@@ -513,8 +534,9 @@ def plot_train(run: Annotated[Path, typer.Argument(help="A run folder written by
 @friendly_errors
 def pretrain_pair_command(
     out: Annotated[
-        Path, typer.Option(help="Folder for tiny-M/ and tiny-m/ (the package's assets by default).")
-    ] = (Path(__file__).resolve().parent / "assets"),
+        Path,
+        typer.Option(help="Folder for tiny-M/ and tiny-m/ (copy them into src/duetlm/assets/ to ship them)."),
+    ] = Path("runs/pretrain-pair"),
     seed: Annotated[int, typer.Option(help="Seed of data, initialization and tokenizer.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     reuse_capable: Annotated[
@@ -524,7 +546,7 @@ def pretrain_pair_command(
         bool, typer.Option(help="Keep the m already trained in OUT; retrain M only.")
     ] = False,
 ) -> None:
-    """Retrain the embedded pair from scratch on the builtin task (about 45 minutes on 2 CPU cores)."""
+    """Retrain the embedded pair from scratch on the builtin task (about 25 minutes on 2 CPU cores)."""
     from duetlm.models.pretrain import PretrainConfig, pretrain_pair
 
     if reuse_capable and reuse_light:

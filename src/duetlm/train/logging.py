@@ -35,7 +35,10 @@ class MetricsLog:
 
                 self.tensorboard = SummaryWriter(str(out / "tensorboard"))
             except ImportError:
-                logger.info("tensorboard is not installed; logging to metrics.jsonl only")
+                logger.warning(
+                    "tensorboard is not installed: metrics go to metrics.jsonl only "
+                    "(pip install 'duetlm[train]', or tensorboard = false in the config)"
+                )
         if config.wandb:
             try:
                 import wandb

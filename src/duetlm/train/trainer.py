@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import zlib
@@ -57,11 +58,17 @@ class DuetTrainer:
         self.cfg = config
         device = pick_device(config.device)
         self.acc = accelerator or Accelerator(cpu=device.type == "cpu")
-        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        kind = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
+            self.acc.distributed_type
+        )
+        for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+            if os.environ.get(variable, "").lower() in ("1", "true", "yes"):  # what `accelerate launch` sets
+                kind = name
+        if kind is not None:
             raise ConfigError(
-                f"{self.acc.distributed_type.value} is not supported: duetlm trains with DDP (each process holds "
-                "whole models). For models that do not fit, use LoRA (lora_capable) and bf16-mixed; "
-                "`duet train --dry-run` shows the memory plan"
+                f"{kind} is not supported: duetlm trains with DDP (every process holds whole models, and "
+                "rollouts and saving need them whole). For models that do not fit, use LoRA (lora_capable) "
+                "and precision = 'bf16-mixed'; `duet train --dry-run` shows the memory plan"
             )
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         local = config.questions_per_step // self.world

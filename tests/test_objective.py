@@ -1,0 +1,122 @@
+"""The joint objective of DESIGN section 2, row by row, through the real trainer step.
+
+Rollouts are fixed (which answers were right, how long each signal is, which one was cut)
+and so are the log-probs (policy −0.1 and initial M −0.3 per sampled token, so each signal's
+KL is 0.2·L); everything else runs as in training. The expected numbers are worked out here
+from the formulas, without the project's code, so that a wrong sign, a wrong group or a λ
+updated at the wrong time changes at least one of them.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from conftest import small_config
+from duetlm.train import trainer as trainer_module
+from duetlm.train.rollout import CapableRollout, Signal
+from duetlm.train.sequences import pack
+from duetlm.train.trainer import DuetTrainer
+from duetlm.train.update import UpdateStats
+
+LENGTHS = [[4, 8, 2], [6, 12, 3]]  # L(y), Q = 2 questions x S = 3 signals
+FORCED = [[0, 0, 0], [0, 1, 0]]  # the second signal of question 2 was cut by the trainer
+PAIR = [[[1, 1], [1, 0], [0, 0]], [[0, 1], [1, 1], [1, 0]]]  # m's A = 2 answers per signal
+ALONE = [[1, 0], [0, 0]]  # m alone
+LAMBDA, ETA, BOUND, BETA = 0.3, 0.1, 10.0, 0.5
+
+
+def expected():
+    rewards = []
+    for q in range(2):
+        r_light = statistics.mean(ALONE[q])
+        row = []
+        for s in range(3):
+            r_pair = statistics.mean(PAIR[q][s])
+            kl = 0.2 * LENGTHS[q][s]
+            row.append(r_pair - r_light - LAMBDA * LENGTHS[q][s] / BOUND - BETA * kl)
+        rewards.append(row)
+    capable = [[(r - statistics.mean(row)) / (statistics.stdev(row) + 1e-6) for r in row] for row in rewards]
+    light = []
+    for q in range(2):
+        flat = [a for answers in PAIR[q] for a in answers]
+        light.append([(a - statistics.mean(flat)) / (statistics.stdev(flat) + 1e-6) for a in flat])
+    unforced = [LENGTHS[q][s] for q in range(2) for s in range(3) if not FORCED[q][s]]
+    next_lambda = min(1.0, max(0.0, LAMBDA + ETA * (statistics.mean(unforced) / BOUND - 1)))
+    return rewards, capable, light, next_lambda
+
+
+def test_expected_numbers_are_what_the_formulas_say():
+    rewards, capable, _, next_lambda = expected()
+    assert rewards[0] == pytest.approx([-0.02, -1.04, -0.76])
+    assert rewards[1] == pytest.approx([-0.28, -0.56, 0.11])
+    assert next_lambda == pytest.approx(0.3 + 0.1 * (23 / 5 / 10 - 1))
+    assert capable[0][0] > 0 > capable[0][1]
+
+
+@pytest.fixture
+def stubbed(model_dirs, task_path, tmp_path, monkeypatch):
+    config = small_config(
+        model_dirs,
+        task_path,
+        tmp_path / "run",
+        questions_per_step=2,
+        n_capable=3,
+        n_light=2,
+        kl_beta=BETA,
+        lambda_init=LAMBDA,
+        lambda_lr=ETA,
+        length_bound=BOUND,
+        forced_stop_prob=0.0,
+    )
+    trainer = DuetTrainer(config)
+    pad = trainer.capable.tokenizer.pad_token_id
+    signals = [
+        [Signal(list(range(5, 5 + n)), f"signal {q}.{s}", bool(FORCED[q][s])) for s, n in enumerate(row)]
+        for q, row in enumerate(LENGTHS)
+    ]
+    capable_seqs = pack([[1, 2, 3]] * 6, [s.ids for row in signals for s in row], pad)
+    light_seqs = pack([[1, 2]] * 12, [[7, 8]] * 12, pad)
+    trainer.rollouts.capable_signals = lambda questions, step: CapableRollout(signals, capable_seqs)
+    trainer.rollouts.light_alone = lambda questions: torch.tensor(ALONE, dtype=torch.float32)
+    trainer.rollouts.light_guided = lambda questions, sigs: (
+        light_seqs,
+        torch.tensor(PAIR, dtype=torch.float32),
+    )
+
+    def fixed_logps(policy, seqs):
+        per_token = -0.3 if policy is trainer.reference else -0.1
+        return per_token * seqs.completion_mask
+
+    updates = []
+
+    def record(policy, accelerator, seqs, old_logps, advantages, group_size, settings, global_sum):
+        updates.append((policy, seqs, old_logps, advantages.clone(), group_size))
+        return UpdateStats(0.0, 0.0, 0.0, 1)
+
+    monkeypatch.setattr(trainer, "_logps", fixed_logps)
+    monkeypatch.setattr(trainer_module, "ppo_update", record)
+    return trainer, updates, capable_seqs
+
+
+def test_a_joint_step_row_by_row(stubbed):
+    trainer, updates, capable_seqs = stubbed
+    rewards, capable_advantages, light_advantages, next_lambda = expected()
+    metrics = trainer.train_step()
+
+    assert [u[0] for u in updates] == [trainer.light, trainer.capable]  # m first, then M
+    light, capable = updates
+    assert light[3].tolist() == pytest.approx([a for row in light_advantages for a in row], abs=1e-5)
+    assert light[4] == 3 * 2  # m's group: all n_M * n_m guided answers of a question
+    assert capable[3].tolist() == pytest.approx([a for row in capable_advantages for a in row], abs=1e-5)
+    assert capable[4] == 3  # M's group: the n_M signals of a question
+    assert torch.equal(capable[2], -0.1 * capable_seqs.completion_mask)  # old = the sampling policy's
+    assert metrics["reward"] == pytest.approx(statistics.mean(r for row in rewards for r in row), abs=1e-6)
+    assert metrics["signal_tokens"] == pytest.approx(23 / 5)  # forced cuts are not the policy's samples
+    assert trainer.lam == pytest.approx(next_lambda)
+    # a cut signal trains only the inserted close tag; the others every sampled token
+    mask = capable[1].completion_mask
+    close = len(trainer.rollouts.close_ids)
+    assert mask[4].sum() == close and mask[3].sum() == LENGTHS[1][0]

@@ -1,0 +1,169 @@
+"""Training on the Qwen3 test bed (real tokenizer, chat template and generation config; tiny
+weights): the path a Qwen3-4B + Qwen3-0.6B user takes, at a size a CPU runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import QUESTIONS, UNCLOSED_QUESTION
+from duetlm.tasks import Example
+from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.policy import load_lm, merged_state_dict
+from duetlm.train.trainer import DuetTrainer, train
+
+
+@pytest.fixture(scope="module")
+def qwen3_task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3-task")
+    rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(8)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    return folder
+
+
+def qwen3_config(qwen3_dirs, folder, out, **overrides) -> TrainConfig:
+    settings = {
+        "capable": f"hf:{qwen3_dirs['capable']}",
+        "light": f"hf:{qwen3_dirs['light']}",
+        "task": f"jsonl:{folder / 'train.jsonl'}",
+        "eval_task": f"jsonl:{folder / 'eval.jsonl'}",
+        "out": str(out),
+        "steps": 1,
+        "questions_per_step": 2,
+        "n_capable": 2,
+        "n_light": 2,
+        "signal_max_tokens": 24,
+        "answer_max_tokens": 12,
+        "capable_temperature": 0.6,
+        "light_temperature": 0.6,
+        "length_bound": 16,
+        "eval_every": 0,
+        "tensorboard": False,
+        "device": "cpu",
+    }
+    return TrainConfig(**(settings | overrides))
+
+
+def test_old_and_recomputed_logprobs_agree_at_step_0(qwen3_dirs, qwen3_task, tmp_path):
+    # The rollout engine's log-probs of what it sampled (Qwen3's generation config says top-k
+    # 20, top-p 0.95) against the trainer's at the rollout temperature: the same policy.
+    config = qwen3_config(
+        qwen3_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        capable=f"hf:{qwen3_dirs['random']}",
+        check_rollout_logprobs=True,
+    )
+    trainer = DuetTrainer(config)
+    metrics = trainer.train_step()
+    assert 0 <= metrics["rollout_logprob_gap"] < 1e-3
+
+
+def test_signals_never_carry_the_end_of_turn_token(qwen3_dirs, qwen3_task, tmp_path):
+    trainer = DuetTrainer(qwen3_config(qwen3_dirs, qwen3_task, tmp_path / "run", capable_temperature=0.0))
+    question = Example("u", UNCLOSED_QUESTION, "7")
+    rollout = trainer.rollouts.capable_signals([question], step=0)
+    for signal in rollout.signals[0]:
+        assert signal.text == "first 3+4=7"  # what inference hands m too
+        assert signal.ids[-1] == 151645  # M is still trained on ending its turn there
+
+
+def test_bf16_mixed_keeps_fp32_masters_and_moves_weights_at_lr_1e_6(qwen3_dirs, qwen3_task, tmp_path):
+    config = qwen3_config(
+        qwen3_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        capable=f"hf:{qwen3_dirs['random']}",
+        precision="bf16-mixed",
+        capable_lr=1e-6,
+        kl_beta=0.0,
+    )
+    trainer = DuetTrainer(config)
+    lm = trainer.capable.lm
+    assert all(p.dtype == torch.float32 for p in lm.parameters())
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    seen = []
+    hook = lm.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    rollout = trainer.rollouts.capable_signals([Example("a", QUESTIONS[0], "14")] * 2, step=0)
+    seen.clear()
+    trainer._update("capable", trainer.capable, rollout.seqs, torch.tensor([1.0, -1.0, 0.5, -0.5]), None)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # bf16 compute
+    layer = "model.layers.0.mlp.down_proj.weight"
+    moved = (lm.get_parameter(layer) != before[layer]).float().mean()
+    assert moved > 0.9  # a bf16 copy would keep almost all of them (1e-6 is below its resolution)
+    as_bf16 = (lm.get_parameter(layer).bfloat16() != before[layer].bfloat16()).float().mean()
+    assert as_bf16 < 0.1
+
+
+def test_ppo_epochs_and_mini_batches_take_several_clipped_steps(qwen3_dirs, qwen3_task, tmp_path):
+    config = qwen3_config(
+        qwen3_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        capable=f"hf:{qwen3_dirs['random']}",
+        ppo_epochs=2,
+        mini_batches=2,
+        capable_lr=5e-2,
+        clip_eps=0.05,
+        kl_beta=0.0,
+    )
+    trainer = DuetTrainer(config)
+    steps = []
+    optimizer = trainer.capable.optimizer
+    original = optimizer.step
+    optimizer.step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
+    trainer.train_step()
+    assert len(steps) == 4  # 2 epochs x 2 mini-batches
+    rollout = trainer.rollouts.capable_signals([Example("a", QUESTIONS[0], "14")] * 2, step=1)
+    stats = trainer._update("capable", trainer.capable, rollout.seqs, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert len(steps) == 8
+    assert stats["clip_fraction_capable"] > 0  # after the first step the ratio leaves 1 and the clip acts
+
+
+def test_two_step_joint_run_with_lora_and_bf16(qwen3_dirs, qwen3_task, tmp_path):
+    lora = LoraSettings(r=4, alpha=8)
+    config = qwen3_config(
+        qwen3_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        steps=2,
+        eval_every=2,
+        lora_capable=lora,
+        lora_light=lora,
+        precision="bf16-mixed",
+        mini_batches=2,
+    )
+    out = train(config, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval_accuracy" in rows[-1]
+    for name in ("capable", "light"):
+        assert (out / "last" / f"{name}_adapter" / "adapter_config.json").is_file()
+        merged = json.loads((out / "last" / name / "config.json").read_text())
+        assert merged["model_type"] == "qwen3" and merged["vocab_size"] == 151936
+        generation = json.loads((out / "last" / name / "generation_config.json").read_text())
+        assert generation["top_k"] == 20  # the model's own sampling advice travels with it
+    state = torch.load(out / "last" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+
+
+def test_merged_weights_equal_peft_merge(qwen3_dirs):
+    lm, _ = load_lm(str(qwen3_dirs["random"]), torch.device("cpu"), "fp32", LoraSettings(r=4, alpha=8))
+    for name, parameter in lm.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_()  # as if trained: B starts at zero
+    merged = merged_state_dict(lm)
+    import copy
+
+    reference = copy.deepcopy(lm).merge_and_unload().state_dict()
+    assert set(merged) == set(reference)
+    for key, value in reference.items():
+        assert torch.allclose(merged[key], value, atol=1e-6), key
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        lm.get_base_model().state_dict()["model.layers.0.self_attn.q_proj.base_layer.weight"],
+    )

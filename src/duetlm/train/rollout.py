@@ -106,15 +106,7 @@ class Rollouts:
     def light_alone(self, questions: list[Example]) -> torch.Tensor:
         """r(m)(x): n_m standalone answers per question, drawn once per question. (Q, A)"""
         cfg = self.cfg
-        config = self._sampling(cfg.light_temperature)
-        sampling = SamplingParams(cfg.answer_max_tokens, cfg.light_temperature, 1.0, None, ())
-        requests = [
-            GenerationRequest.chat(
-                user_prompt(q.problem, config), sampling, chat_template_kwargs=config.light_template_kwargs
-            )
-            for q in questions
-            for _ in range(cfg.n_light)
-        ]
+        requests = self._alone_requests(questions, cfg.light_temperature, cfg.answer_max_tokens, cfg.n_light)
         results = self._generate(self.light, requests)
         correct = [_final_correct(r.text, questions[i // cfg.n_light], cfg) for i, r in enumerate(results)]
         return torch.tensor(correct).reshape(len(questions), cfg.n_light)
@@ -134,39 +126,45 @@ class Rollouts:
         results = self._generate(self.light, requests)
         per_question = cfg.n_capable * cfg.n_light
         correct = [float(grade(r.text, questions[i // per_question]).correct) for i, r in enumerate(results)]
-        tokenizer = self.light.tokenizer
-        seqs = pack(
-            prompt_ids(tokenizer, requests), [r.token_ids or [] for r in results], tokenizer.pad_token_id
-        )
+        seqs = self._sequences(self.light, requests, results)
         return seqs, torch.tensor(correct).reshape(len(questions), cfg.n_capable, cfg.n_light)
 
     def capable_alone(self, questions: list[Example]) -> tuple[Sequences, torch.Tensor, torch.Tensor]:
         """The single-model baseline: n_M whole answers of M per question; (seqs, correct (Q, S),
         output tokens (Q, S))."""
         cfg = self.cfg
-        config = self._sampling(cfg.capable_temperature)
-        sampling = SamplingParams(
-            cfg.signal_max_tokens + cfg.answer_max_tokens, cfg.capable_temperature, 1.0, None, ()
+        budget = cfg.signal_max_tokens + cfg.answer_max_tokens
+        requests = self._alone_requests(
+            questions, cfg.capable_temperature, budget, cfg.n_capable, capable=True
         )
-        requests = [
-            GenerationRequest.chat(
-                user_prompt(q.problem, config), sampling, chat_template_kwargs=config.capable_template_kwargs
-            )
-            for q in questions
-            for _ in range(cfg.n_capable)
-        ]
         results = self._generate(self.capable, requests)
-        tokenizer = self.capable.tokenizer
-        seqs = pack(
-            prompt_ids(tokenizer, requests), [r.token_ids or [] for r in results], tokenizer.pad_token_id
-        )
         shape = (len(questions), cfg.n_capable)
         correct = [
             _final_correct(r.text, questions[i // cfg.n_capable], cfg, must_think=True)
             for i, r in enumerate(results)
         ]
         lengths = [float(r.output_tokens) for r in results]
+        seqs = self._sequences(self.capable, requests, results)
         return seqs, torch.tensor(correct).reshape(shape), torch.tensor(lengths).reshape(shape)
+
+    def _alone_requests(
+        self, questions: list[Example], temperature: float, budget: int, n: int, capable: bool = False
+    ) -> list[GenerationRequest]:
+        """n requests per question for a model answering alone (the question, no prefill)."""
+        config = self._sampling(temperature)
+        kwargs = config.capable_template_kwargs if capable else config.light_template_kwargs
+        sampling = SamplingParams(budget, temperature, 1.0, None, ())
+        return [
+            GenerationRequest.chat(user_prompt(q.problem, config), sampling, chat_template_kwargs=kwargs)
+            for q in questions
+            for _ in range(n)
+        ]
+
+    @staticmethod
+    def _sequences(policy: Policy, requests, results) -> Sequences:
+        tokenizer = policy.tokenizer
+        completions = [r.token_ids or [] for r in results]
+        return pack(prompt_ids(tokenizer, requests), completions, tokenizer.pad_token_id)
 
 
 def _with_logprobs(sampling: SamplingParams) -> SamplingParams:

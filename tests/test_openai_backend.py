@@ -34,13 +34,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served_capable(model_dirs):
-    """`transformers serve` on loopback with the scripted capable model preloaded."""
+def transformers_serve(folder: Path):
+    """`transformers serve` on loopback with a local model preloaded; yields (model, base URL)."""
     port = free_port()
     cli = Path(sys.executable).with_name("transformers")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    model = str(model_dirs["capable"].resolve())
+    model = str(folder.resolve())
     process = subprocess.Popen(
         [str(cli), "serve", model, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -63,6 +62,17 @@ def served_capable(model_dirs):
     yield model, f"{url}/v1"
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served_capable(model_dirs):
+    yield from transformers_serve(model_dirs["capable"])
+
+
+@pytest.fixture(scope="module")
+def served_qwen3(qwen3_dirs):
+    """The scripted Qwen3 M (real tokenizer, template, generation config) behind the server."""
+    yield from transformers_serve(qwen3_dirs["capable"])
 
 
 def ask(question: str, max_tokens: int, stop=(), prefill: str = "") -> GenerationRequest:
@@ -113,6 +123,24 @@ def test_remote_capable_with_local_light(served_capable, light_backend):
     assert result.signal == SIGNAL
     assert result.answer == "14"
     assert result.usage.capable.output_tokens > 0 and result.usage.light.output_tokens > 0
+
+
+def test_qwen3_over_transformers_serve_with_a_local_qwen3_light(served_qwen3, qwen3_dirs):
+    from duetlm.backends.hf import HFBackend
+
+    model, url = served_qwen3
+    light = HFBackend(str(qwen3_dirs["light"]), device="cpu")
+    duet = Duet(OpenAIBackend(model, url), light, DuetConfig(signal_max_tokens=60, answer_max_tokens=20))
+    result = duet.solve(QUESTIONS[0])
+    assert result.signal == SIGNAL and result.answer == "14"
+    assert result.usage.capable.output_tokens > 0 and result.usage.light.output_tokens > 0
+    # the same request over the server and locally: the same tokens, counted the same way; the
+    # server parses Qwen3's thinking out of the content, and the signal is read from there
+    capable = HFBackend(str(qwen3_dirs["capable"]), device="cpu")
+    request = ask(QUESTIONS[1], 60, stop=("</think>",))
+    [remote], [local] = OpenAIBackend(model, url).generate([request]), capable.generate([request])
+    assert remote.extra["reasoning"] == SIGNAL and local.text == f"<think>\n{SIGNAL}\n"
+    assert (remote.prompt_tokens, remote.output_tokens) == (local.prompt_tokens, local.output_tokens)
 
 
 class _Status(BaseHTTPRequestHandler):

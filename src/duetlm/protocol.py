@@ -13,10 +13,18 @@ from __future__ import annotations
 import logging
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-from duetlm.backends.base import Backend, FinishReason, GenerationRequest, GenerationResult, SamplingParams
+from duetlm.backends.base import (
+    Backend,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ReasoningDelta,
+    SamplingParams,
+    stream,
+)
 from duetlm.config import DuetConfig
 from duetlm.errors import InputError
 from duetlm.grading import extract_answer
@@ -56,10 +64,13 @@ def parse_mode(text: str | Mode) -> Mode:
 
 @dataclass(frozen=True)
 class Problem:
-    """A question, with lettered options when it is multiple choice."""
+    """A question, with lettered options when it is multiple choice. `history` holds the
+    conversation before it ((role, content) pairs, a system prompt included): both models
+    see it, and the question is the last user turn."""
 
     question: str
     choices: tuple[str, ...] = ()
+    history: tuple[tuple[str, str], ...] = ()
 
     @property
     def letters(self) -> str:
@@ -150,6 +161,7 @@ def capable_request(problem: Problem, config: DuetConfig, budget: int) -> Genera
         user_prompt(problem, config, sketch=sketch),
         sampling(config, budget, stop),
         chat_template_kwargs=config.capable_template_kwargs,
+        history=problem.history,
     )
 
 
@@ -162,6 +174,36 @@ def light_request(
         sampling(config, config.answer_max_tokens),
         prefill=config.prompts.light_prefill.replace("{signal}", signal),
         chat_template_kwargs=template_kwargs,
+        history=problem.history,
+    )
+
+
+def alone_request(problem: Problem, config: DuetConfig, budget: int, capable: bool) -> GenerationRequest:
+    """M-alone or m-alone: the model thinks and answers by itself."""
+    kwargs = config.capable_template_kwargs if capable else config.light_template_kwargs
+    return GenerationRequest.chat(
+        user_prompt(problem, config),
+        sampling(config, budget),
+        chat_template_kwargs=kwargs,
+        history=problem.history,
+    )
+
+
+def forced_request(
+    problem: Problem, signal: str, first: GenerationResult, config: DuetConfig
+) -> GenerationRequest:
+    """M@B's second part: M answers after its own thinking. A thinking that M closed within
+    B continues as M-alone would; one cut at B is closed with a short instruction to answer
+    now and gets a small answer budget (budget forcing), so the baseline's M tokens are
+    bounded by B plus that budget."""
+    cut = first.finish_reason == "length"
+    template = config.prompts.budget_close if cut else config.prompts.light_prefill
+    return GenerationRequest.chat(
+        user_prompt(problem, config),
+        sampling(config, config.forced_answer_max_tokens if cut else config.answer_max_tokens),
+        prefill=template.replace("{signal}", signal),
+        chat_template_kwargs=config.capable_template_kwargs,
+        history=problem.history,
     )
 
 
@@ -208,64 +250,17 @@ class Duet:
     def _two_stage(self, problems: list[Problem], mode: Mode) -> list[SolveResult]:
         cfg = self.config
         budget = mode.budget or cfg.signal_max_tokens
-        signal_results = self.capable.generate([capable_request(p, cfg, budget) for p in problems])
-        signals = [signal_of(r, cfg) for r in signal_results]
+        firsts = self.capable.generate([capable_request(p, cfg, budget) for p in problems])
+        signals = [signal_of(r, cfg) for r in firsts]
         if mode.kind == "M":
-            answer_results = self._budget_forced(problems, signals, signal_results)
+            seconds = self.capable.generate(
+                [forced_request(p, s, f, cfg) for p, s, f in zip(problems, signals, firsts)]
+            )
         else:
-            answer_results = self.finish(problems, signals)
-        results = []
-        for problem, first, signal, second in zip(problems, signal_results, signals, answer_results):
-            first_usage = self._usage(first, cfg.capable_price)
-            if mode.kind == "M":  # M wrote both parts: one model's usage, its last finish reason
-                usage = Usage(first_usage + self._usage(second, cfg.capable_price))
-                capable_finish, light_finish = second.finish_reason, None
-            else:
-                usage = Usage(first_usage, self._usage(second, cfg.light_price))
-                capable_finish, light_finish = first.finish_reason, second.finish_reason
-            truncated = first.finish_reason == "length"
-            if truncated:
-                logger.info("signal cut at %d tokens (M did not close its thinking)", first.output_tokens)
-            results.append(
-                SolveResult(
-                    question=problem.question,
-                    mode=str(mode),
-                    text=second.text,
-                    answer=extract_answer(second.text, choices=len(problem.choices)),
-                    signal=signal,
-                    signal_tokens=first.output_tokens,
-                    truncated=truncated,
-                    capable_finish=capable_finish,
-                    light_finish=light_finish,
-                    usage=usage,
-                    capable_text=first.text,
-                    retries=first.retries + second.retries,
-                    budget_clamped=first.budget_clamped or second.budget_clamped,
-                )
-            )
-        return results
-
-    def _budget_forced(
-        self, problems: list[Problem], signals: list[str], signal_results: list[GenerationResult]
-    ) -> list[GenerationResult]:
-        """M@B's second part: M answers after its own thinking. A thinking that M closed within
-        B continues as M-alone would; one cut at B is closed with a short instruction to answer
-        now and gets a small answer budget (budget forcing), so the baseline's M tokens are
-        bounded by B plus that budget."""
-        cfg = self.config
-        requests = []
-        for problem, signal, first in zip(problems, signals, signal_results):
-            cut = first.finish_reason == "length"
-            template = cfg.prompts.budget_close if cut else cfg.prompts.light_prefill
-            requests.append(
-                GenerationRequest.chat(
-                    user_prompt(problem, cfg),
-                    sampling(cfg, cfg.forced_answer_max_tokens if cut else cfg.answer_max_tokens),
-                    prefill=template.replace("{signal}", signal),
-                    chat_template_kwargs=cfg.capable_template_kwargs,
-                )
-            )
-        return self.capable.generate(requests)
+            seconds = self.finish(problems, signals)
+        return [
+            two_stage_result(p, mode, f, s, r, cfg) for p, f, s, r in zip(problems, firsts, signals, seconds)
+        ]
 
     def finish(self, problems: Sequence[str | Problem], signals: Sequence[str]) -> list[GenerationResult]:
         """Stage 2 alone: m answers each problem given a signal. Used for budget-cut curves and
@@ -281,51 +276,218 @@ class Duet:
     def _alone(
         self, problems: list[Problem], mode: Mode, backend: Backend, budget: int, capable: bool
     ) -> list[SolveResult]:
-        cfg, prompts = self.config, self.config.prompts
-        kwargs = cfg.capable_template_kwargs if capable else cfg.light_template_kwargs
-        outputs = backend.generate(
-            [
-                GenerationRequest.chat(
-                    user_prompt(p, cfg), sampling(cfg, budget), chat_template_kwargs=kwargs
-                )
-                for p in problems
-            ]
-        )
-        results = []
-        for problem, out in zip(problems, outputs):
-            if "reasoning" in out.extra:
-                thinking, final = str(out.extra["reasoning"]).strip(), out.text.strip()
-            else:
-                thinking, final = split_thinking(out.text, prompts.think_open, prompts.think_close)
-                if thinking is None and prompts.think_open not in out.text:
-                    final = out.text  # a model that answered without thinking tags
-            usage = self._usage(out, cfg.capable_price if capable else cfg.light_price)
-            unclosed = thinking is None and prompts.think_open in out.text
-            results.append(
-                SolveResult(
-                    question=problem.question,
-                    mode=str(mode),
-                    text=final,
-                    answer=None if unclosed else extract_answer(final, choices=len(problem.choices)),
-                    signal=thinking,
-                    signal_tokens=None,
-                    truncated=unclosed and out.finish_reason == "length",
-                    capable_finish=out.finish_reason if capable else None,
-                    light_finish=None if capable else out.finish_reason,
-                    usage=Usage(capable=usage) if capable else Usage(light=usage),
-                    capable_text=out.text if capable else None,
-                    retries=out.retries,
-                    budget_clamped=out.budget_clamped,
-                )
-            )
-        return results
+        outputs = backend.generate([alone_request(p, self.config, budget, capable) for p in problems])
+        return [alone_result(p, mode, out, capable, self.config) for p, out in zip(problems, outputs)]
 
-    @staticmethod
-    def _usage(result: GenerationResult, price: Price) -> ModelUsage:
-        return ModelUsage(
-            prompt_tokens=result.prompt_tokens,
-            output_tokens=result.output_tokens,
-            requests=1,
-            wall_s=result.wall_s,
-            cost=price.cost(result.prompt_tokens, result.output_tokens),
+    # --- streaming ---------------------------------------------------------------------
+
+    async def astream(self, question: str | Problem, mode: str | Mode = "duet") -> AsyncIterator[Event]:
+        """One question as events, while the models write: `SignalDelta`s (M's thinking; a
+        model's own thinking in the alone modes), `AnswerDelta`s, then one `Finished` with the
+        same `SolveResult` that `solve` gives. Each stage streams from its backend's `astream`
+        (continuous batching on the hf backend), so a request moves on to m as soon as its own
+        signal ends. Closing the iterator cancels the generation in flight."""
+        parsed, problem, cfg = parse_mode(mode), as_problem(question), self.config
+        if parsed.kind in ("M-alone", "m-alone"):
+            capable = parsed.kind == "M-alone"
+            backend = self.capable if capable else self.light
+            budget = cfg.capable_alone_budget if capable else cfg.light_alone_budget
+            split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close)
+            async for item in stream(backend, alone_request(problem, cfg, budget, capable)):
+                if isinstance(item, GenerationResult):
+                    for event in split.close():
+                        yield event
+                    yield Finished(alone_result(problem, parsed, item, capable, cfg))
+                    return
+                for event in split.feed(item):
+                    yield event
+        first = None
+        split = ThinkingSplitter(
+            cfg.prompts.think_open, cfg.prompts.think_close, thinking=cfg.signal_style == "sketch"
         )
+        async for item in stream(
+            self.capable, capable_request(problem, cfg, parsed.budget or cfg.signal_max_tokens)
+        ):
+            if isinstance(item, GenerationResult):
+                first = item
+            else:
+                for event in split.feed(item):
+                    yield event
+        for event in split.close():
+            yield event
+        signal = signal_of(first, cfg)
+        if parsed.kind == "M":
+            answerer, request = self.capable, forced_request(problem, signal, first, cfg)
+        else:
+            answerer, request = self.light, light_request(problem, signal, cfg, cfg.light_template_kwargs)
+        leading = True
+        async for item in stream(answerer, request):
+            if isinstance(item, GenerationResult):
+                yield Finished(two_stage_result(problem, parsed, first, signal, item, cfg))
+                return
+            text = item.text if isinstance(item, ReasoningDelta) else item
+            if leading:
+                text, leading = text.lstrip(), not text.strip()
+            if text:
+                yield AnswerDelta(text)
+
+
+# --- assembling results (shared by the batch and the streaming paths) -----------------------
+
+
+def usage_of(result: GenerationResult, price: Price) -> ModelUsage:
+    return ModelUsage(
+        prompt_tokens=result.prompt_tokens,
+        output_tokens=result.output_tokens,
+        requests=1,
+        wall_s=result.wall_s,
+        cost=price.cost(result.prompt_tokens, result.output_tokens),
+    )
+
+
+def two_stage_result(
+    problem: Problem,
+    mode: Mode,
+    first: GenerationResult,
+    signal: str,
+    second: GenerationResult,
+    cfg: DuetConfig,
+) -> SolveResult:
+    """duet, duet@B and M@B: M's signal (stage 1) and the write-up of stage 2 (m's, or M's own
+    under M@B: then one model's usage and its last finish reason)."""
+    first_usage = usage_of(first, cfg.capable_price)
+    if mode.kind == "M":
+        usage = Usage(first_usage + usage_of(second, cfg.capable_price))
+        capable_finish, light_finish = second.finish_reason, None
+    else:
+        usage = Usage(first_usage, usage_of(second, cfg.light_price))
+        capable_finish, light_finish = first.finish_reason, second.finish_reason
+    truncated = first.finish_reason == "length"
+    if truncated:
+        logger.info("signal cut at %d tokens (M did not close its thinking)", first.output_tokens)
+    return SolveResult(
+        question=problem.question,
+        mode=str(mode),
+        text=second.text,
+        answer=extract_answer(second.text, choices=len(problem.choices)),
+        signal=signal,
+        signal_tokens=first.output_tokens,
+        truncated=truncated,
+        capable_finish=capable_finish,
+        light_finish=light_finish,
+        usage=usage,
+        capable_text=first.text,
+        retries=first.retries + second.retries,
+        budget_clamped=first.budget_clamped or second.budget_clamped,
+    )
+
+
+def alone_result(
+    problem: Problem, mode: Mode, out: GenerationResult, capable: bool, cfg: DuetConfig
+) -> SolveResult:
+    """M-alone or m-alone: the thinking is split off; an unclosed thinking is no answer."""
+    prompts = cfg.prompts
+    if "reasoning" in out.extra:
+        thinking, final = str(out.extra["reasoning"]).strip(), out.text.strip()
+    else:
+        thinking, final = split_thinking(out.text, prompts.think_open, prompts.think_close)
+        if thinking is None and prompts.think_open not in out.text:
+            final = out.text  # a model that answered without thinking tags
+    usage = usage_of(out, cfg.capable_price if capable else cfg.light_price)
+    unclosed = thinking is None and prompts.think_open in out.text
+    return SolveResult(
+        question=problem.question,
+        mode=str(mode),
+        text=final,
+        answer=None if unclosed else extract_answer(final, choices=len(problem.choices)),
+        signal=thinking,
+        signal_tokens=None,
+        truncated=unclosed and out.finish_reason == "length",
+        capable_finish=out.finish_reason if capable else None,
+        light_finish=None if capable else out.finish_reason,
+        usage=Usage(capable=usage) if capable else Usage(light=usage),
+        capable_text=out.text if capable else None,
+        retries=out.retries,
+        budget_clamped=out.budget_clamped,
+    )
+
+
+# --- streamed events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignalDelta:
+    """More of M's signal (or, in the alone modes, of the model's own thinking)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDelta:
+    """More of the final write-up."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: SolveResult
+
+
+Event = SignalDelta | AnswerDelta | Finished
+
+
+class ThinkingSplitter:
+    """Routes streamed text into thinking and answer: the opening tag is dropped (optional:
+    some templates write it into the prompt), text up to the close tag is thinking, the rest
+    is the answer. A server's parsed reasoning is thinking as it comes. Holds back text that
+    may still turn out to be a tag."""
+
+    def __init__(self, think_open: str, think_close: str, thinking: bool = False) -> None:
+        self.open, self.close_tag = think_open, think_close
+        self.state = "thinking" if thinking else "start"
+        self.buffer, self.thinking, self.answering = "", False, False
+
+    def feed(self, item: str | ReasoningDelta) -> list[Event]:
+        if isinstance(item, ReasoningDelta):
+            return [SignalDelta(item.text)] if item.text else []
+        self.buffer += item
+        return self._drain(final=False)
+
+    def close(self) -> list[Event]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            if self.state == "start":
+                head = self.buffer.lstrip()
+                if head.startswith(self.open):
+                    self.buffer, self.state = head[len(self.open) :].lstrip("\n"), "thinking"
+                    continue
+                if self.open.startswith(head) and not final:
+                    return events  # may still be the opening tag
+                self.state = "thinking" if self.close_tag in self.buffer else "answer"
+                continue
+            if self.state == "thinking":
+                index = self.buffer.find(self.close_tag)
+                if index >= 0:
+                    text = self.buffer[:index] if self.thinking else self.buffer[:index].lstrip()
+                    if text:
+                        events.append(SignalDelta(text))
+                    self.buffer, self.state = self.buffer[index + len(self.close_tag) :].lstrip(), "answer"
+                    continue
+                keep = 0 if final else len(self.close_tag) - 1
+                cut = max(0, len(self.buffer) - keep)
+                text, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                text = text if self.thinking else text.lstrip()  # no blank start
+                if text:
+                    events.append(SignalDelta(text))
+                    self.thinking = True
+                return events
+            text = self.buffer if self.answering else self.buffer.lstrip()  # no blank start
+            if text:
+                events.append(AnswerDelta(text))
+                self.answering = True
+            self.buffer = ""
+            return events

@@ -7,15 +7,17 @@ builds requests and reads results and never learns which backend answered (DESIG
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "eos", "length"]
-"""`stop`: a stop string was produced; `eos`: the model ended its turn; `length`: max_tokens."""
+FinishReason = Literal["stop", "eos", "length", "cancelled"]
+"""`stop`: a stop string was produced; `eos`: the model ended its turn; `length`: max_tokens;
+`cancelled`: the caller gave up (a client that left), nothing is returned to anyone."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,11 @@ class GenerationRequest:
         prefill: str = "",
         system: str | None = None,
         chat_template_kwargs: dict | None = None,
+        history: tuple[tuple[str, str], ...] = (),
     ) -> GenerationRequest:
-        messages = ((("system", system),) if system else ()) + (("user", user),)
+        """The turns before the last user turn are `history` ((role, content) pairs, a system
+        prompt included); `system` is a shorthand for a history of one system turn."""
+        messages = ((("system", system),) if system else ()) + tuple(history) + (("user", user),)
         return GenerationRequest(
             messages, sampling, prefill, tuple(sorted((chat_template_kwargs or {}).items()))
         )
@@ -133,6 +138,18 @@ class ContextGuard:
         )
 
 
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Streamed text that a server returned as reasoning (parsed out of the content, e.g. by
+    vLLM's reasoning parsers); plain `str` items of a stream are content."""
+
+    text: str
+
+
+StreamItem = str | ReasoningDelta | GenerationResult
+"""What `astream` yields: text deltas, then exactly one final GenerationResult."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the protocol, the evaluator and the server need from a model."""
@@ -142,6 +159,21 @@ class Backend(Protocol):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
     def close(self) -> None: ...
+
+
+async def stream(backend: Backend, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    """A backend's stream of a request: its own `astream` when it has one (hf, openai, vllm),
+    else one call of `generate` off the event loop, handed out as a single delta."""
+    if hasattr(backend, "astream"):
+        async for item in backend.astream(request):
+            yield item
+        return
+    [result] = await asyncio.to_thread(backend.generate, [request])
+    if "reasoning" in result.extra:
+        yield ReasoningDelta(str(result.extra["reasoning"]))
+    if result.text:
+        yield result.text
+    yield result
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:

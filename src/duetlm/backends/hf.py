@@ -7,13 +7,14 @@ library), and returned in the caller's order with exact token counts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import torch
@@ -194,6 +195,7 @@ class HFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_token_ids = self._eos_ids()
         self.context = ContextGuard(self.spec, getattr(self.model.config, "max_position_embeddings", None))
+        self._engine = None
         self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
 
     @staticmethod
@@ -226,6 +228,45 @@ class HFBackend:
         if not ids:
             raise BackendError(f"{self.spec}: the model and tokenizer define no EOS token")
         return ids
+
+    @property
+    def context_length(self) -> int | None:
+        return self.context.context_length
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens of the rendered prompt (prefill included), as generation will count them."""
+        return len(
+            self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
+        )
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """Text deltas as the model writes them, then the result with exact counts. Runs on
+        the continuous-batching engine (`hf_engine`): requests join and leave between decode
+        steps. Closing the iterator (a client that left) cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        prompt = self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
+        handle = self.engine.submit(
+            prompt, request.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        )
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            handle.cancel()
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from duetlm.backends.hf_engine import StepEngine
+
+            self._engine = StepEngine(
+                self.model, self.tokenizer, sorted(self._end_ids.tolist()), self.context
+            )
+        return self._engine
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

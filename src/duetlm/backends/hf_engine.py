@@ -1,0 +1,363 @@
+"""Continuous batching for a transformers causal LM: what `duet serve` streams through.
+
+`model.generate()` runs a fixed batch to the end of its longest row: a row that finished
+idles, and a request that arrives waits for the whole batch. Here one background thread
+per device steps every active row of every engine once per iteration: new requests are
+prefilled and join between steps, finished or cancelled rows leave at once, and each new
+token is handed to its request as text as soon as it is decoded. (transformers' own
+continuous-batching manager was measured first: on the embedded pair on a CPU it ran a
+32-request batch in 12.9 s against 1.3 s for `generate()`, its paged attention being built
+for GPUs.)
+
+The batch's KV cache is a `DynamicCache` whose rows are left-padded to a common length: a
+joining row is prefilled alone (with the other new rows) and its cache padded on the left
+to the batch's length, or the batch's to its own; positions come from each row's own
+length, so padding never shifts a token's rotary position. Every row samples with its own
+`torch.Generator`: a seeded request gives the same tokens whatever shares its batch, and
+an unseeded one draws a fresh seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from duetlm.backends.base import ContextGuard, FinishReason, GenerationResult, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[str | GenerationResult], None]
+"""Called from the engine thread with each text delta, then once with the final result."""
+
+
+class Detokenizer:
+    """Incremental decoding: the text each new token adds, held back while a multi-byte
+    character or a possible stop string is still incomplete."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.prefix, self.read = 0, 0
+        self.text = ""  # all text decoded so far
+        self.sent = 0  # characters of `text` already handed out
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self.prefix : self.read], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.tokens[self.prefix :], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.tokens)
+
+    def stop_hit(self) -> str | None:
+        """The stop string that now occurs in the text (the text is then cut before it)."""
+        best = None
+        for stop in self.stops:
+            index = self.text.find(stop, max(0, self.sent - len(stop)))
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return None
+        self.text = self.text[: best[0]]
+        return best[1]
+
+    def ready(self, final: bool = False) -> str:
+        """Text that can be handed out: all of it at the end, else all but a tail that might
+        still become a stop string."""
+        hold = 0 if final else max((len(s) - 1 for s in self.stops), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+
+@dataclass
+class Row:
+    prompt: list[int]
+    sampling: SamplingParams
+    budget: int
+    listener: Listener
+    detok: Detokenizer
+    generator: torch.Generator
+    started: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    clamped: bool = False
+    stop_string: str | None = None
+
+
+class Handle:
+    """What a caller holds for a submitted request: it can cancel it."""
+
+    def __init__(self, row: Row, engine: StepEngine) -> None:
+        self._row, self._engine = row, engine
+
+    def cancel(self) -> None:
+        self._row.cancelled.set()
+        self._engine.loop.wake()
+
+
+class EngineLoop:
+    """One thread stepping every engine of a device in turn (they share its compute)."""
+
+    def __init__(self) -> None:
+        self.engines: list[StepEngine] = []
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def register(self, engine: StepEngine) -> None:
+        with self._lock:
+            self.engines.append(engine)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="duetlm-engine", daemon=True)
+                self._thread.start()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def _run(self) -> None:
+        while True:
+            busy = False
+            for engine in list(self.engines):
+                try:
+                    busy |= engine.step()
+                except Exception as exc:  # a failed step fails its requests, never the loop
+                    logger.exception("engine step failed")
+                    engine.fail_all(exc)
+            if not busy:
+                self._event.wait(timeout=0.5)
+                self._event.clear()
+
+
+_LOOPS: dict[str, EngineLoop] = {}
+
+
+def loop_for(device: torch.device) -> EngineLoop:
+    return _LOOPS.setdefault(str(device), EngineLoop())
+
+
+class StepEngine:
+    """Continuous batching over one model (see the module docstring)."""
+
+    def __init__(
+        self, model, tokenizer, eos_ids: list[int], context: ContextGuard, max_rows: int = 64
+    ) -> None:
+        self.model, self.tokenizer, self.eos_ids, self.context = model, tokenizer, set(eos_ids), context
+        self.max_rows = max_rows
+        self.device = next(model.parameters()).device
+        self.pending: queue.SimpleQueue[Row] = queue.SimpleQueue()
+        self.rows: list[Row] = []
+        self.cache = None  # DynamicCache of the active rows, left-padded to a common length
+        self.mask: torch.Tensor | None = None  # (B, T) 1 where the cache holds a real token
+        self.loop = loop_for(self.device)
+        self.loop.register(self)
+
+    def submit(self, prompt: list[int], sampling: SamplingParams, listener: Listener) -> Handle:
+        budget = self.context.fit(len(prompt), sampling.max_tokens)
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+        generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)
+        row = Row(prompt, sampling, budget, listener, Detokenizer(self.tokenizer, sampling.stop), generator)
+        row.clamped = budget < sampling.max_tokens
+        if budget == 0:
+            _notify(row, ContextGuard.overflow_result(len(prompt)))
+        else:
+            self.pending.put(row)
+            self.loop.wake()
+        return Handle(row, self)
+
+    # --- one iteration -------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit waiting rows, decode one token for every row, retire finished ones. Returns
+        whether there was work."""
+        self._retire([r for r in self.rows if r.cancelled.is_set()], "cancelled")
+        joining = []
+        while len(self.rows) + len(joining) < self.max_rows:
+            try:
+                row = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if not row.cancelled.is_set():
+                joining.append(row)
+        if joining:
+            self._join(joining)
+        if not self.rows:
+            return bool(joining)
+        if not joining:
+            self._decode()
+        return True
+
+    @torch.inference_mode()
+    def _join(self, rows: list[Row]) -> None:
+        """Prefill the new rows together, sample their first token, merge their cache in."""
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self._merge(out.past_key_values, mask, rows)
+        self._advance(rows, out.logits[:, -1, :])
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        last = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # (B, 1)
+        positions = self.mask.sum(dim=1, keepdim=True)  # (B, 1) each row's own next position
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        out = self.model(
+            input_ids=last,
+            attention_mask=self.mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self._advance(list(self.rows), out.logits[:, -1, :])
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token, hand out its text, and retire the rows that ended."""
+        tokens = sample(logits.float(), [r.sampling for r in rows], [r.generator for r in rows])
+        ended: dict[str, list[Row]] = {}
+        for row, token in zip(rows, tokens):
+            row.tokens.append(token)
+            reason = self._finished(row, token)
+            delta = row.detok.ready(final=reason is not None)
+            if delta:
+                _notify(row, delta)
+            if reason is not None:
+                ended.setdefault(reason, []).append(row)
+        for reason, group in ended.items():
+            self._retire(group, reason)
+
+    def _finished(self, row: Row, token: int) -> FinishReason | None:
+        if token in self.eos_ids:
+            return "eos"
+        row.detok.add(token)
+        row.stop_string = row.detok.stop_hit()
+        if row.stop_string is not None:
+            return "stop"
+        return "length" if len(row.tokens) >= row.budget else None
+
+    # --- the shared cache ----------------------------------------------------------------
+
+    def _merge(self, new_cache, new_mask: torch.Tensor, rows: list[Row]) -> None:
+        from transformers import DynamicCache
+
+        if not self.rows:
+            self.cache, self.mask, self.rows = new_cache, new_mask, list(rows)
+            return
+        old_len, new_len = self.mask.shape[1], new_mask.shape[1]
+        width = max(old_len, new_len)
+        layers = []
+        for old, new in zip(self.cache.layers, new_cache.layers, strict=True):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)], dim=0)
+        self.rows += rows
+
+    def _retire(self, rows: list[Row], reason: str) -> None:
+        if not rows:
+            return
+        keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        for row in rows:
+            if row in self.rows:
+                _notify(row, self._result(row, reason))
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[torch.tensor(keep)]
+        unused = int(
+            (self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum()
+        )  # all-padding columns on the left
+        if unused:
+            _crop_left(self.cache, unused)
+            self.mask = self.mask[:, unused:]
+
+    def _result(self, row: Row, reason: str) -> GenerationResult:
+        n_output = len(row.tokens)
+        return GenerationResult(
+            text=row.detok.text,
+            prompt_tokens=len(row.prompt),
+            output_tokens=n_output,
+            finish_reason=reason,  # type: ignore[arg-type]
+            wall_s=time.perf_counter() - row.started,
+            stop_string=row.stop_string,
+            token_ids=list(row.tokens),
+            budget_clamped=row.clamped,
+        )
+
+    def fail_all(self, exc: Exception) -> None:
+        for row in self.rows:
+            _notify(row, GenerationResult("", len(row.prompt), 0, "length", extra={"error": str(exc)}))
+        self.rows, self.cache, self.mask = [], None, None
+
+
+def _notify(row: Row, event: str | GenerationResult) -> None:
+    """Hand an event to the row's listener; a listener that fails (its event loop is gone)
+    means nobody waits for the row any more: it is cancelled."""
+    try:
+        row.listener(event)
+    except Exception:
+        row.cancelled.set()
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence dimension (dim 2 of a cache tensor, dim 1 of a mask) on the left."""
+    dim = 2 if tensor.dim() == 4 else 1
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _crop_left(cache, columns: int) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, columns:]
+        layer.values = layer.values[:, :, columns:]
+
+
+def sample(
+    logits: torch.Tensor, settings: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
+    """One token per row: greedy rows take the argmax, the others draw from their tempered,
+    top-k/top-p truncated distribution with their own generator. logits: (B, V)."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, (params, generator) in enumerate(zip(settings, generators, strict=True)):
+        if params.temperature <= 0:
+            continue
+        row = logits[i] / params.temperature
+        if params.top_k:
+            kth = torch.topk(row, min(params.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if params.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            outside = ordered.cumsum(dim=0) - ordered > params.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
+        tokens[i] = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return tokens

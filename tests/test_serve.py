@@ -82,7 +82,14 @@ def test_chat_completion_with_usage_breakdown(scripted_server, client):
     assert (
         response.usage.prompt_tokens == direct.usage.capable.prompt_tokens + direct.usage.light.prompt_tokens
     )
-    assert "signal" not in response.model_extra["duet"]
+    assert response.model_extra["duet"]["signal"] == SIGNAL  # returned by default, as reasoning servers do
+    hidden = client.chat.completions.create(
+        model="duet",
+        messages=[{"role": "user", "content": QUESTIONS[0]}],
+        extra_body={"duet": {"return_signal": False}},
+    )
+    assert "signal" not in hidden.model_extra["duet"]
+    assert "reasoning_content" not in (hidden.choices[0].message.model_extra or {})
 
 
 def test_signal_mode_and_budget_per_request(client):
@@ -109,18 +116,30 @@ def test_signal_mode_and_budget_per_request(client):
     assert "\\boxed{14}" in alone.choices[0].message.content
 
 
-def test_streaming(client):
-    stream = client.chat.completions.create(
-        model="duet",
-        messages=[{"role": "user", "content": QUESTIONS[2]}],
-        stream=True,
-        stream_options={"include_usage": True},
+def timed_chunks(client, **kwargs) -> list[tuple[float, object]]:
+    started = time.perf_counter()
+    stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    return [(time.perf_counter() - started, chunk) for chunk in stream]
+
+
+def test_streaming_streams(client):
+    chunks = timed_chunks(client, model="duet", messages=[{"role": "user", "content": QUESTIONS[2]}])
+    reasoning = [
+        (t, c)
+        for t, c in chunks
+        if c.choices and (c.choices[0].delta.model_extra or {}).get("reasoning_content")
+    ]
+    answer = [(t, c) for t, c in chunks if c.choices and c.choices[0].delta.content]
+    assert (
+        "".join(c.choices[0].delta.model_extra["reasoning_content"] for _, c in reasoning).strip() == SIGNAL
     )
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "So \\boxed{14}"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].usage is not None and chunks[-1].usage.model_extra["duet"]["light"]["output_tokens"] > 0
+    assert "".join(c.choices[0].delta.content for _, c in answer) == "So \\boxed{14}"
+    assert len(reasoning) >= 5 and len(answer) >= 3  # token by token, not one block
+    assert reasoning[-1][0] <= answer[0][0]  # the whole signal before the answer's first chunk
+    assert answer[0][0] < chunks[-1][0]  # the answer's chunks before the response ends
+    assert [c.choices[0].finish_reason for _, c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1][1].usage
+    assert usage is not None and usage.model_extra["duet"]["light"]["output_tokens"] > 0
 
 
 def test_models_health_metrics(scripted_server, client):
@@ -128,7 +147,7 @@ def test_models_health_metrics(scripted_server, client):
     url = scripted_server[1]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'duet_requests_total{status="200"}' in metrics
+    assert 'duet_requests_total{route="/v1/chat/completions",status="200"}' in metrics
     assert 'duet_tokens_total{model="capable",kind="output"}' in metrics
     assert "duet_request_latency_seconds_bucket" in metrics
 
@@ -196,12 +215,17 @@ def test_wrong_or_missing_key(scripted_server):
     assert response.status_code == 401 and _error(response)["code"] == "invalid_api_key"
 
 
-def test_concurrent_requests_are_batched_and_independent(random_backend):
+@pytest.mark.parametrize("scheduler", ["continuous", "batch"])
+def test_concurrent_requests_share_batches_and_stay_independent(random_backend, scheduler):
     duet = Duet(random_backend, random_backend, DuetConfig(signal_max_tokens=12, answer_max_tokens=8))
-    server, thread, url = start_server(duet, ServeConfig(batch_window_ms=50))
+    questions = [f"question number {i} " + "x" * (i % 7) for i in range(32)]
+    expected = [duet.solve(q).text for q in questions]
+    widest = []
+    engine = random_backend.engine
+    step = engine.step
+    engine.step = lambda: (widest.append(len(engine.rows)), step())[1]
+    server, thread, url = start_server(duet, ServeConfig(scheduler=scheduler, batch_window_ms=50))
     try:
-        questions = [f"question number {i} " + "x" * (i % 7) for i in range(32)]
-        expected = [duet.solve(q).text for q in questions]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
         def ask(q):
@@ -210,12 +234,18 @@ def test_concurrent_requests_are_batched_and_independent(random_backend):
         with ThreadPoolExecutor(32) as pool:
             answers = [r.choices[0].message.content for r in pool.map(ask, questions)]
         assert answers == expected
-        metrics = httpx.get(f"{url}/metrics").text
-        batches = int(
-            next(line.split()[-1] for line in metrics.splitlines() if line.startswith("duet_batches_total"))
-        )
-        assert batches < 32  # requests shared batches
+        if scheduler == "batch":
+            metrics = httpx.get(f"{url}/metrics").text
+            batches = int(
+                next(
+                    line.split()[-1] for line in metrics.splitlines() if line.startswith("duet_batches_total")
+                )
+            )
+            assert batches < 32  # requests shared batches
+        else:
+            assert max(widest) > 4  # rows of several requests decoded in one step
     finally:
+        engine.step = step
         server.should_exit = True
         thread.join(timeout=30)
 
@@ -235,13 +265,14 @@ class FailsOn:
         pass
 
 
-def test_one_failing_request_does_not_fail_its_batch(random_backend):
+@pytest.mark.parametrize("scheduler", ["continuous", "batch"])
+def test_one_failing_request_does_not_fail_its_batch(random_backend, scheduler):
     duet = Duet(
         FailsOn(random_backend, "POISON"),
         random_backend,
         DuetConfig(signal_max_tokens=8, answer_max_tokens=4),
     )
-    server, thread, url = start_server(duet, ServeConfig(batch_window_ms=100))
+    server, thread, url = start_server(duet, ServeConfig(scheduler=scheduler, batch_window_ms=100))
     try:
 
         def ask(q):
@@ -259,3 +290,208 @@ def test_one_failing_request_does_not_fail_its_batch(random_backend):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# --- compatibility and hardening ------------------------------------------------------------
+
+
+def post(url: str, body, **headers) -> httpx.Response:
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"} | headers,
+        timeout=60,
+    )
+
+
+def test_content_as_a_list_of_text_parts(scripted_server):
+    url = scripted_server[1]
+    parts = [{"type": "text", "text": QUESTIONS[0]}]
+    response = post(url, {"model": "duet", "messages": [{"role": "user", "content": parts}]})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "So \\boxed{14}"
+    image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+    refused = post(url, {"model": "duet", "messages": [{"role": "user", "content": image}]})
+    assert refused.status_code == 400 and "only text content parts" in _error(refused)["message"]
+
+
+def test_a_conversation_reaches_both_models(scripted_server):
+    url = scripted_server[1]
+    single = post(url, {"model": "duet", "messages": [{"role": "user", "content": QUESTIONS[0]}]}).json()
+    turns = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": QUESTIONS[0]},
+    ]
+    chat = post(url, {"model": "duet", "messages": turns})
+    assert chat.status_code == 200
+    for model in ("capable", "light"):  # M and m both read the earlier turns
+        assert (
+            chat.json()["usage"]["duet"][model]["prompt_tokens"]
+            > single["usage"]["duet"][model]["prompt_tokens"]
+        )
+    after = post(url, {"model": "duet", "messages": [*turns, {"role": "assistant", "content": "x"}]})
+    assert after.status_code == 400 and "last user turn" in _error(after)["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            '{"model": "duet", "messages": [{"role": "user", "content": "q"}], "seed": 18446744073709551616}',
+            "seed",
+        ),
+        (
+            '{"model": "duet", "messages": [{"role": "user", "content": "bad \\ud800 text"}]}',
+            "lone surrogate",
+        ),
+    ],
+    ids=["seed-beyond-64-bits", "lone-surrogate"],
+)
+def test_values_that_once_gave_500_get_400(scripted_server, body, fragment):
+    response = post(scripted_server[1], body)
+    assert response.status_code == 400 and fragment in _error(response)["message"]
+
+
+def test_unknown_routes_and_methods_get_openai_errors(scripted_server):
+    url = scripted_server[1]
+    missing = httpx.get(f"{url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404 and "no route" in _error(missing)["message"]
+    wrong = httpx.get(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert wrong.status_code == 405 and "GET is not allowed" in _error(wrong)["message"]
+
+
+def test_a_prompt_beyond_the_context_is_refused_before_any_work(scripted_server):
+    url = scripted_server[1]
+    engine_rows_before = len(scripted_server[0].capable.engine.rows)
+    started = time.perf_counter()
+    response = post(url, {"model": "duet", "messages": [{"role": "user", "content": "x " * 1900}]})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "context_length_exceeded" and "1024" in error["message"]
+    assert (
+        time.perf_counter() - started < 2
+        and len(scripted_server[0].capable.engine.rows) == engine_rows_before
+    )
+
+
+def test_unseeded_samples_differ_and_seeded_ones_repeat(random_backend):
+    duet = Duet(random_backend, random_backend, DuetConfig(signal_max_tokens=16, answer_max_tokens=8))
+    server, thread, url = start_server(duet, ServeConfig())
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+        def signal(**extra):
+            response = client.chat.completions.create(
+                model="duet", messages=[{"role": "user", "content": "hello"}], temperature=1.5, **extra
+            )
+            return response.model_extra["duet"]["signal"]
+
+        assert signal() != signal()
+        assert signal(seed=12) == signal(seed=12)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_client_that_leaves_stops_its_generation(qwen3_dirs):
+    from duetlm.backends.hf import HFBackend
+
+    rambler = HFBackend(str(qwen3_dirs["random"]), device="cpu")  # samples ~150k words, rarely an end
+    duet = Duet(rambler, rambler, DuetConfig(signal_max_tokens=900, answer_max_tokens=8))
+    server, thread, url = start_server(duet, ServeConfig())
+    engine = rambler.engine
+    try:
+        body = {
+            "model": "duet",
+            "stream": True,
+            "temperature": 1.0,
+            "messages": [{"role": "user", "content": "go"}],
+        }
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if "reasoning_content" in line:
+                    break
+            assert engine.rows  # M is generating
+        deadline = time.time() + 5  # the client left after the first reasoning chunk: the row must go
+        while engine.rows and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.rows == []
+        assert "duet_client_disconnects_total 1" in httpx.get(f"{url}/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_every_status_is_counted_by_route(scripted_server):
+    url = scripted_server[1]
+    httpx.get(f"{url}/v1/models")  # 401 on /v1/models, not a chat request
+    httpx.get(f"{url}/nowhere")
+    chunked = httpx.post(
+        f"{url}/v1/chat/completions", content=iter([b"{}"]), headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert chunked.status_code == 411
+    metrics = httpx.get(f"{url}/metrics").text
+    for line in (
+        'duet_requests_total{route="/v1/models",status="401"}',
+        'duet_requests_total{route="other",status="404"}',
+        'duet_requests_total{route="/v1/chat/completions",status="411"}',
+    ):
+        assert line in metrics, line
+
+
+def test_failures_are_counted_as_5xx(random_backend):
+    duet = Duet(
+        FailsOn(random_backend, "POISON"),
+        random_backend,
+        DuetConfig(signal_max_tokens=8, answer_max_tokens=4),
+    )
+    server, thread, url = start_server(duet, ServeConfig())
+    try:
+        assert (
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "duet", "messages": [{"role": "user", "content": "POISON"}]},
+            ).status_code
+            == 502
+        )
+        assert (
+            'duet_requests_total{route="/v1/chat/completions",status="502"} 1'
+            in httpx.get(f"{url}/metrics").text
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_api_key_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    env = os.environ | {"DUET_API_KEY": "from-env", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("duet")), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        ok = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "duet"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -114,17 +114,20 @@ def test_a_prompt_longer_than_the_context_ends_at_once(tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("chunks", "thinking", "answer"),
+    ("chunks", "untagged", "thinking", "answer"),
     [
-        (["<think>\nab", "c\n</thi", "nk>\n\nThe an", "swer"], "abc\n", "The answer"),
-        (["<th", "ink>", "x</think>", "y"], "x", "y"),
-        (["no tags at all"], "", "no tags at all"),
-        (["<think>\ncut by the budget"], "cut by the budget", ""),
-        (["\n\n<think>", "\n\n", "a", "</think>", "\n", "\n", "b"], "a", "b"),
+        (["<think>\nab", "c\n</thi", "nk>\n\nThe an", "swer"], "wait", "abc\n", "The answer"),
+        (["<th", "ink>", "x</think>", "y"], "wait", "x", "y"),
+        (["no tags ", "at all"], "wait", "", "no tags at all"),
+        (["opened in ", "the prompt</think>", "ok"], "wait", "opened in the prompt", "ok"),
+        (["<think>\ncut by the budget"], "wait", "cut by the budget", ""),
+        (["\n\n<think>", "\n\n", "a", "</think>", "\n", "\n", "b"], "wait", "a", "b"),
+        (["a signal without ", "the opening tag"], "thinking", "a signal without the opening tag", ""),
+        (["an answer"], "answer", "", "an answer"),
     ],
 )
-def test_thinking_splitter_at_any_chunk_boundary(chunks, thinking, answer):
-    split = ThinkingSplitter("<think>", "</think>")
+def test_thinking_splitter_at_any_chunk_boundary(chunks, untagged, thinking, answer):
+    split = ThinkingSplitter("<think>", "</think>", untagged)
     events = [e for chunk in chunks for e in split.feed(chunk)] + split.close()
     assert "".join(e.text for e in events if isinstance(e, SignalDelta)) == thinking
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == answer

@@ -439,11 +439,17 @@ def serve(
     light: LightOpt = DEFAULT_LIGHT,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(help="Require `Authorization: Bearer KEY` on /v1.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="DUET_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 (or $DUET_API_KEY)."),
+    ] = None,
     name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "duet",
     config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
-    batch_window_ms: Annotated[float, typer.Option(help="Wait for more requests to batch.")] = 10.0,
-    max_batch: Annotated[int, typer.Option(help="Most requests per batch.")] = 32,
+    scheduler: Annotated[
+        str, typer.Option(help="continuous (stream, batch step by step) or batch (gather, then solve together).")
+    ] = "continuous",
+    batch_window_ms: Annotated[float, typer.Option(help="batch scheduler: wait for more requests.")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="batch scheduler: most requests per batch.")] = 32,
     device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
     upstream_api_key: Annotated[str | None, typer.Option(help="Key for openai: model specs.")] = None,
 ) -> None:
@@ -460,8 +466,18 @@ def serve(
         load_backend(light, options),
         build_config(config, None, None, None, None, (capable, light)),
     )
-    serve_config = ServeConfig(
-        name=name, api_key=api_key, batch_window_ms=batch_window_ms, max_batch=max_batch
+    from duetlm.config import validate_config
+
+    serve_config = validate_config(
+        ServeConfig,
+        {
+            "name": name,
+            "api_key": api_key,
+            "scheduler": scheduler,
+            "batch_window_ms": batch_window_ms,
+            "max_batch": max_batch,
+        },
+        source="serve options",
     )
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err_console.print(f"[yellow]warning: serving on {host} without --api-key[/]")

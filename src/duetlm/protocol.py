@@ -292,7 +292,7 @@ class Duet:
             capable = parsed.kind == "M-alone"
             backend = self.capable if capable else self.light
             budget = cfg.capable_alone_budget if capable else cfg.light_alone_budget
-            split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close)
+            split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="wait")
             async for item in stream(backend, alone_request(problem, cfg, budget, capable)):
                 if isinstance(item, GenerationResult):
                     for event in split.close():
@@ -302,9 +302,7 @@ class Duet:
                 for event in split.feed(item):
                     yield event
         first = None
-        split = ThinkingSplitter(
-            cfg.prompts.think_open, cfg.prompts.think_close, thinking=cfg.signal_style == "sketch"
-        )
+        split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="thinking")
         async for item in stream(
             self.capable, capable_request(problem, cfg, parsed.budget or cfg.signal_max_tokens)
         ):
@@ -438,14 +436,18 @@ Event = SignalDelta | AnswerDelta | Finished
 
 
 class ThinkingSplitter:
-    """Routes streamed text into thinking and answer: the opening tag is dropped (optional:
-    some templates write it into the prompt), text up to the close tag is thinking, the rest
-    is the answer. A server's parsed reasoning is thinking as it comes. Holds back text that
-    may still turn out to be a tag."""
+    """Routes streamed text into thinking and answer: the opening tag is dropped, text up to
+    the close tag is thinking, the rest is the answer; a server's parsed reasoning is thinking
+    as it comes. Text that may still turn out to be a tag is held back.
 
-    def __init__(self, think_open: str, think_close: str, thinking: bool = False) -> None:
-        self.open, self.close_tag = think_open, think_close
-        self.state = "thinking" if thinking else "start"
+    Output that does not open with the tag (some chat templates write it into the prompt) is
+    `untagged`: thinking for M's first stage (it stops at the close tag: all of it is the
+    signal), answer for a model that never thinks, or `wait`: held until the close tag shows
+    it was thinking or the end shows it was the answer (the alone modes, which cannot know)."""
+
+    def __init__(self, think_open: str, think_close: str, untagged: str = "wait") -> None:
+        self.open, self.close_tag, self.untagged = think_open, think_close, untagged
+        self.state = "start"
         self.buffer, self.thinking, self.answering = "", False, False
 
     def feed(self, item: str | ReasoningDelta) -> list[Event]:
@@ -467,7 +469,15 @@ class ThinkingSplitter:
                     continue
                 if self.open.startswith(head) and not final:
                     return events  # may still be the opening tag
-                self.state = "thinking" if self.close_tag in self.buffer else "answer"
+                self.state = self.untagged
+                continue
+            if self.state == "wait":
+                if self.close_tag in self.buffer:
+                    self.state = "thinking"
+                elif final:
+                    self.state = "answer"
+                else:
+                    return events
                 continue
             if self.state == "thinking":
                 index = self.buffer.find(self.close_tag)

@@ -50,9 +50,18 @@ class Detokenizer:
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
+        self._decode(final=False)
+
+    def flush(self) -> None:
+        """At the end: whatever the held tokens decode to, incomplete characters included."""
+        self._decode(final=True)
+
+    def _decode(self, final: bool) -> None:
         before = self.tokenizer.decode(self.tokens[self.prefix : self.read], skip_special_tokens=False)
         after = self.tokenizer.decode(self.tokens[self.prefix :], skip_special_tokens=False)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        # a UTF-8 character spans at most 4 byte tokens: past that, a replacement character is real
+        complete = not after.endswith("\ufffd") or len(self.tokens) - self.read >= 4
+        if len(after) > len(before) and (complete or final):
             self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(self.tokens)
 
@@ -239,6 +248,8 @@ class StepEngine:
         for row, token in zip(rows, tokens):
             row.tokens.append(token)
             reason = self._finished(row, token)
+            if reason is not None and reason != "stop":
+                row.detok.flush()
             delta = row.detok.ready(final=reason is not None)
             if delta:
                 _notify(row, delta)

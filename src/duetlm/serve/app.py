@@ -1,39 +1,74 @@
 """The FastAPI app: thin routes that translate OpenAI requests into `Duet` calls.
 
 Routes: POST /v1/chat/completions (streaming and not), GET /v1/models, GET /health,
-GET /metrics (Prometheus text). Every error leaves in the OpenAI shape
-`{"error": {"message", "type", "param", "code"}}`, from one table of exception types.
+GET /metrics (Prometheus text), GET / (the playground page). Every error leaves in the OpenAI
+shape `{"error": {"message", "type", "param", "code"}}`, from one table of exception types;
+unknown routes and methods too.
+
+Scheduling (`ServeConfig.scheduler`): `continuous` (the default) runs each request through
+`Duet.astream`: M's tokens stream as `reasoning_content` while M writes, the request moves
+on to m as soon as its own signal ends, and the hf backend batches every request in flight
+step by step. `batch` gathers requests for `batch_window_ms` and runs them through
+`solve_batch` together (the older scheduler, kept for comparison): nothing streams until
+the whole protocol is done. A client that disconnects cancels its generation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from duetlm.errors import BackendError, ConfigError, GenerationError, InputError
-from duetlm.protocol import Duet, Problem, SolveResult, parse_mode
+from duetlm.protocol import (
+    AnswerDelta,
+    Duet,
+    Finished,
+    Problem,
+    SignalDelta,
+    SolveResult,
+    alone_request,
+    capable_request,
+    parse_mode,
+)
 from duetlm.serve.batcher import Batcher, BatchKey
 from duetlm.serve.metrics import Metrics
 from duetlm.serve.schemas import ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
 
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
+
 
 class ServeConfig(BaseModel):
     """Server settings; the defaults are the safe ones (loopback, small bodies)."""
 
     name: str = Field("duet", description="The model name clients ask for.")
-    api_key: str | None = Field(None, description="When set, /v1 routes need `Authorization: Bearer KEY`.")
-    batch_window_ms: float = Field(10.0, ge=0, description="How long the first request waits for others.")
-    max_batch: int = Field(32, ge=1, description="Most requests in one protocol batch.")
+    api_key: str | None = Field(
+        None,
+        description="When set, /v1 routes need `Authorization: Bearer KEY` (CLI: --api-key or $DUET_API_KEY).",
+    )
+    scheduler: Literal["continuous", "batch"] = Field(
+        "continuous",
+        description="continuous: stream and batch step by step; batch: gather, then solve together.",
+    )
+    batch_window_ms: float = Field(
+        10.0, ge=0, description="batch scheduler: how long the first request waits."
+    )
+    max_batch: int = Field(32, ge=1, description="batch scheduler: most requests in one protocol batch.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
 
 
@@ -58,19 +93,30 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 def create_app(duet: Duet, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     metrics = Metrics()
-    batcher = Batcher(duet, config.batch_window_ms / 1000, config.max_batch, metrics)
+    batcher = (
+        Batcher(duet, config.batch_window_ms / 1000, config.max_batch, metrics)
+        if config.scheduler == "batch"
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        if batcher is not None:
+            batcher.start()
         yield
-        await batcher.stop()
+        if batcher is not None:
+            await batcher.stop()
 
     app = FastAPI(title="duetlm", lifespan=lifespan)
     app.state.metrics, app.state.batcher = metrics, batcher
+    expected_key = f"Bearer {config.api_key}".encode() if config.api_key is not None else None
 
     def fail(status: int, message: str, kind: str, param=None, code=None) -> JSONResponse:
         metrics.observe_error(kind)
@@ -78,29 +124,40 @@ def create_app(duet: Duet, config: ServeConfig | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        if request.url.path.startswith("/v1/"):
-            if config.api_key is not None:
-                header = request.headers.get("authorization", "")
-                if header != f"Bearer {config.api_key}":
-                    response = fail(
-                        401,
-                        "missing or wrong API key (Authorization: Bearer ...)",
-                        "invalid_request_error",
-                        code="invalid_api_key",
-                    )
-                    metrics.observe_request(401, time.perf_counter() - started)
-                    return response
-            length = request.headers.get("content-length")
-            if request.method == "POST" and length is None:
-                return fail(411, "a Content-Length header is required", "invalid_request_error")
-            if length is not None and int(length) > config.max_body_bytes:
-                metrics.observe_request(413, time.perf_counter() - started)
-                return fail(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
-        response = await call_next(request)
-        if request.url.path == "/v1/chat/completions":
-            metrics.observe_request(response.status_code, time.perf_counter() - started)
+        started, path = time.perf_counter(), request.url.path
+        route = path if path in ROUTES else "other"
+        response = None
+        if path.startswith("/v1/"):
+            header = request.headers.get("authorization", "").encode()
+            if expected_key is not None and not hmac.compare_digest(header, expected_key):
+                response = fail(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
+            elif request.method == "POST" and request.headers.get("content-length") is None:
+                response = fail(411, "a Content-Length header is required", "invalid_request_error")
+            elif int(request.headers.get("content-length") or 0) > config.max_body_bytes:
+                response = fail(
+                    413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error"
+                )
+        if response is None:
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # an error no handler turned into a response
+                logger.exception("unhandled error")
+                response = fail(500, f"internal error: {type(exc).__name__}", "internal_error")
+        metrics.observe_request(route, response.status_code, time.perf_counter() - started)
         return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        messages = {
+            404: f"no route {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }
+        return fail(exc.status_code, messages.get(exc.status_code, str(exc.detail)), "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -123,14 +180,25 @@ def create_app(duet: Duet, config: ServeConfig | None = None) -> FastAPI:
     for kind in ERROR_TABLE:
         app.add_exception_handler(kind, library_error)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        logger.exception("unhandled error")
-        return fail(500, f"internal error: {type(exc).__name__}", "internal_error")
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        metrics.observe_disconnect()
+        return Response(status_code=499)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(
+            resources.files("duetlm.serve").joinpath("static/playground.html").read_text("utf-8")
+        )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "capable": duet.capable.spec, "light": duet.light.spec}
+        return {
+            "status": "ok",
+            "capable": duet.capable.spec,
+            "light": duet.light.spec,
+            "scheduler": config.scheduler,
+        }
 
     @app.get("/metrics")
     async def prometheus():
@@ -144,7 +212,7 @@ def create_app(duet: Duet, config: ServeConfig | None = None) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.model != config.name:
             raise APIError(
                 404,
@@ -153,28 +221,38 @@ def create_app(duet: Duet, config: ServeConfig | None = None) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        if not body.question.strip():
-            raise APIError(400, "messages need a non-empty user message", "invalid_request_error", "messages")
+        try:
+            problem = body.problem()
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_request_error", "messages") from None
         try:
             mode = parse_mode(body.duet.mode)
         except InputError as exc:
             raise APIError(400, str(exc), "invalid_request_error", "duet.mode") from None
-        result = await batcher.submit(batch_key(body, str(mode)), Problem(body.question))
-        metrics.observe_usage(result.usage)
+        solver = Duet(duet.capable, duet.light, duet.config.model_copy(update=config_update(body)))
+        check_context(solver, problem, mode)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
-                stream_chunks(completion_id, config.name, body, result, include_usage),
-                media_type="text/event-stream",
+        if batcher is not None:
+            events = batched_events(
+                batcher, BatchKey(str(mode), tuple(sorted(config_update(body).items()))), problem
             )
+        else:
+            events = solver.astream(problem, mode)
+        if body.stream:
+            return StreamingResponse(
+                sse(completion_id, config.name, body, events, metrics), media_type="text/event-stream"
+            )
+        result = await until_finished(events, request)
+        metrics.observe_usage(result.usage)
         return completion(completion_id, config.name, body, result)
 
     return app
 
 
-def batch_key(body: ChatCompletionRequest, mode: str) -> BatchKey:
-    update: dict = {}
+def config_update(body: ChatCompletionRequest) -> dict:
+    """The request's own settings over the server's DuetConfig. An unseeded request samples
+    with a fresh seed (two of them differ); a seeded one repeats."""
+    update: dict = {"seed": body.seed}
     answer_budget = body.max_completion_tokens or body.max_tokens
     if answer_budget is not None:
         update |= {
@@ -184,10 +262,67 @@ def batch_key(body: ChatCompletionRequest, mode: str) -> BatchKey:
         }
     if body.duet.signal_max_tokens is not None:
         update["signal_max_tokens"] = body.duet.signal_max_tokens
-    for name in ("temperature", "top_p", "seed"):
+    for name in ("temperature", "top_p"):
         if getattr(body, name) is not None:
             update[name] = getattr(body, name)
-    return BatchKey(mode, tuple(sorted(update.items())))
+    return update
+
+
+def check_context(solver: Duet, problem: Problem, mode) -> None:
+    """Refuse, before any work, a prompt that leaves no room in the context of the model that
+    reads it first; budgets are cut to what is left when generating."""
+    cfg = solver.config
+    if mode.kind == "m-alone":
+        backend, request = solver.light, alone_request(problem, cfg, cfg.light_alone_budget, capable=False)
+    elif mode.kind == "M-alone":
+        backend, request = solver.capable, alone_request(problem, cfg, cfg.capable_alone_budget, capable=True)
+    else:
+        backend, request = solver.capable, capable_request(problem, cfg, mode.budget or cfg.signal_max_tokens)
+    limit = getattr(backend, "context_length", None)
+    if limit is None or not hasattr(backend, "prompt_tokens"):
+        return
+    tokens = backend.prompt_tokens(request)
+    if tokens >= limit:
+        raise APIError(
+            400,
+            f"the prompt has {tokens} tokens; {backend.spec} reads at most {limit}, and needs room to answer",
+            "invalid_request_error",
+            "messages",
+            "context_length_exceeded",
+        )
+
+
+async def batched_events(batcher: Batcher, key: BatchKey, problem: Problem) -> AsyncIterator:
+    """The batch scheduler's result as the same events, all at the end."""
+    result = await batcher.submit(key, problem)
+    if result.signal:
+        yield SignalDelta(result.signal)
+    yield AnswerDelta(result.text)
+    yield Finished(result)
+
+
+async def until_finished(events: AsyncIterator, request: Request) -> SolveResult:
+    """The final result, abandoning the work if the client disconnects first."""
+
+    async def consume() -> SolveResult:
+        async for event in events:
+            if isinstance(event, Finished):
+                return event.result
+        raise GenerationError("the protocol ended without a result")
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await events.aclose()
 
 
 def usage_body(result: SolveResult) -> dict:
@@ -240,14 +375,15 @@ def completion(completion_id: str, name: str, body: ChatCompletionRequest, resul
     }
 
 
-def stream_chunks(
-    completion_id: str, name: str, body: ChatCompletionRequest, result: SolveResult, include_usage: bool
+async def sse(
+    completion_id: str, name: str, body: ChatCompletionRequest, events: AsyncIterator, metrics: Metrics
 ):
-    """SSE chunks of a finished result: the protocol runs to completion first (m's answer is
-    short), then the answer is sent in word-sized deltas."""
+    """Server-sent chunks as the events come: the signal as `reasoning_content` (when asked
+    for), the answer as `content`, a finish chunk, usage when `stream_options.include_usage`."""
     created = int(time.time())
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+    def chunk(delta: dict, finish: str | None = None, extra: dict | None = None, choices: bool = True) -> str:
         data = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -255,22 +391,38 @@ def stream_chunks(
             "model": name,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
         }
-        if usage is not None:
-            data["usage"] = usage
-            data["duet"] = duet_body(body, result)
-        return f"data: {json.dumps(data)}\n\n"
+        return f"data: {json.dumps(data | (extra or {}))}\n\n"
 
-    first = {"role": "assistant", "content": ""}
-    if body.duet.return_signal:
-        first["reasoning_content"] = result.signal
-    yield chunk(first)
-    text, start = result.text, 0
-    while start < len(text):
-        end = text.find(" ", start + 1)
-        end = len(text) if end < 0 else end
-        yield chunk({"content": text[start:end]})
-        start = end
-    yield chunk({}, finish_reason(result))
-    if include_usage:
-        yield chunk({}, usage=usage_body(result), choices=False)
-    yield "data: [DONE]\n\n"
+    finished = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in events:
+            if isinstance(event, SignalDelta):
+                if body.duet.return_signal:
+                    yield chunk({"reasoning_content": event.text})
+            elif isinstance(event, AnswerDelta):
+                yield chunk({"content": event.text})
+            else:
+                result = event.result
+                metrics.observe_usage(result.usage)
+                yield chunk({}, finish_reason(result))
+                if include_usage:
+                    yield chunk(
+                        {},
+                        extra={"usage": usage_body(result), "duet": duet_body(body, result)},
+                        choices=False,
+                    )
+                finished = True
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # the stream has begun: the error goes in it, in the OpenAI shape
+        status, kind = next(
+            (v for k, v in ERROR_TABLE.items() if isinstance(exc, k)), (500, "internal_error")
+        )
+        logger.warning("stream failed (%s): %s", status, exc)
+        metrics.observe_error(kind)
+        yield f"data: {json.dumps(error_body(str(exc), kind))}\n\n"
+        finished = True
+    finally:
+        if not finished:
+            metrics.observe_disconnect()
+        await events.aclose()

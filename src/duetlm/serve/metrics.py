@@ -11,7 +11,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float(
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.requests: dict[str, int] = defaultdict(int)  # by status code
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)  # by (route, status code)
+        self.disconnects = 0
         self.errors: dict[str, int] = defaultdict(int)  # by OpenAI error type
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)  # (model, kind)
         self.batches = 0
@@ -20,14 +21,21 @@ class Metrics:
         self.latency_sum = 0.0
         self.latency_n = 0
 
-    def observe_request(self, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """Every response of every route, errors included; latency for chat completions."""
         with self._lock:
-            self.requests[str(status)] += 1
+            self.requests[(route, str(status))] += 1
+            if route != "/v1/chat/completions":
+                return
             self.latency_sum += seconds
             self.latency_n += 1
             for i, bound in enumerate(LATENCY_BUCKETS):
                 if seconds <= bound:
                     self.latency_counts[i] += 1
+
+    def observe_disconnect(self) -> None:
+        with self._lock:
+            self.disconnects += 1
 
     def observe_error(self, kind: str) -> None:
         with self._lock:
@@ -47,10 +55,17 @@ class Metrics:
     def render(self) -> str:
         with self._lock:
             lines = [
-                "# HELP duet_requests_total Chat completion requests by HTTP status.",
+                "# HELP duet_requests_total Requests by route and HTTP status (unknown routes: route=other).",
                 "# TYPE duet_requests_total counter",
             ]
-            lines += [f'duet_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
+            lines += [
+                f'duet_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())
+            ]
+            lines += [
+                "# HELP duet_client_disconnects_total Requests whose client left before the answer; their work is cancelled.",
+                "# TYPE duet_client_disconnects_total counter",
+                f"duet_client_disconnects_total {self.disconnects}",
+            ]
             lines += ["# HELP duet_errors_total Errors by type.", "# TYPE duet_errors_total counter"]
             lines += [f'duet_errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())]
             lines += [

@@ -1,20 +1,25 @@
-"""Load benchmark of `duet serve` on loopback: requests/s and latency at several concurrencies.
+"""Load benchmark of `duet serve` on loopback: requests/s, latency and time to first chunk.
 
-    python bench/serve_load.py                       # embedded pair, concurrency 1, 8, 32
-    python bench/serve_load.py --requests 64 --max-seconds 120
+    python bench/serve_load.py                          # embedded pair, both schedulers, 1/8/32
+    python bench/serve_load.py --schedulers continuous --levels 32 --requests 128
 
-Starts the server in this process on 127.0.0.1 (a free port), sends builtin-task questions
-through the official async openai client, and stops by itself: each level sends at most
---requests requests and stops after --max-seconds. Prints requests/s, p50 and p99 latency per
-level and the throughput ratio of the highest concurrency to concurrency 1.
+For each scheduler (`batch`: gather requests, solve them together, then send; `continuous`:
+stream while the models write, each request moving on to m when its own signal ends), the
+server starts in this process on 127.0.0.1 (a free port) and builtin-task questions go
+through the official async openai client as streams (`stream=True`, the signal asked for).
+Per concurrency level it prints requests/s, p50/p99 latency, and p50/p99 of the time to the
+first reasoning chunk (M's signal) and to the first answer chunk (m's). Every level sends the
+same questions; a level stops after --requests requests or --max-seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
-import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,6 +29,7 @@ import uvicorn
 
 from duetlm.backends import BackendOptions, load_backend
 from duetlm.config import DuetConfig
+from duetlm.models import EMBEDDED_BUDGETS
 from duetlm.protocol import Duet
 from duetlm.serve import ServeConfig, create_app
 from duetlm.tasks import builtin
@@ -35,39 +41,90 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
 async def level(url: str, questions: list[str], concurrency: int, max_seconds: float) -> dict:
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=max_seconds)
-    latencies: list[float] = []
+    latencies, first_reasoning, first_answer = [], [], []
     errors = 0
     queue = list(questions)
     started = time.perf_counter()
 
+    async def one(question: str) -> None:
+        t0 = time.perf_counter()
+        reasoning_at = answer_at = None
+        stream = await client.chat.completions.create(
+            model="duet",
+            messages=[{"role": "user", "content": question}],
+            stream=True,
+            extra_body={"duet": {"return_signal": True}},
+        )
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            if reasoning_at is None and (delta.model_extra or {}).get("reasoning_content"):
+                reasoning_at = time.perf_counter() - t0
+            if answer_at is None and delta.content:
+                answer_at = time.perf_counter() - t0
+        latencies.append(time.perf_counter() - t0)
+        if reasoning_at is not None:
+            first_reasoning.append(reasoning_at)
+        if answer_at is not None:
+            first_answer.append(answer_at)
+
     async def worker() -> None:
         nonlocal errors
         while queue and time.perf_counter() - started < max_seconds:
-            question = queue.pop()
-            t0 = time.perf_counter()
             try:
-                await client.chat.completions.create(
-                    model="duet", messages=[{"role": "user", "content": question}]
-                )
-                latencies.append(time.perf_counter() - t0)
+                await one(queue.pop())
             except openai.APIError:
                 errors += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     await client.close()
-    latencies.sort()
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
         "errors": errors,
-        "seconds": elapsed,
         "rps": len(latencies) / elapsed,
-        "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "p50": percentile(latencies, 0.5),
+        "p99": percentile(latencies, 0.99),
+        "reasoning_p50": percentile(first_reasoning, 0.5),
+        "reasoning_p99": percentile(first_reasoning, 0.99),
+        "answer_p50": percentile(first_answer, 0.5),
+        "answer_p99": percentile(first_answer, 0.99),
     }
+
+
+def run_scheduler(
+    scheduler: str, duet: Duet, questions: list[str], levels: list[int], max_seconds: float
+) -> list[dict]:
+    port = free_port()
+    app = create_app(duet, ServeConfig(scheduler=scheduler, max_batch=64))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1"
+    # the load comes from another process, as it would from real clients: parsing the streams
+    # must not compete with the server for this process's interpreter
+    command = [sys.executable, __file__, "--client", url, "--levels", ",".join(map(str, levels))]
+    command += ["--max-seconds", str(max_seconds), "--questions-json", json.dumps(questions)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    server.should_exit = True
+    thread.join(timeout=30)
+    return json.loads(done.stdout)
+
+
+def client_main(url: str, levels: list[int], max_seconds: float, questions: list[str]) -> None:
+    asyncio.run(level(url, questions[:4], 2, max_seconds))  # warm-up
+    print(json.dumps([asyncio.run(level(url, questions, c, max_seconds)) for c in levels]))
 
 
 def main() -> None:
@@ -76,44 +133,47 @@ def main() -> None:
     )
     parser.add_argument("--capable", default="tiny-M")
     parser.add_argument("--light", default="tiny-m")
+    parser.add_argument("--schedulers", default="batch,continuous")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--requests", type=int, default=64, help="Requests per level (at most).")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="Time cap per level.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the load against this URL
+    parser.add_argument("--questions-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        levels = [int(c) for c in args.levels.split(",")]
+        client_main(args.client, levels, args.max_seconds, json.loads(args.questions_json))
+        return
     torch.set_num_threads(args.threads)
     options = BackendOptions(device="cpu", batch_size=64)
     duet = Duet(
-        load_backend(args.capable, options),
-        load_backend(args.light, options),
-        DuetConfig(signal_max_tokens=512, answer_max_tokens=64),
+        load_backend(args.capable, options), load_backend(args.light, options), DuetConfig(**EMBEDDED_BUDGETS)
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(duet, ServeConfig(max_batch=64)), host="127.0.0.1", port=port, log_level="error"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
     questions = [p.question for p in builtin.generate(args.requests, split="test", seed=3)]
-    asyncio.run(level(url, questions[:4], 2, args.max_seconds))  # warm-up
-    rows = [asyncio.run(level(url, questions, int(c), args.max_seconds)) for c in args.levels.split(",")]
-    server.should_exit = True
-    thread.join(timeout=30)
-    print(f"duet serve on loopback, {args.capable} + {args.light}, CPU, {args.threads} threads")
-    print(f"{'conc':>5} {'reqs':>5} {'errors':>6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7}")
-    for r in rows:
-        print(
-            f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>6} {r['rps']:>7.2f} {r['p50']:>7.3f} {r['p99']:>7.3f}"
-        )
+    levels = [int(c) for c in args.levels.split(",")]
     print(
-        f"throughput ratio, concurrency {rows[-1]['concurrency']} / {rows[0]['concurrency']}: "
-        f"{rows[-1]['rps'] / rows[0]['rps']:.1f}x"
+        f"duet serve on loopback, {args.capable} + {args.light}, CPU, {args.threads} threads, streamed requests"
     )
+    header = f"{'scheduler':<11} {'conc':>4} {'reqs':>4} {'err':>3} {'req/s':>6} {'p50 s':>6} {'p99 s':>6}"
+    header += f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6}"
+    results = {}
+    for scheduler in args.schedulers.split(","):
+        results[scheduler] = run_scheduler(scheduler, duet, questions, levels, args.max_seconds)
+    print(header)
+    for scheduler, rows in results.items():
+        for r in rows:
+            print(
+                f"{scheduler:<11} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3} {r['rps']:>6.2f} "
+                f"{r['p50']:>6.3f} {r['p99']:>6.3f} {r['reasoning_p50']:>11.3f} {r['reasoning_p99']:>6.3f} "
+                f"{r['answer_p50']:>11.3f} {r['answer_p99']:>6.3f}"
+            )
+    if set(results) >= {"batch", "continuous"}:
+        old, new = results["batch"][-1], results["continuous"][-1]
+        print(
+            f"at concurrency {new['concurrency']}: p50 latency {new['p50'] / old['p50']:.2f}x the batch scheduler's, "
+            f"throughput {new['rps'] / old['rps']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -215,3 +215,50 @@ def test_generate_works_inside_a_running_event_loop(status_server):
 
     with pytest.raises(BackendError, match="API key"):
         asyncio.run(call())
+
+
+def test_streamed_equals_called(served_capable, model_dirs):
+    import asyncio
+
+    from duetlm.backends.base import GenerationResult, cut_at_stop
+
+    model, url = served_capable
+    backend = OpenAIBackend(model, url, tokenizer=str(model_dirs["capable"]))
+
+    async def streamed(request):
+        items = [item async for item in backend.astream(request)]
+        return items[:-1], items[-1]
+
+    for request in (
+        ask(QUESTIONS[0], 80, stop=("</think>",)),
+        ask(QUESTIONS[1], 30, prefill=f"<think>\n{SIGNAL}\n</think>\n\n"),  # through completions
+    ):
+        deltas, result = asyncio.run(streamed(request))
+        [called] = backend.generate([request])
+        assert isinstance(result, GenerationResult) and len(deltas) > 1
+        assert cut_at_stop("".join(deltas), request.sampling.stop)[0] == called.text  # as they came
+        assert result.text == called.text
+        assert (result.prompt_tokens, result.output_tokens) == (called.prompt_tokens, called.output_tokens)
+
+
+def test_remote_capable_streams_through_the_protocol(served_qwen3, qwen3_dirs):
+    import asyncio
+
+    from duetlm.backends.hf import HFBackend
+    from duetlm.protocol import AnswerDelta, SignalDelta
+
+    model, url = served_qwen3
+    light = HFBackend(str(qwen3_dirs["light"]), device="cpu")
+    duet = Duet(OpenAIBackend(model, url), light, DuetConfig(signal_max_tokens=60, answer_max_tokens=20))
+
+    async def events():
+        return [e async for e in duet.astream(QUESTIONS[0])]
+
+    stream = asyncio.run(events())
+    signal = [e.text for e in stream if isinstance(e, SignalDelta)]
+    assert "".join(signal).strip() == SIGNAL and len(signal) > 1  # the server's reasoning, as it came
+    assert (
+        "".join(e.text for e in stream if isinstance(e, AnswerDelta)).strip()
+        == stream[-1].result.text.strip()
+    )
+    assert stream[-1].result.answer == "14"

@@ -46,7 +46,9 @@ def start_server(duet: Duet, config: ServeConfig):
 @pytest.fixture(scope="module")
 def scripted_server(capable_backend, light_backend):
     duet = Duet(capable_backend, light_backend, DuetConfig(signal_max_tokens=80, answer_max_tokens=40))
-    server, thread, url = start_server(duet, ServeConfig(api_key=KEY, max_body_bytes=4096))
+    # every delta its own chunk, so the tests below can see the stream token by token
+    config = ServeConfig(api_key=KEY, max_body_bytes=4096, stream_interval_ms=0)
+    server, thread, url = start_server(duet, config)
     yield duet, url
     server.should_exit = True
     thread.join(timeout=30)
@@ -140,6 +142,31 @@ def test_streaming_streams(client):
     assert [c.choices[0].finish_reason for _, c in chunks if c.choices][-1] == "stop"
     usage = chunks[-1][1].usage
     assert usage is not None and usage.model_extra["duet"]["light"]["output_tokens"] > 0
+
+
+def test_fast_deltas_are_joined_into_fewer_chunks(capable_backend, light_backend):
+    # With a 10 s interval, each kind's first delta goes out at once and the rest wait for
+    # the next kind (or the end): two chunks each, the same texts.
+    duet = Duet(capable_backend, light_backend, DuetConfig(signal_max_tokens=80, answer_max_tokens=40))
+    server, thread, url = start_server(duet, ServeConfig(stream_interval_ms=10_000))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        chunks = [
+            c
+            for _, c in timed_chunks(
+                client, model="duet", messages=[{"role": "user", "content": QUESTIONS[2]}]
+            )
+        ]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [
+        d.model_extra["reasoning_content"] for d in deltas if (d.model_extra or {}).get("reasoning_content")
+    ]
+    answer = [d.content for d in deltas if d.content]
+    assert "".join(reasoning).strip() == SIGNAL and len(reasoning) == 2
+    assert "".join(answer) == "So \\boxed{14}" and len(answer) == 2
 
 
 def test_models_health_metrics(scripted_server, client):

@@ -191,3 +191,26 @@ def test_capable_request_keeps_the_conversation():
     request = capable_request(problem, DuetConfig(), 10)
     assert [role for role, _ in request.messages] == ["system", "user", "assistant", "user"]
     assert request.messages[-1][1].startswith("And times 2?")
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(random_backend):
+    from duetlm.errors import BackendError
+
+    engine = random_backend.engine
+    forward = engine.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected: out of memory")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = flaky
+    try:
+        with pytest.raises(BackendError, match=r"generation failed .*injected"):
+            run(collect(random_backend, ask("first", SamplingParams(8))))
+        [(_deltas, result)] = run(collect(random_backend, ask("second", SamplingParams(8))))
+        assert result.output_tokens == 8
+    finally:
+        engine.model.forward = forward

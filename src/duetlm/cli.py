@@ -441,12 +441,15 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="DUET_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 (or $DUET_API_KEY)."),
+        typer.Option(
+            envvar="DUET_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 (or $DUET_API_KEY)."
+        ),
     ] = None,
     name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "duet",
     config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
     scheduler: Annotated[
-        str, typer.Option(help="continuous (stream, batch step by step) or batch (gather, then solve together).")
+        str,
+        typer.Option(help="continuous (stream, batch step by step) or batch (gather, then solve together)."),
     ] = "continuous",
     batch_window_ms: Annotated[float, typer.Option(help="batch scheduler: wait for more requests.")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="batch scheduler: most requests per batch.")] = 32,
@@ -460,7 +463,7 @@ def serve(
         from duetlm.serve import ServeConfig, create_app
     except ImportError as exc:
         raise InputError("duet serve needs fastapi and uvicorn: pip install 'duetlm[serve]'") from exc
-    options = BackendOptions(device=device, api_key=upstream_api_key)
+    options = BackendOptions(device=device, api_key=upstream_api_key, streaming=scheduler == "continuous")
     duet = Duet(
         load_backend(capable, options),
         load_backend(light, options),

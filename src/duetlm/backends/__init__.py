@@ -54,6 +54,7 @@ class BackendOptions:
     max_retries: int = 4  # openai: on 429/5xx/timeouts, exponential backoff
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.85  # vllm
+    streaming: bool = False  # vllm: the async engine (`duet serve`), else the offline one
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -103,6 +104,16 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
             tokenizer=options.tokenizer,
             concurrency=options.concurrency,
             max_retries=options.max_retries,
+            spec=spec,
+        )
+    if options.streaming:
+        from duetlm.backends.vllm_async import VLLMAsyncBackend
+
+        return VLLMAsyncBackend(
+            parsed.model,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            dtype=options.dtype,
             spec=spec,
         )
     from duetlm.backends.vllm import VLLMBackend

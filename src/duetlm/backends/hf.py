@@ -8,11 +8,14 @@ library), and returned in the caller's order with exact token counts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import re
+import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -160,6 +163,72 @@ def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> 
     return out.cpu()
 
 
+_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class Mailbox:
+    """Wake-ups from the engine thread into one event loop, one per loop turn: while a wake-up
+    is pending, further inboxes that got events just join it (a socket write per token and
+    row would cost the engine thread more than the tokens)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self._lock = loop, threading.Lock()
+        self._ready: list[asyncio.Event] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = cls(loop)
+        return box
+
+    def notify(self, event: asyncio.Event) -> None:  # engine thread
+        with self._lock:
+            self._ready.append(event)
+            if len(self._ready) > 1:
+                return
+        self.loop.call_soon_threadsafe(self._deliver)  # a closed loop raises: the engine cancels the row
+
+    def _deliver(self) -> None:  # event-loop thread
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for event in ready:
+            event.set()
+
+
+class Inbox:
+    """Events from the engine thread to one request's coroutine: the engine appends and asks
+    for a wake-up only when the consumer is not already due one; the consumer takes everything
+    that arrived, text joined (a slow reader gets fewer, larger deltas rather than lag)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.mailbox, self.items = Mailbox.of(loop), collections.deque()
+        self.ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._woken = False
+
+    def post(self, item) -> None:  # engine thread
+        with self._lock:
+            self.items.append(item)
+            if self._woken:
+                return
+            self._woken = True
+        self.mailbox.notify(self.ready)
+
+    async def take(self) -> list:
+        await self.ready.wait()
+        with self._lock:
+            items, self.items, self._woken = list(self.items), collections.deque(), False
+            self.ready.clear()
+        joined: list = []
+        for item in items:
+            if isinstance(item, str) and joined and isinstance(joined[-1], str):
+                joined[-1] += item
+            else:
+                joined.append(item)
+        return joined
+
+
 class HFBackend:
     """A transformers causal LM loaded once and reused for every call.
 
@@ -242,19 +311,21 @@ class HFBackend:
     async def astream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as the model writes them, then the result with exact counts. Runs on
         the continuous-batching engine (`hf_engine`): requests join and leave between decode
-        steps. Closing the iterator (a client that left) cancels the request."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        steps. Deltas that pile up while the consumer is busy are handed over joined, so a
+        slow reader costs fewer, larger chunks rather than lag. Closing the iterator (a client
+        that left) cancels the request."""
+        inbox = Inbox(asyncio.get_running_loop())
         prompt = self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
-        handle = self.engine.submit(
-            prompt, request.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        )
+        handle = self.engine.submit(prompt, request.sampling, inbox.post)
         try:
             while True:
-                event = await events.get()
-                yield event
-                if isinstance(event, GenerationResult):
-                    return
+                for item in await inbox.take():
+                    failure = isinstance(item, GenerationResult) and item.extra.get("failure")
+                    if failure:
+                        raise BackendError(f"{self.spec}: generation failed ({failure})")
+                    yield item
+                    if isinstance(item, GenerationResult):
+                        return
         finally:
             handle.cancel()
 

@@ -156,10 +156,19 @@ class StepEngine:
     """Continuous batching over one model (see the module docstring)."""
 
     def __init__(
-        self, model, tokenizer, eos_ids: list[int], context: ContextGuard, max_rows: int = 64
+        self,
+        model,
+        tokenizer,
+        eos_ids: list[int],
+        context: ContextGuard,
+        max_rows: int = 64,
+        admit_wait_s: float = 0.025,
+        admit_batch: int = 8,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids, self.context = model, tokenizer, set(eos_ids), context
-        self.max_rows = max_rows
+        self.max_rows, self.admit_wait_s, self.admit_batch = max_rows, admit_wait_s, admit_batch
+        self.waiting: list[Row] = []  # submitted, gathering for a joint prefill
+        self.joining: list[Row] = []
         self.device = next(model.parameters()).device
         self.pending: queue.SimpleQueue[Row] = queue.SimpleQueue()
         self.rows: list[Row] = []
@@ -184,24 +193,38 @@ class StepEngine:
     # --- one iteration -------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Admit waiting rows, decode one token for every row, retire finished ones. Returns
+        """Decode one token for every active row, then admit the waiting rows (prefilled
+        together; they get their first token from it), retiring rows as they end. Returns
         whether there was work."""
         self._retire([r for r in self.rows if r.cancelled.is_set()], "cancelled")
-        joining = []
-        while len(self.rows) + len(joining) < self.max_rows:
+        busy = bool(self.rows)
+        if self.rows:
+            self._decode()
+        joining = self._admit()
+        if joining:
+            self.joining = joining  # neither waiting nor active while their prefill runs
+            self._join(joining)
+            self.joining = []
+        return busy or bool(joining) or bool(self.waiting)
+
+    def _admit(self) -> list[Row]:
+        """The waiting rows to prefill now. An idle engine takes them at once; a busy one lets
+        them gather for up to `admit_wait_s` (or until `admit_batch` wait), since a prefill of
+        one row costs nearly what a prefill of several does."""
+        while True:
             try:
-                row = self.pending.get_nowait()
+                self.waiting.append(self.pending.get_nowait())
             except queue.Empty:
                 break
-            if not row.cancelled.is_set():
-                joining.append(row)
-        if joining:
-            self._join(joining)
-        if not self.rows:
-            return bool(joining)
-        if not joining:
-            self._decode()
-        return True
+        self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
+        if not self.waiting:
+            return []
+        due = time.perf_counter() - self.waiting[0].started >= self.admit_wait_s
+        if self.rows and not due and len(self.waiting) < self.admit_batch:
+            return []
+        room = self.max_rows - len(self.rows)
+        joining, self.waiting = self.waiting[:room], self.waiting[room:]
+        return joining
 
     @torch.inference_mode()
     def _join(self, rows: list[Row]) -> None:
@@ -321,9 +344,16 @@ class StepEngine:
         )
 
     def fail_all(self, exc: Exception) -> None:
-        for row in self.rows:
-            _notify(row, GenerationResult("", len(row.prompt), 0, "length", extra={"error": str(exc)}))
-        self.rows, self.cache, self.mask = [], None, None
+        """A step failed: every request in the engine, active or waiting, ends with the error
+        (none is left waiting forever)."""
+        while True:
+            try:
+                self.waiting.append(self.pending.get_nowait())
+            except queue.Empty:
+                break
+        for row in [*self.rows, *self.joining, *self.waiting]:
+            _notify(row, GenerationResult("", len(row.prompt), 0, "length", extra={"failure": repr(exc)}))
+        self.rows, self.joining, self.waiting, self.cache, self.mask = [], [], [], None, None
 
 
 def _notify(row: Row, event: str | GenerationResult) -> None:

@@ -16,11 +16,19 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import openai
 
-from duetlm.backends.base import FinishReason, GenerationRequest, GenerationResult, cut_at_stop, render_chat
+from duetlm.backends.base import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ReasoningDelta,
+    StreamItem,
+    cut_at_stop,
+    render_chat,
+)
 from duetlm.errors import BackendError, GenerationError
 
 logger = logging.getLogger(__name__)
@@ -141,8 +149,7 @@ class OpenAIBackend:
                 raise BackendError(f"{self.spec}: request refused ({exc.status_code}): {exc}") from exc
         raise AssertionError("unreachable")
 
-    async def _call(self, client: openai.AsyncOpenAI, request: GenerationRequest) -> GenerationResult:
-        sampling = request.sampling
+    def _common(self, sampling) -> dict:
         common = {
             "model": self.model,
             "max_tokens": sampling.max_tokens,
@@ -153,24 +160,42 @@ class OpenAIBackend:
             common["seed"] = sampling.seed
         if sampling.stop:
             common["stop"] = list(sampling.stop)
+        return common
+
+    @staticmethod
+    def _sampling_extra(sampling) -> dict | None:
+        return {"top_k": sampling.top_k} if sampling.top_k else None  # not an OpenAI field
+
+    def _chat_messages(self, request: GenerationRequest) -> tuple[list[dict], dict | None]:
+        """Messages and extra body for chat completions: the prefill as a final assistant
+        message that the server continues (`continue_final_message`, vLLM's)."""
         kwargs = dict(request.chat_template_kwargs)
-        sampling_extra = {"top_k": sampling.top_k} if sampling.top_k else {}  # not an OpenAI field
+        messages = request.message_dicts()
+        extra_body: dict = (self._sampling_extra(request.sampling) or {}) | (
+            {"chat_template_kwargs": kwargs} if kwargs else {}
+        )
+        if request.prefill:
+            messages.append({"role": "assistant", "content": request.prefill})
+            extra_body |= {"continue_final_message": True, "add_generation_prompt": False}
+        return messages, extra_body or None
+
+    async def _call(self, client: openai.AsyncOpenAI, request: GenerationRequest) -> GenerationResult:
+        sampling = request.sampling
+        common = self._common(sampling)
         if request.prefill and self.tokenizer is not None:
             response = await client.completions.create(
-                prompt=render_chat(self.tokenizer, request), extra_body=sampling_extra or None, **common
+                prompt=render_chat(self.tokenizer, request),
+                extra_body=self._sampling_extra(sampling),
+                **common,
             )
             if not response.choices:
                 raise GenerationError(f"{self.spec}: the server returned no choices")
             choice = response.choices[0]
             text, reasoning = choice.text or "", None
         else:
-            messages = request.message_dicts()
-            extra_body: dict = sampling_extra | ({"chat_template_kwargs": kwargs} if kwargs else {})
-            if request.prefill:
-                messages.append({"role": "assistant", "content": request.prefill})
-                extra_body |= {"continue_final_message": True, "add_generation_prompt": False}
+            messages, extra_body = self._chat_messages(request)
             response = await client.chat.completions.create(
-                messages=messages, extra_body=extra_body or None, **common
+                messages=messages, extra_body=extra_body, **common
             )
             if not response.choices:
                 raise GenerationError(f"{self.spec}: the server returned no choices")
@@ -186,20 +211,94 @@ class OpenAIBackend:
             text=text,
             prompt_tokens=response.usage.prompt_tokens,
             output_tokens=response.usage.completion_tokens,
-            finish_reason=self._finish_reason(choice, stop_string, sampling.stop),
+            finish_reason=self._finish_reason(
+                choice.finish_reason, getattr(choice, "model_extra", None) or {}, stop_string, sampling.stop
+            ),
             stop_string=stop_string,
             extra={"reasoning": reasoning} if reasoning else {},
         )
 
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """The upstream server's own stream: content deltas (a server's parsed reasoning as
+        `ReasoningDelta`s), then the result, its counts from the stream's final `usage` chunk.
+        Opening the stream is retried like a call; a stream that broke midway is an error.
+        Closing the iterator closes the connection, and the server stops generating."""
+        started = time.perf_counter()
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout_s
+        )
+        sampling = request.sampling
+        async with client:
+            stream, completions = await self._open_stream(client, request)
+            text, reasoning, usage, finish, extra = "", "", None, None, {}
+            async with stream:
+                async for chunk in stream:
+                    usage = chunk.usage or usage
+                    for choice in chunk.choices:
+                        finish = choice.finish_reason or finish
+                        extra = getattr(choice, "model_extra", None) or extra
+                        if completions:
+                            piece, thought = choice.text or "", None
+                        else:
+                            piece = choice.delta.content or ""
+                            thought = getattr(choice.delta, "reasoning_content", None) or getattr(
+                                choice.delta, "reasoning", None
+                            )
+                        if thought:
+                            reasoning += thought
+                            yield ReasoningDelta(thought)
+                        if piece:
+                            text += piece
+                            yield piece
+        if usage is None:
+            raise GenerationError(
+                f"{self.spec}: the server's stream sent no `usage`; exact token accounting needs it"
+            )
+        text, stop_string = cut_at_stop(text, sampling.stop)
+        yield GenerationResult(
+            text=text,
+            prompt_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            finish_reason=self._finish_reason(finish, extra, stop_string, sampling.stop),
+            wall_s=time.perf_counter() - started,
+            stop_string=stop_string,
+            extra={"reasoning": reasoning} if reasoning else {},
+        )
+
+    async def _open_stream(self, client: openai.AsyncOpenAI, request: GenerationRequest):
+        """(stream, is_completions): the same endpoint choice as `_call`, streamed."""
+        common = self._common(request.sampling) | {"stream": True, "stream_options": {"include_usage": True}}
+        for attempt in range(self.max_retries + 1):
+            try:
+                if request.prefill and self.tokenizer is not None:
+                    prompt = render_chat(self.tokenizer, request)
+                    return await client.completions.create(
+                        prompt=prompt, extra_body=self._sampling_extra(request.sampling), **common
+                    ), True
+                messages, extra_body = self._chat_messages(request)
+                return await client.chat.completions.create(
+                    messages=messages, extra_body=extra_body, **common
+                ), False
+            except _RETRYABLE as exc:
+                if attempt == self.max_retries:
+                    raise BackendError(
+                        f"{self.spec}: gave up after {attempt + 1} attempts ({type(exc).__name__}: {exc})"
+                    ) from exc
+                await asyncio.sleep(self.backoff_s * 2**attempt * (1 + random.random()))
+            except openai.APIStatusError as exc:
+                raise BackendError(f"{self.spec}: request refused ({exc.status_code}): {exc}") from exc
+        raise AssertionError("unreachable")
+
     @staticmethod
-    def _finish_reason(choice, stop_string: str | None, stops: Sequence[str]) -> FinishReason:
+    def _finish_reason(
+        finish: str | None, extra: dict, stop_string: str | None, stops: Sequence[str]
+    ) -> FinishReason:
         """OpenAI says `stop` for both a stop string and EOS; vLLM's `stop_reason` tells them
         apart (the string, or None for EOS). Without it, a requested stop string is assumed."""
-        if choice.finish_reason == "length":
+        if finish == "length":
             return "length"
         if stop_string is not None:
             return "stop"
-        extra = getattr(choice, "model_extra", None) or {}
         if "stop_reason" in extra:
             return "stop" if isinstance(extra["stop_reason"], str) else "eos"
         return "stop" if stops else "eos"

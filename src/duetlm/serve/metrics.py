@@ -59,7 +59,8 @@ class Metrics:
                 "# TYPE duet_requests_total counter",
             ]
             lines += [
-                f'duet_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())
+                f'duet_requests_total{{route="{r}",status="{s}"}} {n}'
+                for (r, s), n in sorted(self.requests.items())
             ]
             lines += [
                 "# HELP duet_client_disconnects_total Requests whose client left before the answer; their work is cancelled.",

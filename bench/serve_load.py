@@ -102,10 +102,15 @@ async def level(url: str, questions: list[str], concurrency: int, max_seconds: f
 
 
 def run_scheduler(
-    scheduler: str, duet: Duet, questions: list[str], levels: list[int], max_seconds: float
+    scheduler: str,
+    duet: Duet,
+    questions: list[str],
+    levels: list[int],
+    max_seconds: float,
+    interval_ms: float,
 ) -> list[dict]:
     port = free_port()
-    app = create_app(duet, ServeConfig(scheduler=scheduler, max_batch=64))
+    app = create_app(duet, ServeConfig(scheduler=scheduler, max_batch=64, stream_interval_ms=interval_ms))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -138,6 +143,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="Requests per level (at most).")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="Time cap per level.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--stream-interval-ms", type=float, default=ServeConfig().stream_interval_ms, help="As in duet serve."
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the load against this URL
     parser.add_argument("--questions-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,7 +167,9 @@ def main() -> None:
     header += f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6}"
     results = {}
     for scheduler in args.schedulers.split(","):
-        results[scheduler] = run_scheduler(scheduler, duet, questions, levels, args.max_seconds)
+        results[scheduler] = run_scheduler(
+            scheduler, duet, questions, levels, args.max_seconds, args.stream_interval_ms
+        )
     print(header)
     for scheduler, rows in results.items():
         for r in rows:

@@ -453,6 +453,10 @@ def serve(
     ] = "continuous",
     batch_window_ms: Annotated[float, typer.Option(help="batch scheduler: wait for more requests.")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="batch scheduler: most requests per batch.")] = 32,
+    stream_interval_ms: Annotated[
+        float,
+        typer.Option(help="Streams join text that comes sooner than this into one chunk (0: every delta)."),
+    ] = 40.0,
     device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
     upstream_api_key: Annotated[str | None, typer.Option(help="Key for openai: model specs.")] = None,
 ) -> None:
@@ -479,6 +483,7 @@ def serve(
             "scheduler": scheduler,
             "batch_window_ms": batch_window_ms,
             "max_batch": max_batch,
+            "stream_interval_ms": stream_interval_ms,
         },
         source="serve options",
     )

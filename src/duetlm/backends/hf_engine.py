@@ -9,16 +9,17 @@ continuous-batching manager was measured first: on the embedded pair on a CPU it
 32-request batch in 12.9 s against 1.3 s for `generate()`, its paged attention being built
 for GPUs.)
 
-The batch's KV cache is a `DynamicCache` whose rows are left-padded to a common length: a
-joining row is prefilled alone (with the other new rows) and its cache padded on the left
-to the batch's length, or the batch's to its own; positions come from each row's own
-length, so padding never shifts a token's rotary position. Every row samples with its own
+The batch's KV cache (`row_cache.RowCache`) holds rows left-padded to a common length: joining
+rows are prefilled together and written right-aligned into free row slots (the batch is
+widened on the left when they are longer); positions come from each row's own length, so
+padding never shifts a token's rotary position. Every row samples with its own
 `torch.Generator`: a seeded request gives the same tokens whatever shares its batch, and
 an unseeded one draws a fresh seed.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from duetlm.backends.base import ContextGuard, FinishReason, GenerationResult, SamplingParams
+from duetlm.backends.row_cache import RowCache
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Detokenizer:
         return delta
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     prompt: list[int]
     sampling: SamplingParams
@@ -120,6 +122,7 @@ class EngineLoop:
         self._event = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stopping = False
 
     def register(self, engine: StepEngine) -> None:
         with self._lock:
@@ -127,12 +130,21 @@ class EngineLoop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="duetlm-engine", daemon=True)
                 self._thread.start()
+                atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """End the thread between steps. At interpreter exit this must happen before torch's
+        own teardown: a thread still inside torch then aborts the process."""
+        self._stopping = True
+        self.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def wake(self) -> None:
         self._event.set()
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping:
             busy = False
             for engine in list(self.engines):
                 try:
@@ -172,7 +184,7 @@ class StepEngine:
         self.device = next(model.parameters()).device
         self.pending: queue.SimpleQueue[Row] = queue.SimpleQueue()
         self.rows: list[Row] = []
-        self.cache = None  # DynamicCache of the active rows, left-padded to a common length
+        self.cache: RowCache | None = None  # the active rows' keys and values, left-padded
         self.mask: torch.Tensor | None = None  # (B, T) 1 where the cache holds a real token
         self.loop = loop_for(self.device)
         self.loop.register(self)
@@ -246,7 +258,7 @@ class StepEngine:
             past_key_values=cache,
             use_cache=True,
         )
-        self._merge(out.past_key_values, mask, rows)
+        self._merge(cache, mask, rows)
         self._advance(rows, out.logits[:, -1, :])
 
     @torch.inference_mode()
@@ -261,7 +273,6 @@ class StepEngine:
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
         self._advance(list(self.rows), out.logits[:, -1, :])
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -292,42 +303,32 @@ class StepEngine:
 
     # --- the shared cache ----------------------------------------------------------------
 
-    def _merge(self, new_cache, new_mask: torch.Tensor, rows: list[Row]) -> None:
-        from transformers import DynamicCache
-
+    def _merge(self, prefill, new_mask: torch.Tensor, rows: list[Row]) -> None:
         if not self.rows:
-            self.cache, self.mask, self.rows = new_cache, new_mask, list(rows)
-            return
-        old_len, new_len = self.mask.shape[1], new_mask.shape[1]
-        width = max(old_len, new_len)
-        layers = []
-        for old, new in zip(self.cache.layers, new_cache.layers, strict=True):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
-            layers.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)], dim=0)
+            self.cache, self.mask = RowCache(prefill), new_mask
+        else:
+            width = max(self.mask.shape[1], new_mask.shape[1])
+            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)], dim=0)
+        self.cache.append(prefill)
         self.rows += rows
 
     def _retire(self, rows: list[Row], reason: str) -> None:
         if not rows:
             return
-        keep = [i for i, r in enumerate(self.rows) if r not in rows]
-        for row in rows:
-            if row in self.rows:
-                _notify(row, self._result(row, reason))
-        self.rows = [self.rows[i] for i in keep]
+        leaving = {id(r) for r in rows}
+        gone = [i for i, r in enumerate(self.rows) if id(r) in leaving]
+        for i in gone:
+            _notify(self.rows[i], self._result(self.rows[i], reason))
+        order = self.cache.remove(gone) if gone else list(range(len(self.rows)))
+        self.rows = [self.rows[i] for i in order]
         if not self.rows:
             self.cache, self.mask = None, None
             return
-        index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[torch.tensor(keep)]
-        unused = int(
-            (self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum()
-        )  # all-padding columns on the left
-        if unused:
-            _crop_left(self.cache, unused)
+        self.mask = self.mask[torch.tensor(order)]
+        # all-padding columns on the left: dropped once they are worth a copy of the cache
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
+        if unused >= max(16, self.mask.shape[1] // 4):
+            self.cache.drop_left(unused)
             self.mask = self.mask[:, unused:]
 
     def _result(self, row: Row, reason: str) -> GenerationResult:
@@ -374,12 +375,6 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _crop_left(cache, columns: int) -> None:
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, columns:]
-        layer.values = layer.values[:, :, columns:]
 
 
 def sample(

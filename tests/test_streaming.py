@@ -214,3 +214,39 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(random_backend)
         assert result.output_tokens == 8
     finally:
         engine.model.forward = forward
+
+
+def test_a_request_moves_on_without_waiting_for_the_others(random_backend, light_backend):
+    # A long request starts (a random M sampling 200 tokens); a short one (M cut after 3
+    # tokens) joins while that signal is being written, and gets its whole answer from m
+    # before the long signal ends: a request joins a batch in flight, and moves on to m
+    # without waiting for the slowest signal. (Joining at once keeps the test about order.)
+    config = DuetConfig(signal_max_tokens=200, answer_max_tokens=20, temperature=1.0, seed=0)
+    duet = Duet(random_backend, light_backend, config)
+    engines = (random_backend.engine, light_backend.engine)
+    waits = [e.admit_wait_s for e in engines]
+    for engine in engines:
+        engine.admit_wait_s = 0.0
+
+    async def main():
+        timeline, signal_begun = [], asyncio.Event()
+
+        async def follow(name: str, mode: str, after: asyncio.Event | None = None) -> None:
+            if after is not None:
+                await after.wait()
+            async for event in duet.astream(QUESTIONS[0], mode):
+                timeline.append((name, type(event).__name__))
+                if isinstance(event, SignalDelta):
+                    signal_begun.set()
+
+        await asyncio.gather(follow("long", "duet"), follow("short", "duet@3", after=signal_begun))
+        return timeline
+
+    try:
+        timeline = run(main())[0]
+    finally:
+        for engine, wait in zip(engines, waits):
+            engine.admit_wait_s = wait
+    short_done = timeline.index(("short", "Finished"))
+    assert ("long", "SignalDelta") in timeline[short_done:]  # the long signal was still being written
+    assert timeline.index(("long", "SignalDelta")) < timeline.index(("short", "SignalDelta"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duetlm.backends import ModelSpec, load_backend, parse_spec
+from duetlm.backends import BackendOptions, ModelSpec, load_backend, parse_spec
 from duetlm.errors import BackendError, ConfigError
 
 
@@ -55,5 +55,23 @@ def test_vllm_without_package_is_a_clear_error():
     except ImportError:
         with pytest.raises(BackendError, match="pip install 'duetlm\\[vllm\\]'"):
             load_backend("vllm:Qwen/Qwen3-0.6B")
+        with pytest.raises(BackendError, match="pip install 'duetlm\\[vllm\\]'"):
+            load_backend("vllm:Qwen/Qwen3-0.6B", BackendOptions(streaming=True))  # the async engine
     else:
         pytest.skip("vllm is installed here")
+
+
+@pytest.mark.parametrize(
+    ("text", "finish", "stop_reason", "expected"),
+    [
+        ("first", "stop", "</think>", ("first", "stop", "</think>")),  # vLLM names the stop string
+        ("first x", "stop", 151645, ("first x", "eos", None)),  # a stop token id: the turn ended
+        ("first x", "stop", None, ("first x", "eos", None)),
+        ("first x", "length", None, ("first x", "length", None)),
+        ("first</think>x", "length", None, ("first", "length", "</think>")),  # a stop kept in the text
+    ],
+)
+def test_vllm_finish_reasons_read_as_ours(text, finish, stop_reason, expected):
+    from duetlm.backends.vllm import finish_of
+
+    assert finish_of(text, finish, stop_reason, ("</think>",)) == expected

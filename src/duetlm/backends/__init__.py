@@ -107,18 +107,10 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
             spec=spec,
         )
     if options.streaming:
-        from duetlm.backends.vllm_async import VLLMAsyncBackend
-
-        return VLLMAsyncBackend(
-            parsed.model,
-            tensor_parallel_size=options.tensor_parallel_size,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            dtype=options.dtype,
-            spec=spec,
-        )
-    from duetlm.backends.vllm import VLLMBackend
-
-    return VLLMBackend(
+        from duetlm.backends.vllm_async import VLLMAsyncBackend as engine
+    else:
+        from duetlm.backends.vllm import VLLMBackend as engine
+    return engine(
         parsed.model,
         tensor_parallel_size=options.tensor_parallel_size,
         gpu_memory_utilization=options.gpu_memory_utilization,

@@ -12,8 +12,53 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from duetlm.backends.base import FinishReason, GenerationRequest, GenerationResult, cut_at_stop, render_chat
+from duetlm.backends.base import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    cut_at_stop,
+    render_chat,
+)
 from duetlm.errors import BackendError
+
+
+def require_vllm():
+    """The vllm module, or the error that says how to get it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise BackendError(
+            "the vllm backend needs the vllm package and a CUDA GPU: pip install 'duetlm[vllm]'"
+        ) from exc
+    return vllm
+
+
+def vllm_sampling(vllm, sampling: SamplingParams, **extra):
+    """Our sampling settings as vLLM's (special tokens kept: the protocol reads the tags)."""
+    return vllm.SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or -1,  # -1: no top-k, in every vLLM version
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        skip_special_tokens=False,
+        **extra,
+    )
+
+
+def finish_of(text: str, finish: str | None, stop_reason, stops: tuple[str, ...]):
+    """vLLM's finish and stop reasons as ours: (text cut at a stop, reason, stop string)."""
+    text, stop_string = cut_at_stop(text, stops)
+    reason: FinishReason
+    if finish == "length":
+        reason = "length"
+    elif isinstance(stop_reason, str):
+        reason, stop_string = "stop", stop_reason
+    else:
+        reason = "eos"
+    return text, reason, stop_string
 
 
 class VLLMBackend:
@@ -33,12 +78,7 @@ class VLLMBackend:
     ) -> None:
         """`engine_options` go to `vllm.LLM` as they are (the trainer's rollout engine passes
         `worker_extension_cls`, `enable_sleep_mode` and `logprobs_mode`)."""
-        try:
-            import vllm
-        except ImportError as exc:
-            raise BackendError(
-                "the vllm backend needs the vllm package and a CUDA GPU: pip install 'duetlm[vllm]'"
-            ) from exc
+        vllm = require_vllm()
         from duetlm.backends.hf import resolve_model_location
 
         location, _ = resolve_model_location(path_or_id)
@@ -67,16 +107,9 @@ class VLLMBackend:
             for r in requests
         ]
         params = [
-            self._vllm.SamplingParams(
-                max_tokens=r.sampling.max_tokens,
-                temperature=r.sampling.temperature,
-                top_p=r.sampling.top_p,
-                top_k=r.sampling.top_k or -1,  # -1: no top-k, in every vLLM version
-                logprobs=0 if r.sampling.logprobs else None,  # the sampled token's only
-                seed=r.sampling.seed,
-                stop=list(r.sampling.stop) or None,
-                skip_special_tokens=False,
-            )
+            vllm_sampling(
+                self._vllm, r.sampling, logprobs=0 if r.sampling.logprobs else None
+            )  # sampled token's
             for r in requests
         ]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
@@ -84,14 +117,9 @@ class VLLMBackend:
         results = []
         for request, output in zip(requests, outputs):
             completion = output.outputs[0]
-            text, stop_string = cut_at_stop(completion.text, request.sampling.stop)
-            reason: FinishReason
-            if completion.finish_reason == "length":
-                reason = "length"
-            elif isinstance(completion.stop_reason, str):
-                reason, stop_string = "stop", completion.stop_reason
-            else:
-                reason = "eos"
+            text, reason, stop_string = finish_of(
+                completion.text, completion.finish_reason, completion.stop_reason, request.sampling.stop
+            )
             results.append(
                 GenerationResult(
                     text=text,

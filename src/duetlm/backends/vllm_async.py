@@ -15,59 +15,32 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from duetlm.backends.base import GenerationRequest, GenerationResult, StreamItem, cut_at_stop, render_chat
-from duetlm.errors import BackendError
+from duetlm.backends.base import GenerationRequest, GenerationResult, StreamItem, render_chat
+from duetlm.backends.vllm import finish_of, require_vllm, vllm_sampling
 
 
 class VLLMAsyncBackend:
-    def __init__(
-        self,
-        path_or_id: str,
-        *,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        dtype: str = "auto",
-        seed: int = 0,
-        spec: str | None = None,
-    ) -> None:
-        try:
-            import vllm
-            from vllm.sampling_params import RequestOutputKind
-        except ImportError as exc:
-            raise BackendError(
-                "the vllm backend needs the vllm package and a CUDA GPU: pip install 'duetlm[vllm]'"
-            ) from exc
+    def __init__(self, path_or_id: str, *, spec: str | None = None, **engine_options) -> None:
+        """`engine_options` are `vllm.AsyncEngineArgs` fields as they are (`load_backend`
+        passes tensor_parallel_size, gpu_memory_utilization and dtype); prefix caching is on,
+        since M's and m's prompts share their question."""
+        vllm = require_vllm()
         from transformers import AutoTokenizer
+        from vllm.sampling_params import RequestOutputKind
 
         from duetlm.backends.hf import resolve_model_location
 
         location, local = resolve_model_location(path_or_id)
         self._vllm, self._delta = vllm, RequestOutputKind.DELTA
         self.spec = spec or f"vllm:{path_or_id}"
-        args = vllm.AsyncEngineArgs(
-            model=location,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            seed=seed,
-            enable_prefix_caching=True,
-        )
+        args = vllm.AsyncEngineArgs(model=location, enable_prefix_caching=True, **engine_options)
         self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         sampling = request.sampling
         ids = self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
-        params = self._vllm.SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or -1,
-            seed=sampling.seed,
-            stop=list(sampling.stop) or None,
-            skip_special_tokens=False,
-            output_kind=self._delta,
-        )
+        params = vllm_sampling(self._vllm, sampling, output_kind=self._delta)
         request_id, started, text, tokens, finish, stop_reason = (
             uuid.uuid4().hex,
             time.perf_counter(),
@@ -87,13 +60,7 @@ class VLLMAsyncBackend:
         finally:
             if finish is None:
                 await self.engine.abort(request_id)  # the caller left before the end
-        text, stop_string = cut_at_stop(text, sampling.stop)
-        if finish == "length":
-            reason = "length"
-        elif isinstance(stop_reason, str):
-            reason, stop_string = "stop", stop_reason
-        else:
-            reason = "eos"
+        text, reason, stop_string = finish_of(text, finish, stop_reason, sampling.stop)
         yield GenerationResult(
             text=text,
             prompt_tokens=len(ids),

@@ -217,36 +217,37 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(random_backend)
 
 
 def test_a_request_moves_on_without_waiting_for_the_others(random_backend, light_backend):
-    # A long request starts (a random M sampling 200 tokens); a short one (M cut after 3
-    # tokens) joins while that signal is being written, and gets its whole answer from m
-    # before the long signal ends: a request joins a batch in flight, and moves on to m
-    # without waiting for the slowest signal. (Joining at once keeps the test about order.)
-    config = DuetConfig(signal_max_tokens=200, answer_max_tokens=20, temperature=1.0, seed=0)
-    duet = Duet(random_backend, light_backend, config)
+    # A long request starts (a random M writing 200 tokens, greedy); a short one (M cut after
+    # 3 tokens) joins while M writes, and gets its whole answer from m before the long
+    # request's signal ends (its m stage, which begins only then, has not begun): a request
+    # joins a batch in flight, and moves on to m without waiting for the slowest signal.
+    # (Joining at once keeps the test about order, not timing.)
+    duet = Duet(random_backend, light_backend, DuetConfig(signal_max_tokens=200, answer_max_tokens=20))
     engines = (random_backend.engine, light_backend.engine)
     waits = [e.admit_wait_s for e in engines]
     for engine in engines:
         engine.admit_wait_s = 0.0
 
     async def main():
-        timeline, signal_begun = [], asyncio.Event()
+        timeline, results = [], {}
 
-        async def follow(name: str, mode: str, after: asyncio.Event | None = None) -> None:
-            if after is not None:
-                await after.wait()
+        async def follow(name: str, mode: str) -> None:
+            if name == "short":
+                while not random_backend.engine.rows:  # the long request is being decoded
+                    await asyncio.sleep(0.001)
             async for event in duet.astream(QUESTIONS[0], mode):
                 timeline.append((name, type(event).__name__))
-                if isinstance(event, SignalDelta):
-                    signal_begun.set()
+                if isinstance(event, Finished):
+                    results[name] = event.result
 
-        await asyncio.gather(follow("long", "duet"), follow("short", "duet@3", after=signal_begun))
-        return timeline
+        await asyncio.gather(follow("long", "duet"), follow("short", "duet@3"))
+        return timeline, results
 
     try:
-        timeline = run(main())[0]
+        timeline, results = run(main())[0]
     finally:
         for engine, wait in zip(engines, waits):
             engine.admit_wait_s = wait
-    short_done = timeline.index(("short", "Finished"))
-    assert ("long", "SignalDelta") in timeline[short_done:]  # the long signal was still being written
-    assert timeline.index(("long", "SignalDelta")) < timeline.index(("short", "SignalDelta"))
+    assert results["long"].usage.capable.output_tokens == 200
+    assert results["short"].usage.capable.output_tokens == 3
+    assert timeline.index(("short", "Finished")) < timeline.index(("long", "AnswerDelta"))

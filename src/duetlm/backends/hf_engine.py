@@ -380,20 +380,31 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
 def sample(
     logits: torch.Tensor, settings: list[SamplingParams], generators: list[torch.Generator]
 ) -> list[int]:
-    """One token per row: greedy rows take the argmax, the others draw from their tempered,
-    top-k/top-p truncated distribution with their own generator. logits: (B, V)."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, (params, generator) in enumerate(zip(settings, generators, strict=True)):
-        if params.temperature <= 0:
-            continue
-        row = logits[i] / params.temperature
-        if params.top_k:
-            kth = torch.topk(row, min(params.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if params.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            outside = ordered.cumsum(dim=0) - ordered > params.top_p  # keep the smallest set reaching top_p
-            probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
-        tokens[i] = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-    return tokens
+    """One token per row: greedy rows take the argmax; the others draw from their tempered,
+    top-k then top-p truncated distribution, with one uniform number from their own generator
+    (so a seeded row draws the same whatever shares its batch). logits: (B, V).
+
+    All sampled rows are handled together, and with a top-k only the k best logits are ever
+    sorted: per row, or over a 152k vocabulary, sampling would cost more than the step."""
+    tokens = logits.argmax(dim=-1)
+    hot = [i for i, params in enumerate(settings) if params.temperature > 0]
+    if not hot:
+        return tokens.tolist()
+    vocab = logits.shape[-1]
+    ks = [min(settings[i].top_k or vocab, vocab) for i in hot]
+    rows = logits[hot].float() / torch.tensor([[settings[i].temperature] for i in hot], device=logits.device)
+    widest = max(ks)
+    if widest < vocab:
+        values, index = rows.topk(widest, dim=-1)  # sorted, best first
+    else:
+        values, index = rows.sort(dim=-1, descending=True)
+    rank = torch.arange(widest, device=logits.device)
+    values = values.masked_fill(rank >= torch.tensor(ks, device=logits.device)[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    top_p = torch.tensor([[settings[i].top_p] for i in hot], device=logits.device)
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # smallest set reaching top_p
+    cdf = probs.cumsum(dim=-1)
+    draws = torch.tensor([[float(torch.rand(1, generator=generators[i]))] for i in hot], device=logits.device)
+    choice = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).clamp(max=widest - 1)
+    tokens[hot] = index.gather(1, choice).squeeze(1)
+    return tokens.tolist()

@@ -20,6 +20,7 @@ an unseeded one draws a fresh seed.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import queue
@@ -186,6 +187,10 @@ class StepEngine:
         self.rows: list[Row] = []
         self.cache: RowCache | None = None  # the active rows' keys and values, left-padded
         self.mask: torch.Tensor | None = None  # (B, T) 1 where the cache holds a real token
+        # a prefill needs the next-token logits of the last position only: over a 152k vocabulary
+        # those of every position would take gigabytes (32 prompts of 100 tokens: 1.9 GB in fp32)
+        accepted = inspect.signature(model.forward).parameters
+        self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
         self.loop = loop_for(self.device)
         self.loop.register(self)
 
@@ -257,6 +262,7 @@ class StepEngine:
             position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
+            **self.last_logits_only,
         )
         self._merge(cache, mask, rows)
         self._advance(rows, out.logits[:, -1, :])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION
-from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
+from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams, render_chat
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
 from duetlm.protocol import Duet, Problem, user_prompt
@@ -67,6 +67,46 @@ def test_sampled_logprobs_equal_the_recomputed_ones(random_qwen3):
         assert torch.allclose(recomputed, torch.tensor(result.logprobs), atol=1e-4)
         untempered = token_logps(backend.model, ids, torch.ones_like(ids), 1.0)[0, len(prompt) - 1 :]
         assert not torch.allclose(untempered, torch.tensor(result.logprobs), atol=1e-2)
+
+
+def sampled_ranks(backend: HFBackend, request: GenerationRequest, token_ids: list[int]) -> list[int]:
+    """Each sampled token's rank among the model's logits at its position (0 = the likeliest)."""
+    prompt = backend.tokenizer(render_chat(backend.tokenizer, request), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + token_ids])
+    with torch.no_grad():
+        logits = backend.model(ids).logits[0, len(prompt) - 1 : -1]
+    sampled = ids[0, len(prompt) :]
+    return (logits > logits.gather(1, sampled[:, None])).sum(dim=1).tolist()
+
+
+def test_the_streaming_engine_samples_what_is_asked(random_qwen3):
+    # duet serve's path: requests stream through the engine together. With Qwen3's settings
+    # (T 0.6, top-k 20, top-p 0.95) every token is among the 20 likeliest; with T 0.6 alone
+    # most are not (random weights: a nearly flat distribution over 152k tokens). A seeded
+    # request repeats alone what it drew in company.
+    import asyncio
+
+    backend = random_qwen3
+    qwen3 = [
+        ask(f"q{i}?", SamplingParams(30, temperature=0.6, top_k=20, top_p=0.95, seed=i)) for i in range(3)
+    ]
+    plain = [ask(f"p{i}?", SamplingParams(30, temperature=0.6, seed=i)) for i in range(2)]
+
+    async def results(requests):
+        async def one(request):
+            async for item in backend.astream(request):
+                if isinstance(item, GenerationResult):
+                    return item
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    together = asyncio.run(results(qwen3 + plain))
+    limited = [rank for r, res in zip(qwen3, together) for rank in sampled_ranks(backend, r, res.token_ids)]
+    assert len(limited) == 90 and max(limited) < 20
+    free = [rank for r, res in zip(plain, together[3:]) for rank in sampled_ranks(backend, r, res.token_ids)]
+    assert sum(rank >= 20 for rank in free) > len(free) / 2
+    [alone] = asyncio.run(results(qwen3[1:2]))
+    assert alone.token_ids == together[1].token_ids
 
 
 def test_duet_on_the_qwen3_template(qwen3_dirs):

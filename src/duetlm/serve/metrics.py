@@ -54,36 +54,31 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            lines = [
-                "# HELP duet_requests_total Requests by route and HTTP status (unknown routes: route=other).",
-                "# TYPE duet_requests_total counter",
-            ]
+            lines = counter(
+                "duet_requests_total",
+                "Requests by route and HTTP status (unknown routes: route=other).",
+                {f'route="{r}",status="{s}"': n for (r, s), n in sorted(self.requests.items())},
+            )
+            lines += counter(
+                "duet_client_disconnects_total",
+                "Requests whose client left before the answer; their work is cancelled.",
+                {"": self.disconnects},
+            )
+            lines += counter(
+                "duet_errors_total",
+                "Errors by type.",
+                {f'type="{t}"': n for t, n in sorted(self.errors.items())},
+            )
+            lines += counter(
+                "duet_tokens_total",
+                "Tokens by model and kind.",
+                {f'model="{m}",kind="{k}"': n for (m, k), n in sorted(self.tokens.items())},
+            )
+            lines += counter("duet_batches_total", "Protocol batches run.", {"": self.batches})
+            lines += counter(
+                "duet_batched_requests_total", "Requests served through batches.", {"": self.batched_requests}
+            )
             lines += [
-                f'duet_requests_total{{route="{r}",status="{s}"}} {n}'
-                for (r, s), n in sorted(self.requests.items())
-            ]
-            lines += [
-                "# HELP duet_client_disconnects_total Requests whose client left before the answer; their work is cancelled.",
-                "# TYPE duet_client_disconnects_total counter",
-                f"duet_client_disconnects_total {self.disconnects}",
-            ]
-            lines += ["# HELP duet_errors_total Errors by type.", "# TYPE duet_errors_total counter"]
-            lines += [f'duet_errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())]
-            lines += [
-                "# HELP duet_tokens_total Tokens by model and kind.",
-                "# TYPE duet_tokens_total counter",
-            ]
-            lines += [
-                f'duet_tokens_total{{model="{m}",kind="{k}"}} {n}'
-                for (m, k), n in sorted(self.tokens.items())
-            ]
-            lines += [
-                "# HELP duet_batches_total Protocol batches run.",
-                "# TYPE duet_batches_total counter",
-                f"duet_batches_total {self.batches}",
-                "# HELP duet_batched_requests_total Requests served through batches.",
-                "# TYPE duet_batched_requests_total counter",
-                f"duet_batched_requests_total {self.batched_requests}",
                 "# HELP duet_request_latency_seconds Chat completion latency.",
                 "# TYPE duet_request_latency_seconds histogram",
             ]
@@ -95,3 +90,9 @@ class Metrics:
                 f"duet_request_latency_seconds_count {self.latency_n}",
             ]
         return "\n".join(lines) + "\n"
+
+
+def counter(name: str, description: str, samples: dict[str, int]) -> list[str]:
+    """One counter in the text format; `samples` maps a label set ("" for none) to its value."""
+    lines = [f"# HELP {name} {description}", f"# TYPE {name} counter"]
+    return lines + [f"{name}{{{labels}}} {n}" if labels else f"{name} {n}" for labels, n in samples.items()]

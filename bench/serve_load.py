@@ -146,6 +146,9 @@ def main() -> None:
     parser.add_argument(
         "--stream-interval-ms", type=float, default=ServeConfig().stream_interval_ms, help="As in duet serve."
     )
+    parser.add_argument(
+        "--decode-step", default="auto", help="hf engine: auto (its own step) or transformers (the forward)."
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the load against this URL
     parser.add_argument("--questions-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,7 +157,7 @@ def main() -> None:
         client_main(args.client, levels, args.max_seconds, json.loads(args.questions_json))
         return
     torch.set_num_threads(args.threads)
-    options = BackendOptions(device="cpu", batch_size=64)
+    options = BackendOptions(device="cpu", batch_size=64, decode_step=args.decode_step)
     duet = Duet(
         load_backend(args.capable, options), load_backend(args.light, options), DuetConfig(**EMBEDDED_BUDGETS)
     )

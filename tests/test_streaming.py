@@ -60,6 +60,7 @@ def test_joining_and_leaving_rows_give_what_generate_gives(random_backend, capab
     requests += [ask(q, SamplingParams(80, stop=("</think>",))) for q in QUESTIONS]
     requests += [ask(QUESTIONS[0], SamplingParams(120))]
     for backend, batch in ((random_backend, requests[:6]), (capable_backend, requests[6:])):
+        assert backend.engine.fast_step is not None  # the engine's own decode step, not the forward
         expected = backend.generate(batch)
         streamed = run(*(collect(backend, r, delay=0.02 * i) for i, r in enumerate(batch)))
         for (deltas, result), reference in zip(streamed, expected, strict=True):

@@ -458,6 +458,13 @@ def serve(
         typer.Option(help="Streams join text that comes sooner than this into one chunk (0: every delta)."),
     ] = 40.0,
     device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
+    decode_step: Annotated[
+        str,
+        typer.Option(
+            help="hf models, continuous scheduler: auto (the engine's own decode step for Llama, "
+            "Qwen2 and Qwen3, the model's forward for others) or transformers (always the forward)."
+        ),
+    ] = "auto",
     upstream_api_key: Annotated[str | None, typer.Option(help="Key for openai: model specs.")] = None,
 ) -> None:
     """Serve DUET behind an OpenAI-compatible /v1/chat/completions endpoint."""
@@ -467,7 +474,9 @@ def serve(
         from duetlm.serve import ServeConfig, create_app
     except ImportError as exc:
         raise InputError("duet serve needs fastapi and uvicorn: pip install 'duetlm[serve]'") from exc
-    options = BackendOptions(device=device, api_key=upstream_api_key, streaming=scheduler == "continuous")
+    options = BackendOptions(
+        device=device, api_key=upstream_api_key, streaming=scheduler == "continuous", decode_step=decode_step
+    )
     duet = Duet(
         load_backend(capable, options),
         load_backend(light, options),

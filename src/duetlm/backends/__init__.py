@@ -55,6 +55,7 @@ class BackendOptions:
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float = 0.85  # vllm
     streaming: bool = False  # vllm: the async engine (`duet serve`), else the offline one
+    decode_step: str = "auto"  # hf engine: auto = own step (Llama/Qwen2/Qwen3), transformers = forward
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -92,7 +93,12 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
         from duetlm.backends.hf import HFBackend
 
         return HFBackend(
-            parsed.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size, spec=spec
+            parsed.model,
+            device=options.device,
+            dtype=options.dtype,
+            batch_size=options.batch_size,
+            decode_step=options.decode_step,
+            spec=spec,
         )
     if parsed.kind == "openai":
         from duetlm.backends.openai import OpenAIBackend

@@ -176,6 +176,7 @@ class HFBackend:
         batch_size: int = 32,
         batch_tokens: int | None = None,
         trust_remote_code: bool = False,
+        decode_step: str = "auto",
         model=None,
         tokenizer=None,
         spec: str | None = None,
@@ -197,6 +198,11 @@ class HFBackend:
         self.eos_token_ids = self._eos_ids()
         self.context = ContextGuard(self.spec, getattr(self.model.config, "max_position_embeddings", None))
         self._engine = None
+        from duetlm.backends.decode_step import CHOICES
+
+        if decode_step not in CHOICES:  # checked now: the engine starts with the first stream
+            raise BackendError(f"unknown decode step {decode_step!r} (choose from {', '.join(CHOICES)})")
+        self.decode_step = decode_step
         self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
 
     @staticmethod
@@ -267,7 +273,11 @@ class HFBackend:
             from duetlm.backends.hf_engine import StepEngine
 
             self._engine = StepEngine(
-                self.model, self.tokenizer, sorted(self._end_ids.tolist()), self.context
+                self.model,
+                self.tokenizer,
+                sorted(self._end_ids.tolist()),
+                self.context,
+                decode_step=self.decode_step,
             )
         return self._engine
 

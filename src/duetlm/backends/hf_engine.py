@@ -12,7 +12,9 @@ for GPUs.)
 The batch's KV cache (`row_cache.RowCache`) holds rows left-padded to a common length: joining
 rows are prefilled together and written right-aligned into free row slots (the batch is
 widened on the left when they are longer); positions come from each row's own length, so
-padding never shifts a token's rotary position. Every row samples with its own
+padding never shifts a token's rotary position. Decode steps of Llama, Qwen2 and Qwen3 models
+run the engine's own step (`decode_step`: the same arithmetic without the forward's
+per-module overhead); other models step through their forward. Every row samples with its own
 `torch.Generator`: a seeded request gives the same tokens whatever shares its batch, and
 an unseeded one draws a fresh seed.
 """
@@ -32,7 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from duetlm.backends.base import ContextGuard, FinishReason, GenerationResult, SamplingParams
+from duetlm.backends.decode_step import CHOICES, DecodeStep, why_not
 from duetlm.backends.row_cache import RowCache
+from duetlm.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +181,7 @@ class StepEngine:
         max_rows: int = 64,
         admit_wait_s: float = 0.025,
         admit_batch: int = 8,
+        decode_step: str = "auto",
     ) -> None:
         self.model, self.tokenizer, self.eos_ids, self.context = model, tokenizer, set(eos_ids), context
         self.max_rows, self.admit_wait_s, self.admit_batch = max_rows, admit_wait_s, admit_batch
@@ -191,8 +196,20 @@ class StepEngine:
         # those of every position would take gigabytes (32 prompts of 100 tokens: 1.9 GB in fp32)
         accepted = inspect.signature(model.forward).parameters
         self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        self.fast_step = self._pick_decode_step(model, decode_step)
         self.loop = loop_for(self.device)
         self.loop.register(self)
+
+    @staticmethod
+    def _pick_decode_step(model, choice: str) -> DecodeStep | None:
+        """See `decode_step.CHOICES`; a model the own step does not cover is logged with why."""
+        if choice not in CHOICES:
+            raise BackendError(f"unknown decode step {choice!r} (choose from {', '.join(CHOICES)})")
+        reason = why_not(model) if choice == "auto" else "asked for"
+        if reason is not None:
+            logger.info("engine decode step: the model's forward (%s)", reason)
+            return None
+        return DecodeStep(model)
 
     def submit(self, prompt: list[int], sampling: SamplingParams, listener: Listener) -> Handle:
         budget = self.context.fit(len(prompt), sampling.max_tokens)
@@ -269,17 +286,21 @@ class StepEngine:
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        last = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # (B, 1)
-        positions = self.mask.sum(dim=1, keepdim=True)  # (B, 1) each row's own next position
+        last = torch.tensor([r.tokens[-1] for r in self.rows], device=self.device)  # (B,)
+        positions = self.mask.sum(dim=1).to(self.device)  # (B,) each row's own next position
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
-        out = self.model(
-            input_ids=last,
-            attention_mask=self.mask.to(self.device),
-            position_ids=positions.to(self.device),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self._advance(list(self.rows), out.logits[:, -1, :])
+        mask = self.mask.to(self.device)
+        if self.fast_step is not None:
+            logits = self.fast_step(last, positions, self.cache, mask)
+        else:
+            logits = self.model(
+                input_ids=last[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            ).logits[:, -1, :]
+        self._advance(list(self.rows), logits)
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample each row's next token, hand out its text, and retire the rows that ended."""

@@ -2,14 +2,20 @@
 
     python bench/serve_load.py                          # embedded pair, both schedulers, 1/8/32
     python bench/serve_load.py --schedulers continuous --levels 32 --requests 128
+    python bench/serve_load.py --levels 32 --requests 128 --rounds 5   # medians of 5 runs each
 
 For each scheduler (`batch`: gather requests, solve them together, then send; `continuous`:
 stream while the models write, each request moving on to m when its own signal ends), the
 server starts in this process on 127.0.0.1 (a free port) and builtin-task questions go
 through the official async openai client as streams (`stream=True`, the signal asked for).
 Per concurrency level it prints requests/s, p50/p99 latency, and p50/p99 of the time to the
-first reasoning chunk (M's signal) and to the first answer chunk (m's). Every level sends the
-same questions; a level stops after --requests requests or --max-seconds.
+first reasoning chunk (M's signal) and to the first answer chunk (m's), and for the batch
+scheduler the mean number of requests per batch (from the server's /metrics). Every level
+sends the same questions; a level stops after --requests requests or --max-seconds.
+
+A closed loop of clients settles slowly: the first batches hold every client, later ones
+may split as clients come back at different times. Long runs (--requests 256) show the
+steady state; --rounds gives medians over runs in turn, since this machine's speed drifts.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import argparse
 import asyncio
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
 
+import httpx
 import openai
 import torch
 import uvicorn
@@ -46,11 +54,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
+async def batch_counters(url: str) -> tuple[int, int]:
+    """(batches, requests batched) from the server's /metrics: the batch scheduler's batch sizes."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url.removesuffix("/v1") + "/metrics")).text
+    values = dict(line.split() for line in text.splitlines() if line.startswith("duet_batch"))
+    return int(values["duet_batches_total"]), int(values["duet_batched_requests_total"])
+
+
 async def level(url: str, questions: list[str], concurrency: int, max_seconds: float) -> dict:
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=max_seconds)
     latencies, first_reasoning, first_answer = [], [], []
     errors = 0
     queue = list(questions)
+    batches_before, batched_before = await batch_counters(url)
     started = time.perf_counter()
 
     async def one(question: str) -> None:
@@ -87,8 +104,10 @@ async def level(url: str, questions: list[str], concurrency: int, max_seconds: f
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     await client.close()
+    batches, batched = await batch_counters(url)
     return {
         "concurrency": concurrency,
+        "batch_size": (batched - batched_before) / max(1, batches - batches_before),
         "requests": len(latencies),
         "errors": errors,
         "rps": len(latencies) / elapsed,
@@ -140,9 +159,12 @@ def main() -> None:
     parser.add_argument("--light", default="tiny-m")
     parser.add_argument("--schedulers", default="batch,continuous")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=64, help="Requests per level (at most).")
+    parser.add_argument("--requests", type=int, default=256, help="Requests per level (at most).")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="Time cap per level.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="Run the schedulers in turn this many times; report medians."
+    )
     parser.add_argument(
         "--stream-interval-ms", type=float, default=ServeConfig().stream_interval_ms, help="As in duet serve."
     )
@@ -167,19 +189,27 @@ def main() -> None:
         f"duet serve on loopback, {args.capable} + {args.light}, CPU, {args.threads} threads, streamed requests"
     )
     header = f"{'scheduler':<11} {'conc':>4} {'reqs':>4} {'err':>3} {'req/s':>6} {'p50 s':>6} {'p99 s':>6}"
-    header += f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6}"
-    results = {}
-    for scheduler in args.schedulers.split(","):
-        results[scheduler] = run_scheduler(
-            scheduler, duet, questions, levels, args.max_seconds, args.stream_interval_ms
-        )
+    header += f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6} {'batch':>5}"
+    schedulers = args.schedulers.split(",")
+    rounds: dict[str, list[list[dict]]] = {s: [] for s in schedulers}
+    for _ in range(args.rounds):  # in turn: a drift in the machine's speed hits every scheduler
+        for scheduler in schedulers:
+            rounds[scheduler].append(
+                run_scheduler(scheduler, duet, questions, levels, args.max_seconds, args.stream_interval_ms)
+            )
+    results = {
+        s: [median_row([r[i] for r in runs]) for i in range(len(levels))] for s, runs in rounds.items()
+    }
+    if args.rounds > 1:
+        print(f"medians over {args.rounds} rounds")
     print(header)
     for scheduler, rows in results.items():
         for r in rows:
             print(
                 f"{scheduler:<11} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3} {r['rps']:>6.2f} "
                 f"{r['p50']:>6.3f} {r['p99']:>6.3f} {r['reasoning_p50']:>11.3f} {r['reasoning_p99']:>6.3f} "
-                f"{r['answer_p50']:>11.3f} {r['answer_p99']:>6.3f}"
+                f"{r['answer_p50']:>11.3f} {r['answer_p99']:>6.3f} "
+                + (f"{r['batch_size']:>5.1f}" if scheduler == "batch" else f"{'-':>5}")
             )
     if set(results) >= {"batch", "continuous"}:
         old, new = results["batch"][-1], results["continuous"][-1]
@@ -187,6 +217,21 @@ def main() -> None:
             f"at concurrency {new['concurrency']}: p50 latency {new['p50'] / old['p50']:.2f}x the batch scheduler's, "
             f"throughput {new['rps'] / old['rps']:.2f}x"
         )
+        for index, (old, new) in enumerate(zip(rounds["batch"], rounds["continuous"], strict=True)):
+            old, new = old[-1], new[-1]
+            print(
+                f"  round {index + 1}: batch {old['rps']:.2f} req/s p50 {old['p50']:.3f} s (batches of "
+                f"{old['batch_size']:.1f}), continuous {new['rps']:.2f} req/s p50 {new['p50']:.3f} s: "
+                f"p50 {new['p50'] / old['p50']:.2f}x, throughput {new['rps'] / old['rps']:.2f}x"
+            )
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One level's figures across rounds: the median of each (errors summed)."""
+    row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    row["errors"] = sum(r["errors"] for r in runs)
+    row["concurrency"], row["requests"] = runs[0]["concurrency"], min(r["requests"] for r in runs)
+    return row
 
 
 if __name__ == "__main__":

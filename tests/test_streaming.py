@@ -265,3 +265,26 @@ def test_a_prefill_computes_the_last_position_logits_only(qwen3_dirs):
     finally:
         hook.remove()
     assert widths and set(widths) == {1}
+
+
+def test_the_engine_thread_ends_when_idle_and_comes_back_with_work(random_backend):
+    # A live engine thread that has run torch's parallel kernels slows every other thread's
+    # (each keeps its own OpenMP team), so an idle engine lets its thread go.
+    import threading
+    import time
+
+    engine = random_backend.engine
+    idle_exit = engine.loop.idle_exit_s
+    engine.loop.idle_exit_s = 0.1
+    try:
+        [(_, first)] = run(collect(random_backend, ask("first", SamplingParams(6))))
+        for _ in range(100):
+            if not engine.loop.running:
+                break
+            time.sleep(0.02)
+        assert not engine.loop.running
+        assert "duetlm-engine" not in [t.name for t in threading.enumerate()]
+        [(_, second)] = run(collect(random_backend, ask("second", SamplingParams(6))))
+        assert first.output_tokens == second.output_tokens == 6
+    finally:
+        engine.loop.idle_exit_s = idle_exit

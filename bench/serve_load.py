@@ -6,16 +6,16 @@
 
 For each scheduler (`batch`: gather requests, solve them together, then send; `continuous`:
 stream while the models write, each request moving on to m when its own signal ends), the
-server starts in this process on 127.0.0.1 (a free port) and builtin-task questions go
+server starts on 127.0.0.1 (a free port) and builtin-task questions go
 through the official async openai client as streams (`stream=True`, the signal asked for).
 Per concurrency level it prints requests/s, p50/p99 latency, and p50/p99 of the time to the
 first reasoning chunk (M's signal) and to the first answer chunk (m's), and for the batch
 scheduler the mean number of requests per batch (from the server's /metrics). Every level
 sends the same questions; a level stops after --requests requests or --max-seconds.
 
-A closed loop of clients settles slowly: the first batches hold every client, later ones
-may split as clients come back at different times. Long runs (--requests 256) show the
-steady state; --rounds gives medians over runs in turn, since this machine's speed drifts.
+Each scheduler runs in its own `duet serve` process (started as a user starts it, torch
+threads from --threads), and the load comes from a third process. --rounds runs the
+schedulers in turn that many times and reports medians, since this machine's speed drifts.
 """
 
 from __future__ import annotations
@@ -23,23 +23,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 import httpx
 import openai
-import torch
-import uvicorn
 
-from duetlm.backends import BackendOptions, load_backend
-from duetlm.config import DuetConfig
-from duetlm.models import EMBEDDED_BUDGETS
-from duetlm.protocol import Duet
-from duetlm.serve import ServeConfig, create_app
+from duetlm.serve import ServeConfig
 from duetlm.tasks import builtin
 
 
@@ -121,29 +116,44 @@ async def level(url: str, questions: list[str], concurrency: int, max_seconds: f
 
 
 def run_scheduler(
-    scheduler: str,
-    duet: Duet,
-    questions: list[str],
-    levels: list[int],
-    max_seconds: float,
-    interval_ms: float,
+    scheduler: str, args: argparse.Namespace, questions: list[str], levels: list[int]
 ) -> list[dict]:
+    """One scheduler's levels against its own `duet serve` process, started as a user starts
+    it. Schedulers never share a process: a thread the other left alive would slow this one's
+    torch kernels (each thread keeps its own OpenMP team)."""
     port = free_port()
-    app = create_app(duet, ServeConfig(scheduler=scheduler, max_batch=64, stream_interval_ms=interval_ms))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-    # the load comes from another process, as it would from real clients: parsing the streams
-    # must not compete with the server for this process's interpreter
-    command = [sys.executable, __file__, "--client", url, "--levels", ",".join(map(str, levels))]
-    command += ["--max-seconds", str(max_seconds), "--questions-json", json.dumps(questions)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    server.should_exit = True
-    thread.join(timeout=30)
+    command = [sys.executable, "-m", "duetlm.cli", "serve", "--capable", args.capable, "--light", args.light]
+    command += ["--port", str(port), "--device", "cpu", "--scheduler", scheduler, "--max-batch", "64"]
+    command += ["--stream-interval-ms", str(args.stream_interval_ms), "--decode-step", args.decode_step]
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = wait_until_up(port, server, log)
+            # the load comes from a third process, as it would from real clients
+            client = [sys.executable, __file__, "--client", url, "--levels", ",".join(map(str, levels))]
+            client += ["--max-seconds", str(args.max_seconds), "--questions-json", json.dumps(questions)]
+            done = subprocess.run(client, capture_output=True, text=True, check=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
     return json.loads(done.stdout)
+
+
+def wait_until_up(port: int, server: subprocess.Popen, log) -> str:
+    """The server's /v1 URL once /health answers; its output if it exits first."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"duet serve exited ({server.returncode}):\n{log.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return f"http://127.0.0.1:{port}/v1"
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("duet serve did not come up within 300 s")
 
 
 def client_main(url: str, levels: list[int], max_seconds: float, questions: list[str]) -> None:
@@ -178,11 +188,6 @@ def main() -> None:
         levels = [int(c) for c in args.levels.split(",")]
         client_main(args.client, levels, args.max_seconds, json.loads(args.questions_json))
         return
-    torch.set_num_threads(args.threads)
-    options = BackendOptions(device="cpu", batch_size=64, decode_step=args.decode_step)
-    duet = Duet(
-        load_backend(args.capable, options), load_backend(args.light, options), DuetConfig(**EMBEDDED_BUDGETS)
-    )
     questions = [p.question for p in builtin.generate(args.requests, split="test", seed=3)]
     levels = [int(c) for c in args.levels.split(",")]
     print(
@@ -194,9 +199,7 @@ def main() -> None:
     rounds: dict[str, list[list[dict]]] = {s: [] for s in schedulers}
     for _ in range(args.rounds):  # in turn: a drift in the machine's speed hits every scheduler
         for scheduler in schedulers:
-            rounds[scheduler].append(
-                run_scheduler(scheduler, duet, questions, levels, args.max_seconds, args.stream_interval_ms)
-            )
+            rounds[scheduler].append(run_scheduler(scheduler, args, questions, levels))
     results = {
         s: [median_row([r[i] for r in runs]) for i in range(len(levels))] for s, runs in rounds.items()
     }

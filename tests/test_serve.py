@@ -179,6 +179,29 @@ def test_models_health_metrics(scripted_server, client):
     assert "duet_request_latency_seconds_bucket" in metrics
 
 
+def _latency_sum_and_count(url: str) -> tuple[float, int]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    values = dict(line.split() for line in lines if line.startswith("duet_request_latency_seconds_"))
+    return float(values["duet_request_latency_seconds_sum"]), int(
+        values["duet_request_latency_seconds_count"]
+    )
+
+
+def test_a_streams_latency_is_counted_to_its_last_byte(scripted_server, client):
+    # The server is inside the request from before the first chunk until after the last one;
+    # a middleware that stops the clock at the headers records a few milliseconds.
+    url = scripted_server[1]
+    total_before, count_before = _latency_sum_and_count(url)
+    arrivals = []
+    for _chunk in client.chat.completions.create(
+        model="duet", messages=[{"role": "user", "content": QUESTIONS[0]}], stream=True
+    ):
+        arrivals.append(time.perf_counter())
+    total, count = _latency_sum_and_count(url)
+    assert count == count_before + 1
+    assert len(arrivals) > 10 and total - total_before >= arrivals[-1] - arrivals[0] > 0
+
+
 def _error(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
@@ -522,3 +545,22 @@ def test_api_key_from_the_environment(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_guard_refuses_what_it_cannot_read():
+    # h11 refuses a malformed Content-Length before the app sees it; the guard must not raise
+    # on one either, whatever server runs the app.
+    from starlette.datastructures import Headers
+
+    from duetlm.serve.guard import Guard
+
+    def fail(status, message, kind, **_):
+        return status, message
+
+    guard = Guard(None, api_key=None, max_body_bytes=100, routes=(), observe=print, fail=fail)
+    refuse = guard.refusal
+    assert refuse("/v1/chat/completions", "POST", Headers({"content-length": "1e3"}))[0] == 400
+    assert refuse("/v1/chat/completions", "POST", Headers({}))[0] == 411
+    assert refuse("/v1/chat/completions", "POST", Headers({"content-length": "101"}))[0] == 413
+    assert refuse("/v1/chat/completions", "POST", Headers({"content-length": "100"})) is None
+    assert refuse("/metrics", "GET", Headers({})) is None

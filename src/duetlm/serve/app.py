@@ -16,7 +16,6 @@ the whole protocol is done. A client that disconnects cancels its generation.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -45,6 +44,7 @@ from duetlm.protocol import (
     parse_mode,
 )
 from duetlm.serve.batcher import Batcher, BatchKey
+from duetlm.serve.guard import Guard
 from duetlm.serve.metrics import Metrics
 from duetlm.serve.schemas import ChatCompletionRequest
 
@@ -122,40 +122,19 @@ def create_app(duet: Duet, config: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="duetlm", lifespan=lifespan)
     app.state.metrics, app.state.batcher = metrics, batcher
-    expected_key = f"Bearer {config.api_key}".encode() if config.api_key is not None else None
 
     def fail(status: int, message: str, kind: str, param=None, code=None) -> JSONResponse:
         metrics.observe_error(kind)
         return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started, path = time.perf_counter(), request.url.path
-        route = path if path in ROUTES else "other"
-        response = None
-        if path.startswith("/v1/"):
-            header = request.headers.get("authorization", "").encode()
-            if expected_key is not None and not hmac.compare_digest(header, expected_key):
-                response = fail(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer ...)",
-                    "invalid_request_error",
-                    code="invalid_api_key",
-                )
-            elif request.method == "POST" and request.headers.get("content-length") is None:
-                response = fail(411, "a Content-Length header is required", "invalid_request_error")
-            elif int(request.headers.get("content-length") or 0) > config.max_body_bytes:
-                response = fail(
-                    413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error"
-                )
-        if response is None:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # an error no handler turned into a response
-                logger.exception("unhandled error")
-                response = fail(500, f"internal error: {type(exc).__name__}", "internal_error")
-        metrics.observe_request(route, response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(
+        Guard,
+        api_key=config.api_key,
+        max_body_bytes=config.max_body_bytes,
+        routes=ROUTES,
+        observe=metrics.observe_request,
+        fail=fail,
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -24,9 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duetlm.errors import BackendError
+
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
 CHOICES = ("auto", "transformers")
 """`auto`: this step where it covers the model, else the forward; `transformers`: the forward."""
+
+
+def check_choice(choice: str) -> str:
+    if choice not in CHOICES:
+        raise BackendError(f"unknown decode step {choice!r} (choose from {', '.join(CHOICES)})")
+    return choice
 
 
 def why_not(model) -> str | None:

@@ -28,6 +28,7 @@ from duetlm.backends.base import (
     cut_at_stop,
     render_chat,
 )
+from duetlm.backends.decode_step import check_choice
 from duetlm.backends.handoff import Inbox
 from duetlm.errors import BackendError
 
@@ -183,6 +184,7 @@ class HFBackend:
     ) -> None:
         if batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+        check_choice(decode_step)  # now, before any weights load: the engine starts with the first stream
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         if model is not None and tokenizer is not None:
             self.model, self.tokenizer = model, tokenizer
@@ -198,10 +200,6 @@ class HFBackend:
         self.eos_token_ids = self._eos_ids()
         self.context = ContextGuard(self.spec, getattr(self.model.config, "max_position_embeddings", None))
         self._engine = None
-        from duetlm.backends.decode_step import CHOICES
-
-        if decode_step not in CHOICES:  # checked now: the engine starts with the first stream
-            raise BackendError(f"unknown decode step {decode_step!r} (choose from {', '.join(CHOICES)})")
         self.decode_step = decode_step
         self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from duetlm.backends.base import ContextGuard, FinishReason, GenerationResult, SamplingParams
-from duetlm.backends.decode_step import CHOICES, DecodeStep, why_not
+from duetlm.backends.decode_step import DecodeStep, check_choice, why_not
 from duetlm.backends.row_cache import RowCache
-from duetlm.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -234,9 +233,7 @@ class StepEngine:
     @staticmethod
     def _pick_decode_step(model, choice: str) -> DecodeStep | None:
         """See `decode_step.CHOICES`; a model the own step does not cover is logged with why."""
-        if choice not in CHOICES:
-            raise BackendError(f"unknown decode step {choice!r} (choose from {', '.join(CHOICES)})")
-        reason = why_not(model) if choice == "auto" else "asked for"
+        reason = why_not(model) if check_choice(choice) == "auto" else "asked for"
         if reason is not None:
             logger.info("engine decode step: the model's forward (%s)", reason)
             return None

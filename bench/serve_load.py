@@ -3,6 +3,7 @@
     python bench/serve_load.py                          # embedded pair, both schedulers, 1/8/32
     python bench/serve_load.py --schedulers continuous --levels 32 --requests 128
     python bench/serve_load.py --levels 32 --requests 128 --rounds 5   # medians of 5 runs each
+    git worktree add /tmp/before 102ed35 && python bench/serve_load.py --before-tree /tmp/before
 
 For each scheduler (`batch`: gather requests, solve them together, then send; `continuous`:
 stream while the models write, each request moving on to m when its own signal ends), the
@@ -16,6 +17,8 @@ sends the same questions; a level stops after --requests requests or --max-secon
 Each scheduler runs in its own `duet serve` process (started as a user starts it, torch
 threads from --threads), and the load comes from a third process. --rounds runs the
 schedulers in turn that many times and reports medians, since this machine's speed drifts.
+--before-tree adds a `before` row: the server of another checkout of this project (its
+`src`, with its own defaults), such as the commit the serving work started from.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ async def batch_counters(url: str) -> tuple[int, int]:
     async with httpx.AsyncClient() as http:
         text = (await http.get(url.removesuffix("/v1") + "/metrics")).text
     values = dict(line.split() for line in text.splitlines() if line.startswith("duet_batch"))
-    return int(values["duet_batches_total"]), int(values["duet_batched_requests_total"])
+    return int(values.get("duet_batches_total", 0)), int(values.get("duet_batched_requests_total", 0))
 
 
 async def level(url: str, questions: list[str], concurrency: int, max_seconds: float) -> dict:
@@ -123,9 +126,13 @@ def run_scheduler(
     torch kernels (each thread keeps its own OpenMP team)."""
     port = free_port()
     command = [sys.executable, "-m", "duetlm.cli", "serve", "--capable", args.capable, "--light", args.light]
-    command += ["--port", str(port), "--device", "cpu", "--scheduler", scheduler, "--max-batch", "64"]
-    command += ["--stream-interval-ms", str(args.stream_interval_ms), "--decode-step", args.decode_step]
+    command += ["--port", str(port), "--device", "cpu", "--max-batch", "64"]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    if scheduler == "before":  # another checkout's server, with the options it has
+        env["PYTHONPATH"] = os.path.join(args.before_tree, "src")
+    else:
+        command += ["--scheduler", scheduler, "--stream-interval-ms", str(args.stream_interval_ms)]
+        command += ["--decode-step", args.decode_step]
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -181,6 +188,9 @@ def main() -> None:
     parser.add_argument(
         "--decode-step", default="auto", help="hf engine: auto (its own step) or transformers (the forward)."
     )
+    parser.add_argument(
+        "--before-tree", help="A checkout of this project whose server to measure too, as `before`."
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the load against this URL
     parser.add_argument("--questions-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,7 +205,7 @@ def main() -> None:
     )
     header = f"{'scheduler':<11} {'conc':>4} {'reqs':>4} {'err':>3} {'req/s':>6} {'p50 s':>6} {'p99 s':>6}"
     header += f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6} {'batch':>5}"
-    schedulers = args.schedulers.split(",")
+    schedulers = (["before"] if args.before_tree else []) + args.schedulers.split(",")
     rounds: dict[str, list[list[dict]]] = {s: [] for s in schedulers}
     for _ in range(args.rounds):  # in turn: a drift in the machine's speed hits every scheduler
         for scheduler in schedulers:
@@ -212,14 +222,17 @@ def main() -> None:
                 f"{scheduler:<11} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3} {r['rps']:>6.2f} "
                 f"{r['p50']:>6.3f} {r['p99']:>6.3f} {r['reasoning_p50']:>11.3f} {r['reasoning_p99']:>6.3f} "
                 f"{r['answer_p50']:>11.3f} {r['answer_p99']:>6.3f} "
-                + (f"{r['batch_size']:>5.1f}" if scheduler == "batch" else f"{'-':>5}")
+                + (f"{r['batch_size']:>5.1f}" if scheduler != "continuous" else f"{'-':>5}")
             )
-    if set(results) >= {"batch", "continuous"}:
-        old, new = results["batch"][-1], results["continuous"][-1]
+    for baseline in ("before", "batch"):
+        if baseline not in results or "continuous" not in results:
+            continue
+        old, new = results[baseline][-1], results["continuous"][-1]
         print(
-            f"at concurrency {new['concurrency']}: p50 latency {new['p50'] / old['p50']:.2f}x the batch scheduler's, "
+            f"at concurrency {new['concurrency']}: p50 latency {new['p50'] / old['p50']:.2f}x {baseline}'s, "
             f"throughput {new['rps'] / old['rps']:.2f}x"
         )
+    if set(results) >= {"batch", "continuous"}:
         for index, (old, new) in enumerate(zip(rounds["batch"], rounds["continuous"], strict=True)):
             old, new = old[-1], new[-1]
             print(

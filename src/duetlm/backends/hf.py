@@ -238,11 +238,13 @@ class HFBackend:
     def context_length(self) -> int | None:
         return self.context.context_length
 
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The rendered prompt as token ids, as the streaming engine reads it."""
+        return self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
+
     def prompt_tokens(self, request: GenerationRequest) -> int:
         """Tokens of the rendered prompt (prefill included), as generation will count them."""
-        return len(
-            self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
-        )
+        return len(self.prompt_ids(request))
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as the model writes them, then the result with exact counts. Runs on
@@ -251,8 +253,7 @@ class HFBackend:
         slow reader costs fewer, larger chunks rather than lag. Closing the iterator (a client
         that left) cancels the request."""
         inbox = Inbox(asyncio.get_running_loop())
-        prompt = self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
-        handle = self.engine.submit(prompt, request.sampling, inbox.post)
+        handle = self.engine.submit(self.prompt_ids(request), request.sampling, inbox.post)
         try:
             while True:
                 for item in await inbox.take():

@@ -64,6 +64,24 @@ def test_batched_greedy_equals_one_by_one(random_backend, stop):
         )
 
 
+def test_rows_with_different_budgets_share_one_batch_and_stop_at_their_own(random_backend):
+    # A budget cut to fit the context differs with every prompt length: grouping rows by
+    # budget ran one generate() per budget. The random model writes on to its budget.
+    questions = ["a", "what is 2+2?", "a much longer question with many more tokens in it", "x" * 40]
+    requests = [ask(q, budget) for q, budget in zip(questions, (24, 7, 15, 3), strict=True)]
+    forwards = []
+    hook = random_backend.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        batched = random_backend.generate(requests)
+    finally:
+        hook.remove()
+    assert len(forwards) == 24  # one prefill and 23 steps: a single batch, as long as its longest row
+    single = [random_backend.generate([r])[0] for r in requests]
+    for b, s in zip(batched, single, strict=True):
+        assert (b.text, b.token_ids, b.finish_reason) == (s.text, s.token_ids, s.finish_reason)
+    assert [r.output_tokens for r in batched] == [24, 7, 15, 3]
+
+
 def test_results_keep_request_order_across_groups(capable_backend):
     requests = [ask(QUESTIONS[0], 80, ("</think>",)), ask(QUESTIONS[1], 120), ask(QUESTIONS[2], 3)]
     results = capable_backend.generate(requests)

@@ -131,6 +131,20 @@ def exact_generation_config(sampling: SamplingParams, eos_ids: list[int], pad_id
     )
 
 
+def row_budgets(prompt_width: int, budgets: list[int]):
+    """Stopping criteria that end each row of a left-padded batch at its own budget (the
+    batch runs to the largest; a row past its budget is padded, and cut off afterwards)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    limits = torch.tensor(budgets)
+
+    class RowBudgets(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            return (input_ids.shape[1] - prompt_width) >= limits.to(input_ids.device)
+
+    return StoppingCriteriaList([RowBudgets()])
+
+
 @contextlib.contextmanager
 def own_generation_defaults(model):
     """Run generate() with the model's own generation_config set aside. transformers fills
@@ -284,33 +298,43 @@ class HFBackend:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Requests that sample alike are batched together whatever their budgets: each row
+        stops at its own (a budget cut to fit the context differs with every prompt length,
+        and grouping by budget split 32 questions of the embedded pair into 8 generate()
+        calls, each as long as its longest row)."""
         if not requests:
             return []
         results: list[GenerationResult | None] = [None] * len(requests)
         prompts = self.tokenizer(
             [render_chat(self.tokenizer, r) for r in requests], add_special_tokens=False
         )["input_ids"]
+        budgets = [self.context.fit(len(p), r.sampling.max_tokens) for p, r in zip(prompts, requests)]
         groups: dict[SamplingParams, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
-            budget = self.context.fit(len(prompts[index]), request.sampling.max_tokens)
-            if budget == 0:
+            if budgets[index] == 0:
                 results[index] = ContextGuard.overflow_result(len(prompts[index]))
             else:
-                groups[dataclasses.replace(request.sampling, max_tokens=budget)].append(index)
+                groups[dataclasses.replace(request.sampling, max_tokens=0)].append(index)
+        lengths = [len(p) for p in prompts]
         for sampling, indices in groups.items():
-            indices.sort(key=lambda i: len(prompts[i]))
-            for chunk in self._chunks(indices, [len(p) for p in prompts], sampling.max_tokens):
-                for index, result in zip(chunk, self._generate_batch([prompts[i] for i in chunk], sampling)):
-                    result.budget_clamped = sampling.max_tokens < requests[index].sampling.max_tokens
+            indices.sort(key=lambda i: lengths[i])
+            for chunk in self._chunks(indices, lengths, budgets):
+                batch = self._generate_batch(
+                    [prompts[i] for i in chunk], sampling, [budgets[i] for i in chunk]
+                )
+                for index, result in zip(chunk, batch):
+                    result.budget_clamped = budgets[index] < requests[index].sampling.max_tokens
                     results[index] = result
         return results  # type: ignore[return-value]
 
-    def _chunks(self, indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    def _chunks(self, indices: list[int], lengths: list[int], budgets: list[int]) -> list[list[int]]:
         """Consecutive rows (sorted by prompt length) per generate() call: at most batch_size,
-        and with `batch_tokens`, rows x (longest prompt + budget) within it (the KV cache)."""
+        and with `batch_tokens`, rows x (longest prompt + longest budget) within it (the KV
+        cache)."""
         chunks: list[list[int]] = [[]]
         for index in indices:
             rows = len(chunks[-1]) + 1
+            budget = max([budgets[index], *(budgets[i] for i in chunks[-1])])
             too_many = rows > self.batch_size
             too_big = self.batch_tokens is not None and rows * (lengths[index] + budget) > self.batch_tokens
             if chunks[-1] and (too_many or too_big):
@@ -318,12 +342,18 @@ class HFBackend:
             chunks[-1].append(index)
         return [c for c in chunks if c]
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
-
+    def _generate_batch(
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int]
+    ) -> list[GenerationResult]:
         started = time.perf_counter()
         encoded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         encoded = encoded.to(self.device)
-        config = exact_generation_config(sampling, self.eos_token_ids, self.tokenizer.pad_token_id)
+        config = exact_generation_config(
+            dataclasses.replace(sampling, max_tokens=max(budgets)),
+            self.eos_token_ids,
+            self.tokenizer.pad_token_id,
+        )
+        width = encoded["input_ids"].shape[1]
         if sampling.temperature > 0 and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode(), own_generation_defaults(self.model):
@@ -331,6 +361,7 @@ class HFBackend:
                 **encoded,
                 generation_config=config,
                 tokenizer=self.tokenizer if sampling.stop else None,
+                stopping_criteria=row_budgets(width, budgets) if min(budgets) < max(budgets) else None,
             )
         output_ids = output.sequences if sampling.logprobs else output
         step_logprobs = (
@@ -338,11 +369,12 @@ class HFBackend:
             if sampling.logprobs
             else None
         )
-        generated = output_ids[:, encoded["input_ids"].shape[1] :].cpu()  # (B, T)
+        generated = output_ids[:, width:].cpu()  # (B, T)
         prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
         share = (time.perf_counter() - started) / len(prompts)
         results = [
-            self._finish(row, n_prompt, sampling, share) for row, n_prompt in zip(generated, prompt_tokens)
+            self._finish(row[:budget], n_prompt, sampling, share)
+            for row, n_prompt, budget in zip(generated, prompt_tokens, budgets)
         ]
         if step_logprobs is not None:
             for result, row in zip(results, step_logprobs):

@@ -69,6 +69,36 @@ def test_sampled_logprobs_equal_the_recomputed_ones(random_qwen3):
         assert not torch.allclose(untempered, torch.tensor(result.logprobs), atol=1e-2)
 
 
+def test_rows_with_their_own_budgets_share_one_batch(random_qwen3):
+    # Training rollouts mix budgets (forced early stops), and budgets cut to fit a context
+    # differ by prompt length: one generate() serves them all, each row ending at its own.
+    backend = random_qwen3
+    budgets = (30, 9, 17)
+    greedy = [ask(f"question number {i}?" * (i + 1), SamplingParams(b)) for i, b in enumerate(budgets)]
+    forwards = []
+    hook = backend.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        batched = backend.generate(greedy)
+    finally:
+        hook.remove()
+    assert len(forwards) == max(budgets)
+    for b, request in zip(batched, greedy, strict=True):
+        [alone] = backend.generate([request])
+        assert (b.token_ids, b.text, b.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+    # sampled with log-probs, as the trainer asks: each row's log-probs stop with its tokens
+    sampled = [
+        ask(f"q{i}", SamplingParams(b, temperature=0.6, seed=7, logprobs=True)) for i, b in enumerate(budgets)
+    ]
+    for request, result in zip(sampled, backend.generate(sampled), strict=True):
+        assert result.output_tokens <= request.sampling.max_tokens
+        assert len(result.logprobs) == result.output_tokens == len(result.token_ids)
+        prompt = backend.prompt_ids(request)
+        ids = torch.tensor([prompt + result.token_ids])
+        with torch.no_grad():
+            recomputed = token_logps(backend.model, ids, torch.ones_like(ids), 0.6)[0, len(prompt) - 1 :]
+        assert torch.allclose(recomputed, torch.tensor(result.logprobs), atol=1e-4)
+
+
 def sampled_ranks(backend: HFBackend, request: GenerationRequest, token_ids: list[int]) -> list[int]:
     """Each sampled token's rank among the model's logits at its position (0 = the likeliest)."""
     prompt = backend.tokenizer(render_chat(backend.tokenizer, request), add_special_tokens=False)["input_ids"]

@@ -332,14 +332,17 @@ class HFBackend:
         and with `batch_tokens`, rows x (longest prompt + longest budget) within it (the KV
         cache)."""
         chunks: list[list[int]] = [[]]
+        longest_budget = 0  # of the chunk being filled
         for index in indices:
             rows = len(chunks[-1]) + 1
-            budget = max([budgets[index], *(budgets[i] for i in chunks[-1])])
+            budget = max(longest_budget, budgets[index])
             too_many = rows > self.batch_size
             too_big = self.batch_tokens is not None and rows * (lengths[index] + budget) > self.batch_tokens
             if chunks[-1] and (too_many or too_big):
                 chunks.append([])
+                budget = budgets[index]
             chunks[-1].append(index)
+            longest_budget = budget
         return [c for c in chunks if c]
 
     def _generate_batch(

@@ -82,6 +82,16 @@ def test_rows_with_different_budgets_share_one_batch_and_stop_at_their_own(rando
     assert [r.output_tokens for r in batched] == [24, 7, 15, 3]
 
 
+def test_a_chunk_fits_its_longest_budget_in_batch_tokens(random_backend):
+    # rows x (longest prompt + longest budget): a short-budget row joining a long-budget one
+    # still needs the long budget's room in the KV cache
+    backend = HFBackend(
+        model=random_backend.model, tokenizer=random_backend.tokenizer, spec="hf:random", batch_tokens=100
+    )
+    assert backend._chunks([0, 1, 2], [10, 10, 10], [40, 5, 5]) == [[0, 1], [2]]
+    assert backend._chunks([0, 1, 2], [10, 10, 10], [5, 5, 5]) == [[0, 1, 2]]
+
+
 def test_results_keep_request_order_across_groups(capable_backend):
     requests = [ask(QUESTIONS[0], 80, ("</think>",)), ask(QUESTIONS[1], 120), ask(QUESTIONS[2], 3)]
     results = capable_backend.generate(requests)

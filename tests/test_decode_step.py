@@ -78,16 +78,10 @@ def randomize_norms_and_biases(model) -> None:
                 parameter.uniform_(-0.5, 0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("build", [embedded_capable, llama_with_biases_and_llama3_rope, qwen2, qwen3])
-def test_the_step_gives_the_forwards_logits(build, dtype):
-    # bf16 (what GPUs run) agrees to its own rounding: its epsilon is 2^-7
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.manual_seed(0)
-    model = build().eval()
-    randomize_norms_and_biases(model)
-    model.to(dtype)
-    assert why_not(model) is None
+def step_and_forward_logits(model, step: DecodeStep, steps: int = 4, seed: int = 0):
+    """Rows of lengths 7, 3 and 11, left-padded, prefilled by the forward; then `steps`
+    decode steps by both. Yields (step's logits, forward's logits) per step."""
+    torch.manual_seed(seed)
     vocab = model.config.vocab_size
     lengths = [7, 3, 11]
     width = max(lengths)
@@ -96,7 +90,6 @@ def test_the_step_gives_the_forwards_logits(build, dtype):
     for row, length in enumerate(lengths):
         mask[row, width - length :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    step = DecodeStep(model)
     with torch.inference_mode():
         reference = DynamicCache()
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=reference)
@@ -104,7 +97,7 @@ def test_the_step_gives_the_forwards_logits(build, dtype):
         ours.append(reference)
         reference = copy.deepcopy(reference)
         tokens = out.logits[:, -1].argmax(dim=-1)
-        for _ in range(4):
+        for _ in range(steps):
             next_positions = mask.sum(dim=1)
             mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=torch.long)], dim=1)
             expected = model(
@@ -113,11 +106,59 @@ def test_the_step_gives_the_forwards_logits(build, dtype):
                 position_ids=next_positions[:, None],
                 past_key_values=reference,
             ).logits[:, -1]
-            got = step(tokens, next_positions, ours, mask)
-            assert got.dtype == expected.dtype == dtype
-            scale = expected.float().abs().max()
-            assert (got.float() - expected.float()).abs().max() <= tolerance * scale, build.__name__
+            yield step(tokens, next_positions, ours, mask), expected
             tokens = expected.argmax(dim=-1)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, tolerance: float, name: str) -> None:
+    scale = expected.float().abs().max()
+    assert (got.float() - expected.float()).abs().max() <= tolerance * scale, name
+
+
+@pytest.mark.parametrize("joined", [True, False], ids=["joined", "own-weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("build", [embedded_capable, llama_with_biases_and_llama3_rope, qwen2, qwen3])
+def test_the_step_gives_the_forwards_logits(build, dtype, joined, monkeypatch):
+    # bf16 (what GPUs run) agrees to its own rounding: its epsilon is 2^-7
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.manual_seed(0)
+    model = build().eval()
+    randomize_norms_and_biases(model)
+    model.to(dtype)
+    assert why_not(model) is None
+    if not joined:  # as a model too large for joined copies of its projections runs
+        monkeypatch.setattr(DecodeStep, "join_limit_bytes", 0)
+    step = DecodeStep(model)
+    assert step.join is joined
+    for got, expected in step_and_forward_logits(model, step):
+        assert got.dtype == expected.dtype == dtype
+        assert_close(got, expected, tolerance, build.__name__)
+
+
+@pytest.mark.parametrize("update", ["in place", "load_state_dict", "new parameter"])
+def test_a_weight_update_is_seen_at_the_next_step(update):
+    # the joined q/k/v and gate/up copies must follow the model's weights, as they change
+    # under a trainer's optimizer or a checkpoint load while the engine keeps its step
+    model = llama_with_biases_and_llama3_rope().eval()
+    randomize_norms_and_biases(model)
+    step = DecodeStep(model)
+    assert step.join
+    for got, expected in step_and_forward_logits(model, step, steps=1):
+        assert_close(got, expected, 1e-4, "before")
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        if update == "in place":
+            layer.self_attn.k_proj.weight.mul_(-2.0)
+            layer.mlp.up_proj.bias.add_(0.5)
+        elif update == "load_state_dict":
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            state["model.layers.1.self_attn.v_proj.weight"].mul_(3.0)
+            state["model.layers.1.mlp.gate_proj.weight"].mul_(-1.0)
+            model.load_state_dict(state)
+        else:
+            layer.mlp.up_proj.weight = torch.nn.Parameter(layer.mlp.up_proj.weight.detach() * -4.0)
+    for got, expected in step_and_forward_logits(model, step, steps=2, seed=1):
+        assert_close(got, expected, 1e-4, update)
 
 
 def test_models_it_does_not_cover_are_named_and_use_their_forward():

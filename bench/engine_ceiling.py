@@ -3,13 +3,17 @@ with no HTTP, no event loop and no client process.
 
     python bench/engine_ceiling.py                        # embedded pair, 32 in flight, 3 rounds
     python bench/engine_ceiling.py --concurrency 8 --requests 128
+    python bench/engine_ceiling.py --beside 0.6       # a process beside it busy 60% of the time
 
 A closed loop of --concurrency requests, as `bench/serve_load.py` sends them: each question
 goes to M's engine; when its signal ends the engine thread itself submits m's request, and
 when m's answer ends it records the latency and submits the next question. Tokenization runs
 on the engine thread (in `duet serve` it runs on the event loop). Prints requests/s and
 p50/p99 latency per round, then the medians. Comparing these figures with `serve_load.py`'s
-at the same concurrency shows what the server adds around the engines.
+at the same concurrency shows what the server adds around the engines. --beside F starts a
+process that keeps one core busy a fraction F of the time (pure Python, in 10 ms periods), as
+the server's HTTP side and the load client do: it tells CPU sharing apart from contention for
+the GIL, which a separate process cannot cause.
 
 The embedded pair is a pair of toy models trained on a synthetic task: its figures say how the
 serving machinery performs, not how any real LLM does.
@@ -18,6 +22,7 @@ serving machinery performs, not how any real LLM does.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import threading
 import time
@@ -84,6 +89,15 @@ class ClosedLoop:
         self.capable.engine.submit(self.capable.prompt_ids(request), request.sampling, on_signal)
 
 
+def busy(fraction: float, stop) -> None:
+    """Keep a core busy `fraction` of each 10 ms until `stop` is set (in its own process)."""
+    while not stop.is_set():
+        began = time.perf_counter()
+        while time.perf_counter() - began < 0.010 * fraction:
+            pass
+        time.sleep(0.010 * (1 - fraction))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +109,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-step", default="auto", help="As in duet serve.")
+    parser.add_argument(
+        "--beside", type=float, default=0.0, help="Busy fraction of a process beside the engines (0: none)."
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = BackendOptions(device="cpu", decode_step=args.decode_step)
@@ -102,9 +119,14 @@ def main() -> None:
     config = DuetConfig()
     problems = [as_problem(p.question) for p in builtin.generate(args.requests, split="test", seed=3)]
     ClosedLoop(capable, light, problems[:8], 4, config).run()  # warm-up
+    stop = multiprocessing.Event()
+    if args.beside > 0:
+        multiprocessing.Process(target=busy, args=(args.beside, stop), daemon=True).start()
     print(
         f"{args.capable} + {args.light} through their engines alone, {args.concurrency} in flight, "
-        f"CPU, {args.threads} threads (toy pair: not figures of a real LLM)"
+        f"CPU, {args.threads} threads"
+        + (f", a process beside them busy {args.beside:.0%} of the time" if args.beside > 0 else "")
+        + " (toy pair: not figures of a real LLM)"
     )
     rows = []
     for index in range(args.rounds):
@@ -120,6 +142,7 @@ def main() -> None:
             f"round {index + 1}: {row['rps']:.2f} req/s, p50 {row['p50']:.3f} s, p99 {row['p99']:.3f} s"
             + (f", {loop.failures} failed" if loop.failures else "")
         )
+    stop.set()
     median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(f"median: {median['rps']:.2f} req/s, p50 {median['p50']:.3f} s, p99 {median['p99']:.3f} s")
 

@@ -10,8 +10,10 @@ stream while the models write, each request moving on to m when its own signal e
 server starts on 127.0.0.1 (a free port) and builtin-task questions go
 through the official async openai client as streams (`stream=True`, the signal asked for).
 Per concurrency level it prints requests/s, p50/p99 latency, and p50/p99 of the time to the
-first reasoning chunk (M's signal) and to the first answer chunk (m's), and for the batch
-scheduler the mean number of requests per batch (from the server's /metrics). Every level
+first reasoning chunk (M's signal) and to the first answer chunk (m's), the CPU cores the
+server and the client process kept busy (CPU seconds per second of the level, from /proc;
+the machine's cores bound their sum), and for the batch scheduler the mean number of
+requests per batch (from the server's /metrics). Every level
 sends the same questions; a level stops after --requests requests or --max-seconds.
 
 Each scheduler runs in its own `duet serve` process (started as a user starts it, torch
@@ -60,12 +62,25 @@ async def batch_counters(url: str) -> tuple[int, int]:
     return int(values.get("duet_batches_total", 0)), int(values.get("duet_batched_requests_total", 0))
 
 
-async def level(url: str, questions: list[str], concurrency: int, max_seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def level(
+    url: str, questions: list[str], concurrency: int, max_seconds: float, server_pid: int
+) -> dict:
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=max_seconds)
     latencies, first_reasoning, first_answer = [], [], []
     errors = 0
     queue = list(questions)
     batches_before, batched_before = await batch_counters(url)
+    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
     started = time.perf_counter()
 
     async def one(question: str) -> None:
@@ -101,6 +116,7 @@ async def level(url: str, questions: list[str], concurrency: int, max_seconds: f
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     await client.close()
     batches, batched = await batch_counters(url)
     return {
@@ -115,6 +131,8 @@ async def level(url: str, questions: list[str], concurrency: int, max_seconds: f
         "reasoning_p99": percentile(first_reasoning, 0.99),
         "answer_p50": percentile(first_answer, 0.5),
         "answer_p99": percentile(first_answer, 0.99),
+        "server_cores": server_cpu / elapsed,
+        "client_cores": client_cpu / elapsed,
     }
 
 
@@ -138,7 +156,8 @@ def run_scheduler(
         try:
             url = wait_until_up(port, server, log)
             # the load comes from a third process, as it would from real clients
-            client = [sys.executable, __file__, "--client", url, "--levels", ",".join(map(str, levels))]
+            client = [sys.executable, __file__, "--client", url, "--server-pid", str(server.pid)]
+            client += ["--levels", ",".join(map(str, levels))]
             client += ["--max-seconds", str(args.max_seconds), "--questions-json", json.dumps(questions)]
             done = subprocess.run(client, capture_output=True, text=True, check=True)
         finally:
@@ -163,9 +182,11 @@ def wait_until_up(port: int, server: subprocess.Popen, log) -> str:
     raise RuntimeError("duet serve did not come up within 300 s")
 
 
-def client_main(url: str, levels: list[int], max_seconds: float, questions: list[str]) -> None:
-    asyncio.run(level(url, questions[:4], 2, max_seconds))  # warm-up
-    print(json.dumps([asyncio.run(level(url, questions, c, max_seconds)) for c in levels]))
+def client_main(
+    url: str, levels: list[int], max_seconds: float, questions: list[str], server_pid: int
+) -> None:
+    asyncio.run(level(url, questions[:4], 2, max_seconds, server_pid))  # warm-up
+    print(json.dumps([asyncio.run(level(url, questions, c, max_seconds, server_pid)) for c in levels]))
 
 
 def main() -> None:
@@ -193,10 +214,11 @@ def main() -> None:
     )
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the load against this URL
     parser.add_argument("--questions-json", help=argparse.SUPPRESS)
+    parser.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         levels = [int(c) for c in args.levels.split(",")]
-        client_main(args.client, levels, args.max_seconds, json.loads(args.questions_json))
+        client_main(args.client, levels, args.max_seconds, json.loads(args.questions_json), args.server_pid)
         return
     questions = [p.question for p in builtin.generate(args.requests, split="test", seed=3)]
     levels = [int(c) for c in args.levels.split(",")]
@@ -204,7 +226,9 @@ def main() -> None:
         f"duet serve on loopback, {args.capable} + {args.light}, CPU, {args.threads} threads, streamed requests"
     )
     header = f"{'scheduler':<11} {'conc':>4} {'reqs':>4} {'err':>3} {'req/s':>6} {'p50 s':>6} {'p99 s':>6}"
-    header += f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6} {'batch':>5}"
+    header += (
+        f" {'1st sig p50':>11} {'p99':>6} {'1st ans p50':>11} {'p99':>6} {'cores srv/cli':>13} {'batch':>5}"
+    )
     schedulers = (["before"] if args.before_tree else []) + args.schedulers.split(",")
     rounds: dict[str, list[list[dict]]] = {s: [] for s in schedulers}
     for _ in range(args.rounds):  # in turn: a drift in the machine's speed hits every scheduler
@@ -222,6 +246,7 @@ def main() -> None:
                 f"{scheduler:<11} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3} {r['rps']:>6.2f} "
                 f"{r['p50']:>6.3f} {r['p99']:>6.3f} {r['reasoning_p50']:>11.3f} {r['reasoning_p99']:>6.3f} "
                 f"{r['answer_p50']:>11.3f} {r['answer_p99']:>6.3f} "
+                f"{r['server_cores']:>8.2f}/{r['client_cores']:<4.2f} "
                 + (f"{r['batch_size']:>5.1f}" if scheduler != "continuous" else f"{'-':>5}")
             )
     for baseline in ("before", "batch"):

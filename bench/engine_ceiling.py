@@ -113,6 +113,8 @@ def main() -> None:
         "--beside", type=float, default=0.0, help="Busy fraction of a process beside the engines (0: none)."
     )
     args = parser.parse_args()
+    if not 0 <= args.beside <= 1:
+        parser.error(f"--beside is a fraction of the time, from 0 to 1 (got {args.beside})")
     torch.set_num_threads(args.threads)
     options = BackendOptions(device="cpu", decode_step=args.decode_step)
     capable, light = load_backend(args.capable, options), load_backend(args.light, options)

@@ -7,6 +7,7 @@ transformers generation path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SIGNAL = "first 3+4=7\nthen 7*2=14"
 CAPABLE_SCRIPT = f"<think>\n{SIGNAL}\n</think>\n\nThe result is \\boxed{{14}}.<|im_end|>"
 LIGHT_SCRIPT = "So \\boxed{14}<|im_end|>"
+
+
+@contextlib.contextmanager
+def counting_forwards(model):
+    """A list that gets one entry per forward pass of `model` while the block runs: how a
+    test sees how many calls a batch took."""
+    calls: list[int] = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 def tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL, _prompt
+from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL, _prompt, counting_forwards
 from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
@@ -69,12 +69,8 @@ def test_rows_with_different_budgets_share_one_batch_and_stop_at_their_own(rando
     # budget ran one generate() per budget. The random model writes on to its budget.
     questions = ["a", "what is 2+2?", "a much longer question with many more tokens in it", "x" * 40]
     requests = [ask(q, budget) for q, budget in zip(questions, (24, 7, 15, 3), strict=True)]
-    forwards = []
-    hook = random_backend.model.register_forward_hook(lambda *args: forwards.append(1))
-    try:
+    with counting_forwards(random_backend.model) as forwards:
         batched = random_backend.generate(requests)
-    finally:
-        hook.remove()
     assert len(forwards) == 24  # one prefill and 23 steps: a single batch, as long as its longest row
     single = [random_backend.generate([r])[0] for r in requests]
     for b, s in zip(batched, single, strict=True):

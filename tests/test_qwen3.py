@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION
+from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION, counting_forwards
 from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams, render_chat
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
@@ -75,12 +75,8 @@ def test_rows_with_their_own_budgets_share_one_batch(random_qwen3):
     backend = random_qwen3
     budgets = (30, 9, 17)
     greedy = [ask(f"question number {i}?" * (i + 1), SamplingParams(b)) for i, b in enumerate(budgets)]
-    forwards = []
-    hook = backend.model.register_forward_hook(lambda *args: forwards.append(1))
-    try:
+    with counting_forwards(backend.model) as forwards:
         batched = backend.generate(greedy)
-    finally:
-        hook.remove()
     assert len(forwards) == max(budgets)
     for b, request in zip(batched, greedy, strict=True):
         [alone] = backend.generate([request])

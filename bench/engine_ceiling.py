@@ -4,11 +4,15 @@ with no HTTP, no event loop and no client process.
     python bench/engine_ceiling.py                        # embedded pair, 32 in flight, 3 rounds
     python bench/engine_ceiling.py --concurrency 8 --requests 128
     python bench/engine_ceiling.py --beside 0.6       # a process beside it busy 60% of the time
+    python bench/engine_ceiling.py --engine process   # each engine in a process of its own
 
 A closed loop of --concurrency requests, as `bench/serve_load.py` sends them: each question
 goes to M's engine; when its signal ends the engine thread itself submits m's request, and
 when m's answer ends it records the latency and submits the next question. Tokenization runs
-on the engine thread (in `duet serve` it runs on the event loop). Prints requests/s and
+on the engine thread (in `duet serve` it runs on the event loop). With --engine process each
+model's engine runs in a process of its own (as `duet serve` runs them by default), with
+--engine-threads torch threads, and the next stage is submitted from the reader thread that
+receives the results. Prints requests/s and
 p50/p99 latency per round, then the medians. Comparing these figures with `serve_load.py`'s
 at the same concurrency shows what the server adds around the engines. --beside F starts a
 process that keeps one core busy a fraction F of the time (pure Python, in 10 ms periods), as
@@ -107,7 +111,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=256, help="Requests per round.")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="Torch threads of this process.")
+    parser.add_argument("--engine", default="thread", choices=("thread", "process"))
+    parser.add_argument(
+        "--engine-threads", type=int, default=1, help="--engine process: torch threads of each engine."
+    )
     parser.add_argument("--decode-step", default="auto", help="As in duet serve.")
     parser.add_argument(
         "--beside", type=float, default=0.0, help="Busy fraction of a process beside the engines (0: none)."
@@ -116,17 +124,23 @@ def main() -> None:
     if not 0 <= args.beside <= 1:
         parser.error(f"--beside is a fraction of the time, from 0 to 1 (got {args.beside})")
     torch.set_num_threads(args.threads)
-    options = BackendOptions(device="cpu", decode_step=args.decode_step)
+    options = BackendOptions(
+        device="cpu", decode_step=args.decode_step, engine=args.engine, engine_threads=args.engine_threads
+    )
     capable, light = load_backend(args.capable, options), load_backend(args.light, options)
     config = DuetConfig()
     problems = [as_problem(p.question) for p in builtin.generate(args.requests, split="test", seed=3)]
     ClosedLoop(capable, light, problems[:8], 4, config).run()  # warm-up
-    stop = multiprocessing.Event()
+    stop = multiprocessing.Event() if args.beside > 0 else threading.Event()
     if args.beside > 0:
         multiprocessing.Process(target=busy, args=(args.beside, stop), daemon=True).start()
     print(
         f"{args.capable} + {args.light} through their engines alone, {args.concurrency} in flight, "
-        f"CPU, {args.threads} threads"
+        + (
+            f"CPU, a process per engine with {args.engine_threads} threads each"
+            if args.engine == "process"
+            else f"CPU, {args.threads} threads"
+        )
         + (f", a process beside them busy {args.beside:.0%} of the time" if args.beside > 0 else "")
         + " (toy pair: not figures of a real LLM)"
     )
@@ -145,6 +159,8 @@ def main() -> None:
             + (f", {loop.failures} failed" if loop.failures else "")
         )
     stop.set()
+    capable.close()
+    light.close()
     median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(f"median: {median['rps']:.2f} req/s, p50 {median['p50']:.3f} s, p99 {median['p99']:.3f} s")
 

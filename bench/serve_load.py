@@ -62,14 +62,29 @@ async def batch_counters(url: str) -> tuple[int, int]:
     return int(values.get("duet_batches_total", 0)), int(values.get("duet_batched_requests_total", 0))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid`, all its threads (Linux /proc; NaN elsewhere)."""
+def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+            return stat.read().rsplit(")", 1)[1].split()
     except OSError:
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and its live descendants (the engine processes
+    of `duet serve`), all their threads (Linux /proc; NaN elsewhere)."""
+    if _stat(pid) is None:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    parents = {}
+    for entry in os.listdir("/proc"):
+        fields = _stat(int(entry)) if entry.isdigit() else None
+        if fields is not None:
+            parents[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime+stime
+    tree, ticks = {pid}, 0
+    for _ in range(4):  # children, grandchildren...
+        tree |= {child for child, (parent, _) in parents.items() if parent in tree}
+    ticks = sum(parents[p][1] for p in tree if p in parents)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def level(
@@ -151,6 +166,7 @@ def run_scheduler(
     else:
         command += ["--scheduler", scheduler, "--stream-interval-ms", str(args.stream_interval_ms)]
         command += ["--decode-step", args.decode_step]
+        command += ["--engine", args.engine, "--engine-threads", str(args.engine_threads)]
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -209,6 +225,10 @@ def main() -> None:
     parser.add_argument(
         "--decode-step", default="auto", help="hf engine: auto (its own step) or transformers (the forward)."
     )
+    parser.add_argument(
+        "--engine", default="process", help="hf engine of the continuous scheduler: process or thread."
+    )
+    parser.add_argument("--engine-threads", type=int, default=1, help="As in duet serve.")
     parser.add_argument(
         "--before-tree", help="A checkout of this project whose server to measure too, as `before`."
     )

@@ -475,6 +475,64 @@ def test_a_client_that_leaves_stops_its_generation(qwen3_dirs):
         thread.join(timeout=30)
 
 
+def test_a_server_on_engine_processes(model_dirs, random_backend):
+    # duet serve's default layout: each model's engine in a process of its own. Concurrent
+    # requests get the answers the library gives in-process, unseeded samples differ and
+    # seeded ones repeat, and a client that leaves frees its row in the engine process.
+    from duetlm.backends.hf import HFBackend
+
+    config = DuetConfig(signal_max_tokens=12, answer_max_tokens=8)
+    capable = HFBackend(str(model_dirs["random"]), device="cpu", engine="process")
+    light = HFBackend(str(model_dirs["light"]), device="cpu", engine="process")
+    reference_light = HFBackend(str(model_dirs["light"]), device="cpu")
+    questions = [f"question number {i} " + "x" * (i % 7) for i in range(16)]
+    expected = [Duet(random_backend, reference_light, config).solve(q).text for q in questions]
+    duet = Duet(capable, light, config)
+    server, thread, url = start_server(duet, ServeConfig())
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+        def ask(q, **extra):
+            return client.chat.completions.create(
+                model="duet", messages=[{"role": "user", "content": q}], **extra
+            )
+
+        with ThreadPoolExecutor(16) as pool:
+            assert [r.choices[0].message.content for r in pool.map(ask, questions)] == expected
+
+        def signal(**extra):
+            return ask("hello", temperature=1.5, **extra).model_extra["duet"]["signal"]
+
+        assert signal() != signal()
+        assert signal(seed=12) == signal(seed=12)
+        body = {
+            "model": "duet",
+            "stream": True,
+            "temperature": 1.0,
+            "max_tokens": 8,
+            "duet": {"signal_max_tokens": 900},
+            "messages": [{"role": "user", "content": "go"}],
+        }
+        engine, reasons = capable.engine, []
+        finish = engine._finish
+        engine._finish = lambda request_id, result: (
+            reasons.append(result.finish_reason),
+            finish(request_id, result),
+        )
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if "reasoning_content" in line:
+                    break
+            assert engine.in_flight == 1  # M is generating, in its process
+        assert wait_for(lambda: engine.in_flight == 0)  # the client left: the row went
+        assert reasons == ["cancelled"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        capable.close()
+        light.close()
+
+
 def test_every_status_is_counted_by_route(scripted_server):
     url = scripted_server[1]
     httpx.get(f"{url}/v1/models")  # 401 on /v1/models, not a chat request
@@ -516,11 +574,34 @@ def test_failures_are_counted_as_5xx(random_backend):
         thread.join(timeout=30)
 
 
-def test_api_key_from_the_environment(tmp_path):
+def engine_children(pid: int) -> list[int]:
+    """The engine processes `duet serve` (process `pid`) spawned (not the resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            pids = [int(c) for c in children.read().split()]
+    except OSError:
+        return []
+    found = []
+    for child in pids:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                if b"spawn_main" in cmdline.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
+
+
+def test_duet_serve_from_the_command_line():
+    # As a user starts it: the embedded pair, the key from the environment, each model's
+    # engine in a process of its own (the default), a streamed answer equal to the library's,
+    # and no engine process left when the server stops.
     import os
     import subprocess
     import sys
     from pathlib import Path
+
+    from duetlm.backends import load_backend
 
     port = free_port()
     env = os.environ | {"DUET_API_KEY": "from-env", "HF_HUB_OFFLINE": "1"}
@@ -531,8 +612,9 @@ def test_api_key_from_the_environment(tmp_path):
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
+    question = "Start at 7, then +5, *3, -8 (mod 10). What is the result?"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while time.time() < deadline:
             try:
                 httpx.get(f"{url}/health", timeout=1)
@@ -542,9 +624,40 @@ def test_api_key_from_the_environment(tmp_path):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         ok = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "duet"
+        engines = engine_children(process.pid)
+        if sys.platform.startswith("linux"):
+            assert len(engines) == 2  # tiny-M's and tiny-m's
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="from-env", max_retries=0)
+        chunks = client.chat.completions.create(
+            model="duet",
+            messages=[{"role": "user", "content": question}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"duet": {"return_signal": True}},
+        )
+        reasoning, content, usage = "", "", None
+        for chunk in chunks:
+            if chunk.choices:
+                reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                content += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+        capable, light = load_backend("tiny-M"), load_backend("tiny-m")
+        expected = Duet(capable, light, DuetConfig(signal_max_tokens=384, answer_max_tokens=64)).solve(
+            question
+        )
+        assert reasoning.strip() == expected.signal.strip() and content == expected.text
+        assert usage.model_extra["duet"]["capable"]["output_tokens"] == expected.usage.capable.output_tokens
     finally:
         process.terminate()
         process.wait(timeout=30)
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in engines))
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
 
 
 def test_the_guard_refuses_what_it_cannot_read():

@@ -7,6 +7,7 @@ printed as one red line with exit code 2, never as a traceback.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -465,6 +466,17 @@ def serve(
             "Qwen2 and Qwen3, the model's forward for others) or transformers (always the forward)."
         ),
     ] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="hf models, continuous scheduler: process (each model's engine in a process of its "
+            "own: no GIL shared with the HTTP side) or thread (in the server's process)."
+        ),
+    ] = "process",
+    engine_threads: Annotated[
+        int,
+        typer.Option(help="hf engine processes: torch CPU threads each (0: torch's default)."),
+    ] = 1,
     upstream_api_key: Annotated[str | None, typer.Option(help="Key for openai: model specs.")] = None,
 ) -> None:
     """Serve DUET behind an OpenAI-compatible /v1/chat/completions endpoint."""
@@ -474,14 +486,25 @@ def serve(
         from duetlm.serve import ServeConfig, create_app
     except ImportError as exc:
         raise InputError("duet serve needs fastapi and uvicorn: pip install 'duetlm[serve]'") from exc
+    if engine_threads < 0:
+        raise InputError(f"--engine-threads must be >= 0 (0: torch's default), got {engine_threads}")
+    streaming = scheduler == "continuous"
     options = BackendOptions(
-        device=device, api_key=upstream_api_key, streaming=scheduler == "continuous", decode_step=decode_step
+        device=device,
+        api_key=upstream_api_key,
+        streaming=streaming,
+        decode_step=decode_step,
+        engine=engine if streaming else "thread",  # the batch scheduler runs generate() here
+        engine_threads=engine_threads or None,
     )
     duet = Duet(
         load_backend(capable, options),
         load_backend(light, options),
         build_config(config, None, None, None, None, (capable, light)),
     )
+    if streaming:  # engine processes load their models now, side by side, not at the first request
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda b: getattr(b, "start_engine", lambda: None)(), (duet.capable, duet.light)))
     from duetlm.config import validate_config
 
     serve_config = validate_config(
@@ -498,13 +521,17 @@ def serve(
     )
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err_console.print(f"[yellow]warning: serving on {host} without --api-key[/]")
-    uvicorn.run(
-        create_app(duet, serve_config),
-        host=host,
-        port=port,
-        timeout_graceful_shutdown=30,
-        log_level="warning",
-    )
+    try:
+        uvicorn.run(
+            create_app(duet, serve_config),
+            host=host,
+            port=port,
+            timeout_graceful_shutdown=30,
+            log_level="warning",
+        )
+    finally:  # engine processes end with the server
+        duet.capable.close()
+        duet.light.close()
 
 
 @app.command()

@@ -56,6 +56,8 @@ class BackendOptions:
     gpu_memory_utilization: float = 0.85  # vllm
     streaming: bool = False  # vllm: the async engine (`duet serve`), else the offline one
     decode_step: str = "auto"  # hf engine: auto = own step (Llama/Qwen2/Qwen3), transformers = forward
+    engine: str = "thread"  # hf streaming engine: a thread here, or a process per model (`duet serve`)
+    engine_threads: int | None = 1  # hf engine process: torch CPU threads (None: torch's default)
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -98,6 +100,8 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
             dtype=options.dtype,
             batch_size=options.batch_size,
             decode_step=options.decode_step,
+            engine=options.engine,
+            engine_threads=options.engine_threads,
             spec=spec,
         )
     if parsed.kind == "openai":

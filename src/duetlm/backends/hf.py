@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -176,11 +177,18 @@ def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> 
     return out.cpu()
 
 
+ENGINES = ("thread", "process")
+"""Where the streaming engine runs: `thread`, a thread of this process; `process`, a process
+of its own per model (`engine_process`: no GIL shared with the caller, its own torch threads)."""
+
+
 class HFBackend:
     """A transformers causal LM loaded once and reused for every call.
 
     Pass `model` and `tokenizer` to wrap objects already in memory (the trainer does, so
-    rollouts use the weights being trained)."""
+    rollouts use the weights being trained). With `engine="process"` the streaming engine
+    loads the weights in its own process, and this process loads them only if `generate`
+    is called (a server streaming through the engine never holds two copies)."""
 
     def __init__(
         self,
@@ -192,6 +200,8 @@ class HFBackend:
         batch_tokens: int | None = None,
         trust_remote_code: bool = False,
         decode_step: str = "auto",
+        engine: str = "thread",
+        engine_threads: int | None = 1,
         model=None,
         tokenizer=None,
         spec: str | None = None,
@@ -199,48 +209,106 @@ class HFBackend:
         if batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {batch_size}")
         check_choice(decode_step)  # now, before any weights load: the engine starts with the first stream
+        if engine not in ENGINES:
+            raise BackendError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+        if engine_threads is not None and engine_threads < 1:
+            raise BackendError(
+                f"engine_threads must be >= 1 (or None: torch's default), got {engine_threads}"
+            )
+        if engine == "process" and model is not None:
+            raise BackendError(
+                "engine='process' loads the model from its folder; it cannot wrap one in memory"
+            )
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.engine_kind, self.engine_threads = engine, engine_threads
+        self._load_args = (device, dtype, trust_remote_code)
+        self._model, self.location, self._closed = None, None, False
         if model is not None and tokenizer is not None:
-            self.model, self.tokenizer = model, tokenizer
+            self._model, self.tokenizer = model, tokenizer
             self.device = next(model.parameters()).device
+            config, generation_config = model.config, model.generation_config
         else:
             if path_or_id is None:
                 raise BackendError("HFBackend needs a model path or hub id, or a model and tokenizer")
-            self.model, self.tokenizer, self.device = self._load(path_or_id, device, dtype, trust_remote_code)
+            self.location, self._local = resolve_model_location(path_or_id)
+            self.device = pick_device(device)
+            self.tokenizer = self._load_tokenizer(trust_remote_code)
+            if engine == "process":
+                config, generation_config = self._load_configs(trust_remote_code)
+            else:
+                self._model = self._load_model(dtype, trust_remote_code)
+                config, generation_config = self._model.config, self._model.generation_config
         self.spec = spec or f"hf:{path_or_id}"
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_token_ids = self._eos_ids()
-        self.context = ContextGuard(self.spec, getattr(self.model.config, "max_position_embeddings", None))
+        self.eos_token_ids = self._eos_ids(generation_config)
+        self.context = ContextGuard(self.spec, getattr(config, "max_position_embeddings", None))
         self._engine = None
         self.decode_step = decode_step
         self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
+        self._prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> ids, the latest few
+        self._prompt_ids_lock = threading.Lock()
 
-    @staticmethod
-    def _load(path_or_id: str, device: str, dtype: str, trust_remote_code: bool):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    @property
+    def model(self):
+        """The weights in this process (loaded now if the engine process holds the only copy)."""
+        if self._model is None and self.location is not None and not self._closed:
+            _, dtype, trust_remote_code = self._load_args
+            logger.info("%s: loading the weights in this process too (generate() was called)", self.spec)
+            self._model = self._load_model(dtype, trust_remote_code)
+        return self._model
 
-        location, is_local = resolve_model_location(path_or_id)
-        torch_device = pick_device(device)
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+
+    def _load_tokenizer(self, trust_remote_code: bool):
+        from transformers import AutoTokenizer
+
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                location, local_files_only=is_local, trust_remote_code=trust_remote_code
-            )
-            model = AutoModelForCausalLM.from_pretrained(
-                location,
-                local_files_only=is_local,
-                dtype=pick_dtype(dtype, torch_device),
-                trust_remote_code=trust_remote_code,
+            return AutoTokenizer.from_pretrained(
+                self.location, local_files_only=self._local, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as exc:
-            raise BackendError(f"could not load model {path_or_id!r}: {exc}") from exc
-        model.to(torch_device).eval()
-        logger.info("loaded %s on %s (%s)", location, torch_device, model.dtype)
-        return model, tokenizer, torch_device
+            raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
 
-    def _eos_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
+    def _load_configs(self, trust_remote_code: bool):
+        """The model's config and generation config, without its weights."""
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            config = AutoConfig.from_pretrained(
+                self.location, local_files_only=self._local, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.location, local_files_only=self._local)
+        except OSError:  # no generation_config.json: what from_pretrained would derive
+            generation_config = GenerationConfig.from_model_config(config)
+        return config, generation_config
+
+    def _load_model(self, dtype: str, trust_remote_code: bool):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.location,
+                local_files_only=self._local,
+                dtype=pick_dtype(dtype, self.device),
+                trust_remote_code=trust_remote_code,
+            )
+        except Exception as exc:  # a corrupt weights file raises the safetensors library's own error
+            raise BackendError(
+                f"could not load model {self.location!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        model.to(self.device).eval()
+        logger.info("loaded %s on %s (%s)", self.location, self.device, model.dtype)
+        return model
+
+    def _eos_ids(self, generation_config) -> list[int]:
+        ids = generation_config.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
@@ -253,8 +321,17 @@ class HFBackend:
         return self.context.context_length
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The rendered prompt as token ids, as the streaming engine reads it."""
-        return self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
+        """The rendered prompt as token ids, as the streaming engine reads it. The latest few
+        are kept: a server counts a prompt's tokens before it streams the same prompt."""
+        text = render_chat(self.tokenizer, request)
+        ids = self._prompt_ids.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            with self._prompt_ids_lock:
+                if len(self._prompt_ids) >= 256:
+                    self._prompt_ids.pop(next(iter(self._prompt_ids)))
+                self._prompt_ids[text] = ids
+        return list(ids)
 
     def prompt_tokens(self, request: GenerationRequest) -> int:
         """Tokens of the rendered prompt (prefill included), as generation will count them."""
@@ -282,17 +359,45 @@ class HFBackend:
 
     @property
     def engine(self):
+        """The streaming engine, started with the first stream (`start_engine` starts it now)."""
         if self._engine is None:
-            from duetlm.backends.hf_engine import StepEngine
+            if self.engine_kind == "process":
+                from duetlm.backends.engine_process import EngineProcess, EngineSpec
 
-            self._engine = StepEngine(
-                self.model,
-                self.tokenizer,
-                sorted(self._end_ids.tolist()),
-                self.context,
-                decode_step=self.decode_step,
-            )
+                _, dtype, trust_remote_code = self._load_args
+                self._engine = EngineProcess(
+                    EngineSpec(
+                        location=self.location,
+                        spec=self.spec,
+                        device=str(self.device),
+                        dtype=dtype,
+                        trust_remote_code=trust_remote_code,
+                        decode_step=self.decode_step,
+                        threads=self.engine_threads,
+                    )
+                )
+            else:
+                self._engine = self.new_engine()
         return self._engine
+
+    def start_engine(self) -> None:
+        """Start the streaming engine now (an engine process loads its model), not with the
+        first request."""
+        _ = self.engine
+
+    def new_engine(self, loop=None, **options):
+        """A continuous-batching engine over this process's weights (`hf_engine.StepEngine`)."""
+        from duetlm.backends.hf_engine import StepEngine
+
+        return StepEngine(
+            self.model,
+            self.tokenizer,
+            sorted(self._end_ids.tolist()),
+            self.context,
+            decode_step=self.decode_step,
+            loop=loop,
+            **options,
+        )
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -411,4 +516,7 @@ class HFBackend:
         )
 
     def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        if self._engine is not None and hasattr(self._engine, "close"):
+            self._engine.close()
+        self._engine = None
+        self._model, self._closed = None, True

@@ -212,7 +212,10 @@ class StepEngine:
         admit_wait_s: float = 0.025,
         admit_batch: int = 8,
         decode_step: str = "auto",
+        loop: EngineLoop | None = None,
     ) -> None:
+        """`loop` steps the engine; by default the shared thread of its device (an engine
+        process passes its own, stepped from its main thread)."""
         self.model, self.tokenizer, self.eos_ids, self.context = model, tokenizer, set(eos_ids), context
         self.max_rows, self.admit_wait_s, self.admit_batch = max_rows, admit_wait_s, admit_batch
         self.waiting: list[Row] = []  # submitted, gathering for a joint prefill
@@ -227,7 +230,7 @@ class StepEngine:
         accepted = inspect.signature(model.forward).parameters
         self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
         self.fast_step = self._pick_decode_step(model, decode_step)
-        self.loop = loop_for(self.device)
+        self.loop = loop if loop is not None else loop_for(self.device)
         self.loop.register(self)
 
     @staticmethod
@@ -238,6 +241,11 @@ class StepEngine:
             logger.info("engine decode step: the model's forward (%s)", reason)
             return None
         return DecodeStep(model)
+
+    @property
+    def has_work(self) -> bool:
+        """Rows decoding, gathering, or submitted and not yet seen by a step."""
+        return bool(self.rows or self.waiting or not self.pending.empty())
 
     def submit(self, prompt: list[int], sampling: SamplingParams, listener: Listener) -> Handle:
         budget = self.context.fit(len(prompt), sampling.max_tokens)

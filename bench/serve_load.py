@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument(
         "--before-tree", help="A checkout of this project whose server to measure too, as `before`."
     )
+    parser.add_argument("--save", help="Write every round's figures and the medians to this JSON file.")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the load against this URL
     parser.add_argument("--questions-json", help=argparse.SUPPRESS)
     parser.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -277,14 +278,20 @@ def main() -> None:
             f"at concurrency {new['concurrency']}: p50 latency {new['p50'] / old['p50']:.2f}x {baseline}'s, "
             f"throughput {new['rps'] / old['rps']:.2f}x"
         )
-    if set(results) >= {"batch", "continuous"}:
-        for index, (old, new) in enumerate(zip(rounds["batch"], rounds["continuous"], strict=True)):
+    for baseline in ("before", "batch"):
+        if baseline not in rounds or "continuous" not in rounds:
+            continue
+        for index, (old, new) in enumerate(zip(rounds[baseline], rounds["continuous"], strict=True)):
             old, new = old[-1], new[-1]
+            batches = f" (batches of {old['batch_size']:.1f})" if old["batch_size"] else ""
             print(
-                f"  round {index + 1}: batch {old['rps']:.2f} req/s p50 {old['p50']:.3f} s (batches of "
-                f"{old['batch_size']:.1f}), continuous {new['rps']:.2f} req/s p50 {new['p50']:.3f} s: "
+                f"  round {index + 1}: {baseline} {old['rps']:.2f} req/s p50 {old['p50']:.3f} s{batches}, "
+                f"continuous {new['rps']:.2f} req/s p50 {new['p50']:.3f} s: "
                 f"p50 {new['p50'] / old['p50']:.2f}x, throughput {new['rps'] / old['rps']:.2f}x"
             )
+    if args.save:
+        with open(args.save, "w") as out:
+            json.dump({"args": vars(args), "rounds": rounds, "medians": results}, out, indent=1)
 
 
 def median_row(runs: list[dict]) -> dict:

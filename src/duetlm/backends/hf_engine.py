@@ -2,7 +2,8 @@
 
 `model.generate()` runs a fixed batch to the end of its longest row: a row that finished
 idles, and a request that arrives waits for the whole batch. Here one background thread
-per device steps every active row of every engine once per iteration: new requests are
+per device (or, in `engine_process`, the main thread of a process of the engine's own)
+steps every active row of every engine once per iteration: new requests are
 prefilled and join between steps, finished or cancelled rows leave at once, and each new
 token is handed to its request as text as soon as it is decoded. (transformers' own
 continuous-batching manager was measured first: on the embedded pair on a CPU it ran a

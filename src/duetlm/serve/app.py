@@ -8,7 +8,8 @@ unknown routes and methods too.
 Scheduling (`ServeConfig.scheduler`): `continuous` (the default) runs each request through
 `Duet.astream`: M's tokens stream as `reasoning_content` while M writes, the request moves
 on to m as soon as its own signal ends, and the hf backend batches every request in flight
-step by step. `batch` gathers requests for `batch_window_ms` and runs them through
+step by step (`duet serve` puts each model's engine in a process of its own:
+`backends.engine_process`). `batch` gathers requests for `batch_window_ms` and runs them through
 `solve_batch` together (the older scheduler, kept for comparison): nothing streams until
 the whole protocol is done. A client that disconnects cancels its generation.
 """

@@ -89,7 +89,7 @@ def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
         return
     conn.send(("ready", torch.get_num_threads()))
     outbox: list[tuple[int, str | GenerationResult]] = []
-    handles: dict = {}
+    handles: dict[int, object] = {}  # request id -> its StepEngine handle (None while submitting)
 
     def listener_for(request_id: int):
         def listener(event) -> None:

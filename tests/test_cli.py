@@ -65,10 +65,12 @@ def test_solve_file(specs, tmp_path):
         (["solve", "q", "--signal-max-tokens", "0"], "signal_max_tokens"),
         (["solve", "--file", "/no/such.jsonl"], "does not exist"),
         (["solve"], "either a QUESTION"),
+        (["serve", "--engine", "fork"], "unknown --engine 'fork'"),
+        (["serve", "--engine-threads", "-1"], "--engine-threads must be >= 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, specs):
-    if "--capable" not in args and args[-1] != "solve":
+    if "--capable" not in args and args[-1] != "solve" and args[0] != "serve":
         args = [*args, *specs]
     done = run(*args)
     assert done.returncode == 2

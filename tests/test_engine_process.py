@@ -152,6 +152,9 @@ def test_an_engine_process_that_cannot_load_says_why(model_dirs, tmp_path):
         backend.start_engine()
     with pytest.raises(BackendError, match="could not start"):
         EngineProcess(EngineSpec(location=str(tmp_path / "nowhere"), spec="hf:nowhere"))
+    (broken / "generation_config.json").write_text("{not json")
+    with pytest.raises(BackendError, match="could not load model"):
+        HFBackend(str(broken), device="cpu", engine="process")
 
 
 @pytest.mark.parametrize(
@@ -185,6 +188,18 @@ def test_duet_streams_through_engine_processes_on_the_qwen3_template(qwen3_dirs)
         result = stream[-1].result
         assert result.answer == "14" and result.usage.capable.output_tokens > 0
         assert capable._model is None and light._model is None
+        # what the server process read without the weights is what a full load reads
+        loaded = HFBackend(str(qwen3_dirs["capable"]), device="cpu")
+        assert capable.eos_token_ids == loaded.eos_token_ids and len(capable.eos_token_ids) == 2
+        assert capable.context_length == loaded.context_length
     finally:
         capable.close()
         light.close()
+
+
+def test_a_folder_without_a_generation_config_reads_as_a_full_load_does(model_dirs, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dirs["capable"], bare)
+    (bare / "generation_config.json").unlink()
+    light, full = HFBackend(str(bare), device="cpu", engine="process"), HFBackend(str(bare), device="cpu")
+    assert light.eos_token_ids == full.eos_token_ids and light.context_length == full.context_length

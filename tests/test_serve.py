@@ -594,9 +594,11 @@ def engine_children(pid: int) -> list[int]:
 
 def test_duet_serve_from_the_command_line():
     # As a user starts it: the embedded pair, the key from the environment, each model's
-    # engine in a process of its own (the default), a streamed answer equal to the library's,
-    # and no engine process left when the server stops.
+    # engine in a process of its own (the default), a streamed answer equal to the library's.
+    # Ctrl-C (SIGINT to the whole process group) lets a stream in flight finish, and no
+    # engine process is left when the server stops.
     import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
@@ -610,6 +612,7 @@ def test_duet_serve_from_the_command_line():
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as in a terminal
     )
     url = f"http://127.0.0.1:{port}"
     question = "Start at 7, then +5, *3, -8 (mod 10). What is the result?"
@@ -628,28 +631,41 @@ def test_duet_serve_from_the_command_line():
         if sys.platform.startswith("linux"):
             assert len(engines) == 2  # tiny-M's and tiny-m's
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="from-env", max_retries=0)
-        chunks = client.chat.completions.create(
-            model="duet",
-            messages=[{"role": "user", "content": question}],
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"duet": {"return_signal": True}},
-        )
-        reasoning, content, usage = "", "", None
-        for chunk in chunks:
-            if chunk.choices:
-                reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
-                content += chunk.choices[0].delta.content or ""
-            usage = chunk.usage or usage
+
+        def streamed(on_first_chunk=None):
+            chunks = client.chat.completions.create(
+                model="duet",
+                messages=[{"role": "user", "content": question}],
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"duet": {"return_signal": True}},
+            )
+            reasoning, content, usage = "", "", None
+            for chunk in chunks:
+                if on_first_chunk is not None:
+                    on_first_chunk, call = None, on_first_chunk
+                    call()
+                if chunk.choices:
+                    reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                    content += chunk.choices[0].delta.content or ""
+                usage = chunk.usage or usage
+            return reasoning, content, usage
+
         capable, light = load_backend("tiny-M"), load_backend("tiny-m")
         expected = Duet(capable, light, DuetConfig(signal_max_tokens=384, answer_max_tokens=64)).solve(
             question
         )
+        reasoning, content, usage = streamed()
         assert reasoning.strip() == expected.signal.strip() and content == expected.text
         assert usage.model_extra["duet"]["capable"]["output_tokens"] == expected.usage.capable.output_tokens
+        # Ctrl-C while a stream is in flight: the server drains it, its engines still stepping
+        reasoning, content, usage = streamed(lambda: os.killpg(process.pid, signal.SIGINT))
+        assert content == expected.text and usage is not None
+        assert process.wait(timeout=30) == 0
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in engines))
 
 

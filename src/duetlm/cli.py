@@ -486,6 +486,10 @@ def serve(
         from duetlm.serve import ServeConfig, create_app
     except ImportError as exc:
         raise InputError("duet serve needs fastapi and uvicorn: pip install 'duetlm[serve]'") from exc
+    from duetlm.backends.hf import ENGINES
+
+    if engine not in ENGINES:
+        raise InputError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
     if engine_threads < 0:
         raise InputError(f"--engine-threads must be >= 0 (0: torch's default), got {engine_threads}")
     streaming = scheduler == "continuous"

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,9 @@ class _OwnLoop:
 
 
 def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
+    # Ctrl-C reaches the whole process group; the server then drains its requests, so the
+    # engine keeps stepping until the server closes it (or its end of the pipe goes away).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
@@ -85,9 +89,9 @@ def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
         )
         engine = backend.new_engine(loop=_OwnLoop(), admit_wait_s=spec.admit_wait_s)
     except BaseException as exc:  # the parent raises it as a BackendError
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", torch.get_num_threads()))
     outbox: list[tuple[int, str | GenerationResult]] = []
     handles: dict[int, object] = {}  # request id -> its StepEngine handle (None while submitting)
 
@@ -100,6 +104,7 @@ def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
         return listener
 
     try:
+        conn.send(("ready", torch.get_num_threads()))
         while True:
             if not engine.has_work:
                 conn.poll(None)  # idle: sleep until a message (or the parent's end) comes
@@ -125,7 +130,7 @@ def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
             if outbox:
                 conn.send(outbox)
                 outbox = []
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, BrokenPipeError):
         return  # the server went away
 
 

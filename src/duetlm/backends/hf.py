@@ -283,10 +283,16 @@ class HFBackend:
             )
         except (OSError, ValueError) as exc:
             raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
+        # a folder without the file gets what from_pretrained derives; a file there must parse
+        optional = not self._local or not Path(self.location, "generation_config.json").is_file()
         try:
             generation_config = GenerationConfig.from_pretrained(self.location, local_files_only=self._local)
-        except OSError:  # no generation_config.json: what from_pretrained would derive
+        except OSError as exc:
+            if not optional:
+                raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
             generation_config = GenerationConfig.from_model_config(config)
+        except ValueError as exc:
+            raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
         return config, generation_config
 
     def _load_model(self, dtype: str, trust_remote_code: bool):

@@ -114,21 +114,31 @@ def qwen3_dirs(tmp_path_factory) -> dict[str, Path]:
     template and generation config. `random` is untrained; `capable` and `light` are scripted
     like the models of `model_dirs`, and `capable` ends a fourth question's thinking with
     `<|im_end|>` instead of `</think>` (as a real model cut at end of turn does)."""
+    return _scripted_qwen3(tmp_path_factory.mktemp("qwen3"))
+
+
+def _scripted_qwen3(root: Path, **shape) -> dict[str, Path]:
     from qwen3 import qwen3_tokenizer, save, tiny_qwen3
 
     tokenizer = qwen3_tokenizer()
-    root = tmp_path_factory.mktemp("qwen3")
     prefill = f"<think>\n{SIGNAL}\n</think>\n\n"
-    capable = tiny_qwen3(seed=1)
+    capable = tiny_qwen3(seed=1, **shape)
     scripts = [(_prompt(tokenizer, q), CAPABLE_SCRIPT) for q in QUESTIONS]
     scripts.append((_prompt(tokenizer, UNCLOSED_QUESTION), UNCLOSED_SCRIPT))
     train_script(capable, tokenizer, scripts, steps=60)
-    light = tiny_qwen3(seed=2)
+    light = tiny_qwen3(seed=2, **shape)
     train_script(
         light, tokenizer, [(_prompt(tokenizer, q, prefill), LIGHT_SCRIPT) for q in QUESTIONS], steps=60
     )
-    models = {"random": tiny_qwen3(seed=0), "capable": capable, "light": light}
+    models = {"random": tiny_qwen3(seed=0, **shape), "capable": capable, "light": light}
     return {name: save(model, tokenizer, root / name) for name, model in models.items()}
+
+
+@pytest.fixture(scope="session")
+def qwen3_vllm_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The Qwen3 test bed scripted as `qwen3_dirs` is, with the head size vLLM's CPU attention
+    has kernels for (32; `qwen3_dirs` has 8)."""
+    return _scripted_qwen3(tmp_path_factory.mktemp("qwen3-vllm"), hidden=64, head_dim=32)
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,9 @@ def qwen3_tokenizer():
 
 
 def tiny_qwen3(
-    seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 1024
+    seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 1024, head_dim: int | None = None
 ) -> Qwen3ForCausalLM:
+    """`head_dim` defaults to hidden / 4; vLLM's CPU attention needs 32 or more."""
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=VOCAB,
@@ -53,7 +54,7 @@ def tiny_qwen3(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden // 4,
+        head_dim=head_dim or hidden // 4,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=END_OF_TEXT,

@@ -8,6 +8,7 @@ printed as one red line with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -74,6 +75,16 @@ CapableOpt = Annotated[
     ),
 ]
 LightOpt = Annotated[str, typer.Option("--light", "-m", help="Light model m, same spec forms as --capable.")]
+GpuMemoryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gpu-memory-utilization",
+        min=0.01,
+        max=1.0,
+        help="vllm: models: the share of device memory vLLM reserves (on a CPU, of CPU memory). "
+        "Default: 0.85 on a GPU; on a CPU an explicit 2 GiB KV cache.",
+    ),
+]
 
 
 def read_questions_jsonl(path: Path) -> list[Problem]:
@@ -143,6 +154,7 @@ def solve(
     light_tokenizer: Annotated[
         str | None, typer.Option(help="openai: m's tokenizer, to send its pre-filled turn as a completion.")
     ] = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
 ) -> None:
     """Answer questions with DUET (or a baseline mode) and print the usage per model."""
     if (question is None) == (file is None):
@@ -151,9 +163,10 @@ def solve(
     if not problems[0].question.strip():
         raise InputError("the question is empty")
     parsed_mode = parse_mode(mode)
+    options = BackendOptions(device=device, api_key=api_key, gpu_memory_utilization=gpu_memory_utilization)
     duet = Duet(
-        load_backend(capable, BackendOptions(device=device, api_key=api_key)),
-        load_backend(light, BackendOptions(device=device, api_key=api_key, tokenizer=light_tokenizer)),
+        load_backend(capable, options),
+        load_backend(light, dataclasses.replace(options, tokenizer=light_tokenizer)),
         build_config(config, signal_max_tokens, answer_max_tokens, temperature, seed, (capable, light)),
     )
     results = duet.solve_batch(problems, parsed_mode)
@@ -291,6 +304,7 @@ def eval_command(
     ] = False,
     device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
     api_key: Annotated[str | None, typer.Option(help="Key for openai: specs.")] = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
 ) -> None:
     """Evaluate methods on tasks into a resumable store, then print the report."""
     from duetlm.config import validate_config
@@ -317,7 +331,8 @@ def eval_command(
         },
         source="eval options",
     )
-    run_eval(eval_config, out, force=force, backend_options=BackendOptions(device=device, api_key=api_key))
+    options = BackendOptions(device=device, api_key=api_key, gpu_memory_utilization=gpu_memory_utilization)
+    run_eval(eval_config, out, force=force, backend_options=options)
     print_report(out, load_summaries(out))
 
 
@@ -478,6 +493,7 @@ def serve(
         typer.Option(help="hf engine processes: torch CPU threads each (0: torch's default)."),
     ] = 1,
     upstream_api_key: Annotated[str | None, typer.Option(help="Key for openai: model specs.")] = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
 ) -> None:
     """Serve DUET behind an OpenAI-compatible /v1/chat/completions endpoint."""
     try:
@@ -500,6 +516,7 @@ def serve(
         decode_step=decode_step,
         engine=engine if streaming else "thread",  # the batch scheduler runs generate() here
         engine_threads=engine_threads or None,
+        gpu_memory_utilization=gpu_memory_utilization,
     )
     duet = Duet(
         load_backend(capable, options),

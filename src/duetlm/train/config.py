@@ -120,13 +120,18 @@ class TrainConfig(BaseModel):
         "engine sampled with and those the trainer computes (0 up to numerics when the sampled policy is "
         "the trained one). The hf engine keeps B x V scores per step for it: small runs and tests.",
     )
-    vllm_gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="vLLM rollout engine (a vllm: capable spec): its share of GPU memory."
+    vllm_gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM rollout engine (a vllm: capable spec): its share of the device's memory. None: "
+        "0.3 on a GPU; on a CPU, where the share is of CPU memory, an explicit 2 GiB KV cache.",
     )
     vllm_sleep: bool = Field(
         True,
         description="vLLM rollout engine: release its weights and KV cache during the update (sleep "
-        "level 2) and take the new weights on waking, so training and rollouts share the GPU.",
+        "level 2) and take the new weights on waking, so training and rollouts share the GPU. vLLM has no "
+        "sleep mode on a CPU: there the engine says so once and keeps its memory.",
     )
     lora_capable: LoraSettings | None = Field(None, description="LoRA for M; None = full fine-tuning.")
     lora_light: LoraSettings | None = Field(None, description="LoRA for m; None = full fine-tuning.")

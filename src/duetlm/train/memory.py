@@ -189,9 +189,10 @@ def model_plan(
     )
     rows["logits chunk"] = cfg.logprob_chunk * shape.vocab * (2 + 4 + 4) if trained else 0  # bf16, fp32, grad
     if role == "M" and spec.startswith("vllm:"):
-        rows["rollout engine"] = cfg.vllm_gpu_memory_utilization * device_memory
+        share = cfg.vllm_gpu_memory_utilization or 0.3  # the GPU default
+        rows["rollout engine"] = share * device_memory
         asleep = ", asleep in updates" if cfg.vllm_sleep else ""
-        label = f"vLLM engine ({cfg.vllm_gpu_memory_utilization:.0%} of the device reserved{asleep})"
+        label = f"vLLM engine ({share:.0%} of the device reserved{asleep})"
     else:
         rows_per_call = questions * (cfg.n_capable if role == "M" else cfg.n_capable * cfg.n_light)
         tokens = min(cfg.rollout_batch_tokens, rows_per_call * sequence)  # m's prompt holds the signal

@@ -143,9 +143,8 @@ class DuetTrainer:
 
             engine = VLLMRolloutEngine(
                 location,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                settings=rollout_engine_settings(cfg),
                 sleep=cfg.vllm_sleep,
-                seed=cfg.seed,
                 spec=f"train:{name}",
             )
             if adapter is not None:  # resumed LoRA: the engine starts from the trained weights
@@ -443,6 +442,19 @@ class DuetTrainer:
         random.setstate(_as_rng_state(state["python_rng"]))
         torch.set_rng_state(state["torch_rng"])
         logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+
+def rollout_engine_settings(cfg: TrainConfig):
+    """The vLLM rollout engine computes in the trainer's dtype (bf16 under bf16-mixed: the fp32
+    masters are cast when pushed), so that both score the same numbers."""
+    from duetlm.backends.vllm_start import VLLMSettings, on_cpu, require_vllm
+
+    require_vllm()
+    share = cfg.vllm_gpu_memory_utilization
+    if share is None and not on_cpu():
+        share = 0.3
+    dtype = "bfloat16" if cfg.precision == "bf16-mixed" else "float32"
+    return VLLMSettings(gpu_memory_utilization=share, dtype=dtype, seed=cfg.seed)
 
 
 def rollout_logprob_gap(capable, old: torch.Tensor) -> float:

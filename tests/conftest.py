@@ -194,3 +194,39 @@ def small_config(model_dirs, task_path, out, **overrides):
         "device": "cpu",
     }
     return TrainConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="session")
+def qwen3_task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3-task")
+    rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(8)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    return folder
+
+
+def qwen3_config(qwen3_dirs, folder, out, **overrides):
+    """A training config for the scripted Qwen3 pair: a step takes seconds."""
+    from duetlm.train.config import TrainConfig
+
+    settings = {
+        "capable": f"hf:{qwen3_dirs['capable']}",
+        "light": f"hf:{qwen3_dirs['light']}",
+        "task": f"jsonl:{folder / 'train.jsonl'}",
+        "eval_task": f"jsonl:{folder / 'eval.jsonl'}",
+        "out": str(out),
+        "steps": 1,
+        "questions_per_step": 2,
+        "n_capable": 2,
+        "n_light": 2,
+        "signal_max_tokens": 24,
+        "answer_max_tokens": 12,
+        "capable_temperature": 0.6,
+        "light_temperature": 0.6,
+        "length_bound": 16,
+        "eval_every": 0,
+        "tensorboard": False,
+        "device": "cpu",
+    }
+    return TrainConfig(**(settings | overrides))

@@ -5,47 +5,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
-from conftest import QUESTIONS, UNCLOSED_QUESTION
+from conftest import QUESTIONS, UNCLOSED_QUESTION, qwen3_config
 from duetlm.tasks import Example
-from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.config import LoraSettings
 from duetlm.train.policy import load_lm, merged_state_dict
 from duetlm.train.trainer import DuetTrainer, train
-
-
-@pytest.fixture(scope="module")
-def qwen3_task(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3-task")
-    rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(8)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
-    return folder
-
-
-def qwen3_config(qwen3_dirs, folder, out, **overrides) -> TrainConfig:
-    settings = {
-        "capable": f"hf:{qwen3_dirs['capable']}",
-        "light": f"hf:{qwen3_dirs['light']}",
-        "task": f"jsonl:{folder / 'train.jsonl'}",
-        "eval_task": f"jsonl:{folder / 'eval.jsonl'}",
-        "out": str(out),
-        "steps": 1,
-        "questions_per_step": 2,
-        "n_capable": 2,
-        "n_light": 2,
-        "signal_max_tokens": 24,
-        "answer_max_tokens": 12,
-        "capable_temperature": 0.6,
-        "light_temperature": 0.6,
-        "length_bound": 16,
-        "eval_every": 0,
-        "tensorboard": False,
-        "device": "cpu",
-    }
-    return TrainConfig(**(settings | overrides))
 
 
 def test_old_and_recomputed_logprobs_agree_at_step_0(qwen3_dirs, qwen3_task, tmp_path):
@@ -167,3 +133,25 @@ def test_merged_weights_equal_peft_merge(qwen3_dirs):
         merged["model.layers.0.self_attn.q_proj.weight"],
         lm.get_base_model().state_dict()["model.layers.0.self_attn.q_proj.base_layer.weight"],
     )
+
+
+def test_weights_pushed_to_vllm_hold_tied_embeddings_once(tmp_path):
+    # Qwen3-0.6B and -4B tie the output layer to the embedding: the state dict holds one tensor
+    # under two names, which safetensors refuses. The file keeps the embedding (vLLM's loader
+    # skips `lm_head.` for a tied model), in the engine's dtype.
+    from qwen3 import tiny_qwen3
+    from safetensors.torch import load_file
+
+    from duetlm.train.vllm_engine import weights_file
+
+    model = tiny_qwen3(seed=3)
+    state = merged_state_dict(model)
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    path = weights_file(state, torch.bfloat16)
+    try:
+        written = load_file(path)
+    finally:
+        path.unlink()
+    assert "lm_head.weight" not in written and set(written) == set(state) - {"lm_head.weight"}
+    assert all(t.dtype == torch.bfloat16 for t in written.values())
+    assert torch.equal(written["model.embed_tokens.weight"], state["model.embed_tokens.weight"].bfloat16())

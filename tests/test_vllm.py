@@ -172,49 +172,52 @@ def test_duet_solve_on_vllm_from_the_command_line(qwen3_vllm_dirs):
     assert row["usage"]["capable"]["output_tokens"] > 0 and row["mode"] == "duet"
 
 
-def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(qwen3_vllm_dirs, tmp_path):
-    # `duet eval` with m on vLLM gives the rows the hf pair gives, mode by mode
+def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(engines, qwen3_vllm_dirs, tmp_path):
+    # `duet eval` with m on vLLM stores, mode by mode, what the hf pair gives in-process
     task = tmp_path / "task.jsonl"
     task.write_text(
         "".join(
             json.dumps({"id": f"q{i}", "question": q, "answer": "14"}) + "\n" for i, q in enumerate(QUESTIONS)
         )
     )
-    runs = {}
-    for kind in ("vllm", "hf"):
-        out = tmp_path / kind
-        done = duet_cli(
-            "eval",
-            "--task",
-            f"jsonl:{task}",
-            "--methods",
-            ",".join(MODES),
-            "--capable",
-            f"hf:{qwen3_vllm_dirs['capable']}",
-            "--light",
-            f"{kind}:{qwen3_vllm_dirs['light']}",
-            "--signal-max-tokens",
-            "60",
-            "--answer-max-tokens",
-            "30",
-            "--out",
-            str(out),
+    out = tmp_path / "run"
+    done = duet_cli(
+        "eval",
+        "--task",
+        f"jsonl:{task}",
+        "--methods",
+        ",".join(MODES),
+        "--capable",
+        f"hf:{qwen3_vllm_dirs['capable']}",
+        "--light",
+        f"vllm:{qwen3_vllm_dirs['light']}",
+        "--signal-max-tokens",
+        "60",
+        "--answer-max-tokens",
+        "30",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    stored = sorted(
+        (
+            r["method"],
+            r["id"],
+            r["text"],
+            r["usage"]["capable"]["output_tokens"],
+            r["usage"]["light"]["output_tokens"],
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-        runs[kind] = sorted(
-            (
-                r["method"],
-                r["id"],
-                r["correct"],
-                r["usage"]["capable"]["output_tokens"],
-                r["usage"]["light"]["output_tokens"],
-            )
-            for r in rows
-        )
-    assert runs["vllm"] == runs["hf"]
-    assert len(runs["vllm"]) == len(MODES) * len(QUESTIONS)
-    assert all(correct for method, _, correct, *_ in runs["vllm"] if method == "duet")
+        for r in rows
+    )
+    hf = Duet(engines["hf_capable"], engines["hf_light"], CONFIG)
+    expected = sorted(
+        (mode, f"q{i}", result.text, result.usage.capable.output_tokens, result.usage.light.output_tokens)
+        for mode in MODES
+        for i, result in enumerate(hf.solve_batch(QUESTIONS, mode))
+    )
+    assert stored == expected
+    assert all(r["correct"] for r in rows if r["method"] == "duet")
 
 
 UNGUARDED = """

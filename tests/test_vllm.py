@@ -34,10 +34,12 @@ ALL_QUESTIONS = [*QUESTIONS, UNCLOSED_QUESTION]
 
 @pytest.fixture(scope="module")
 def engines(qwen3_vllm_dirs):
-    """M and m on vLLM with default options, side by side (as `duet solve` starts them), and
-    the same folders on the hf backend."""
-    capable = load_backend(f"vllm:{qwen3_vllm_dirs['capable']}", BackendOptions())
-    light = load_backend(f"vllm:{qwen3_vllm_dirs['light']}", BackendOptions())
+    """M and m on vLLM with the default memory settings, side by side (as `duet solve` starts
+    them), and the same folders on the hf backend. fp32 on both backends, so that equal means
+    equal (the CLI tests below run the default dtype)."""
+    options = BackendOptions(dtype="float32")
+    capable = load_backend(f"vllm:{qwen3_vllm_dirs['capable']}", options)
+    light = load_backend(f"vllm:{qwen3_vllm_dirs['light']}", options)
     hf = {
         name: HFBackend(str(qwen3_vllm_dirs[name]), device="cpu") for name in ("capable", "light", "random")
     }
@@ -56,7 +58,7 @@ def comparable(result) -> dict:
     return row
 
 
-def test_two_engines_start_with_default_options(engines):
+def test_two_engines_start_side_by_side_with_the_default_memory_settings(engines):
     # A GPU's 0.85 memory share, on vLLM's CPU platform a share of CPU memory, left no room for
     # a second engine; the CPU default is an explicit KV cache.
     for name in ("capable", "light"):

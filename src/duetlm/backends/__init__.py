@@ -46,7 +46,7 @@ class BackendOptions:
     """Backend settings a spec string does not carry. Each applies only to its backend."""
 
     device: str = "auto"  # hf: auto picks cuda, then mps, then cpu
-    dtype: str = "auto"  # hf: bf16 on GPUs that support it, fp32 on CPU; vllm: the checkpoint's
+    dtype: str = "auto"  # hf: bf16 on GPUs that support it, fp32 on CPU; vllm: see backends/vllm_start.py
     batch_size: int = 32  # hf: rows per generate() call
     api_key: str | None = None  # openai: else $OPENAI_API_KEY, else "EMPTY" (local servers)
     tokenizer: str | None = None  # openai: tokenizer to render pre-filled turns locally

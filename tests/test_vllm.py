@@ -170,8 +170,9 @@ def test_duet_solve_on_vllm_from_the_command_line(qwen3_vllm_dirs):
         "--json",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    [row] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    [row] = [json.loads(line) for line in done.stdout.splitlines()]  # vLLM's own logs go to stderr
     assert row["usage"]["capable"]["output_tokens"] > 0 and row["mode"] == "duet"
+    assert " INFO " not in done.stderr  # and only its warnings, without --verbose
 
 
 def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(engines, qwen3_vllm_dirs, tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -61,6 +62,10 @@ def friendly_errors(command):
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
+    # vLLM logs to stdout at INFO by default, into `--json` output; its engine processes
+    # inherit these settings, which must be in place before vllm is imported
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",

@@ -84,10 +84,16 @@ class VLLMTokenizing:
 
 
 def result_of(
-    completion, prompt_tokens: int, sampling: SamplingParams, wall_s: float, text: str | None = None
+    completion,
+    prompt_tokens: int,
+    sampling: SamplingParams,
+    wall_s: float,
+    text: str | None = None,
+    token_ids: list[int] | None = None,
 ) -> GenerationResult:
-    """One vLLM completion as our result (`text` when the caller gathered a stream's deltas)."""
-    token_ids = list(completion.token_ids)
+    """One vLLM completion as our result; a stream's caller passes the text and ids it gathered
+    from the deltas."""
+    token_ids = list(completion.token_ids) if token_ids is None else token_ids
     text, reason, stop_string = finish_of(
         completion.text if text is None else text,
         completion.finish_reason,

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 from duetlm.backends.base import ContextGuard, GenerationRequest, GenerationResult, StreamItem
 from duetlm.backends.handoff import Inbox
@@ -92,7 +93,10 @@ class VLLMAsyncBackend(VLLMTokenizing):
 
     async def _produce(self, request: GenerationRequest, ids: list[int], budget: int, post) -> None:
         """On the engine's loop: run one request, posting deltas, the result, then the end."""
-        from dataclasses import replace
+
+        def deliver(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is gone
+                post(item)
 
         sampling = replace(request.sampling, max_tokens=budget)
         params = vllm_sampling(self._vllm, sampling, output_kind=self._delta)
@@ -106,22 +110,22 @@ class VLLMAsyncBackend(VLLMTokenizing):
                 last = step
                 if step.text:
                     text += step.text
-                    post(step.text)
+                    deliver(step.text)
                 finished = output.finished
             if last is None:
                 raise BackendError("vLLM returned no output")
-            last.token_ids = tokens  # the deltas' ids, whole
-            result = result_of(last, len(ids), request.sampling, time.perf_counter() - started, text)
+            seconds = time.perf_counter() - started
+            result = result_of(last, len(ids), request.sampling, seconds, text=text, token_ids=tokens)
             result.budget_clamped = budget < request.sampling.max_tokens
-            post(result)
+            deliver(result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            post(exc)
+            deliver(exc)
         finally:
             if not finished:
                 await self.engine.abort(request_id)  # the caller left before the end
-            post(_END)
+            deliver(_END)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Every request at once through the engine (it batches them), from any thread."""

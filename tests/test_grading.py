@@ -253,3 +253,135 @@ def test_a_hung_worker_is_replaced():
         assert real.compare("\\frac{1}{3}", "0.5", 5) is False
     finally:
         real.close()
+
+
+# --- degenerate output: bounded work, no crash, no false accept ------------------------------
+
+DEGENERATE = {  # what a model caught in a loop writes
+    "repeated box openings": "\\boxed{",
+    "repeated inline math": "$1$ ",
+    "one long digit run": "7",
+    "a repeated sentence": "The answer might be 42, let me check again. ",
+}
+
+
+@pytest.mark.parametrize("unit", DEGENERATE.values(), ids=DEGENERATE.keys())
+def test_a_megabyte_of_repetition_is_graded_from_its_end(unit):
+    # Before, extraction was quadratic in the length (200 KB of `\boxed{` took 82 s); now only
+    # the last WINDOW_CHARS are read, in linear time. An alarm stands guard against a hang.
+    import signal
+
+    from duetlm.grading.extract import WINDOW_CHARS, tail
+
+    text = unit * (1_000_000 // len(unit))
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("grade() hung on a degenerate response"))
+    signal.alarm(60)
+    try:
+        verdict = grade(text, "42")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert verdict == grade(tail(text), "42")
+    assert len(tail(text)) == WINDOW_CHARS
+    assert verdict.correct is (unit.startswith("The answer"))
+
+
+def test_an_answer_before_the_window_is_not_read():
+    from duetlm.grading.extract import WINDOW_CHARS
+
+    assert extract_math("\\boxed{7}" + " filler" * WINDOW_CHARS, fallbacks=False) is None
+    assert extract_math("\\boxed{7}" + " filler" * (WINDOW_CHARS // 8), fallbacks=False).answer == "7"
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "expected"),
+    [
+        (f"\\boxed{{{'1' * 5000}}}", "1" * 5000, True),  # past Python's 4,300-digit int limit
+        (f"\\boxed{{{'1' * 5000}}}", "1" * 4999 + "2", False),
+        (f"\\boxed{{{'1' * 5000}}}", "12", False),
+        ("\\boxed{12}", "1" * 5000, False),
+        (f"so ${'9' * 5000}$", "\\frac{1}{2}", False),  # never handed to sympy
+        (f"{'3' * 5000}", "x^2", False),
+    ],
+)
+def test_numbers_past_pythons_int_limit_are_compared_without_raising(response, gold, expected):
+    assert grade(response, gold).correct is expected
+
+
+@pytest.mark.parametrize(
+    ("predicted", "gold", "expected"),
+    [
+        ("0.0", "3.509e-07", False),  # math-verify alone: equal (both round to 0.000000)
+        ("2.88e-19", "1.325e-27", False),
+        ("7.018e-07", "3.509e-07", False),  # twice the gold
+        ("3.5091e-07", "3.509e-07", True),  # within 1e-4 of the gold
+        ("3.509 \\times 10^{-7}", "3.509e-07", True),
+        ("3.51e-07", "3.509e-07", False),
+        ("0", "0.0", True),
+        ("1e-12", "0.0", True),  # the absolute floor, for a gold of exactly zero
+        ("0.001", "0.0", False),
+        ("12346", "12345", False),  # an integer gold is matched exactly, whatever its size
+        ("12345.0", "12345", True),
+        ("\\frac{24691}{2}", "12345", False),
+        ("1.41421", "\\sqrt{2}", True),  # a decimal approximation of an exact value
+        ("1.4", "\\sqrt{2}", False),
+        ("\\sqrt{2} \\times 10^{-9}", "0", False),
+        ("10^{-3}", "0.001", True),
+    ],
+)
+def test_numbers_agree_to_a_relative_tolerance_not_to_six_places(predicted, gold, expected):
+    assert answers_match(predicted, gold) is expected
+
+
+@pytest.mark.parametrize(
+    ("predicted", "gold", "expected"),
+    [
+        ("5x - 7y + 11z + 4 = 0", "0", False),  # math-verify alone reads the right-hand side
+        ("2x+3=7", "7", False),
+        ("x = 5", "5", True),  # `VAR = value` stands for the value
+        ("x=5", "x = 5", True),
+        ("5", "x = 5", True),
+        ("a_1 = 3", "3", True),
+        ("\\theta = \\frac{\\pi}{2}", "\\frac{\\pi}{2}", True),
+        ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 4 = 0", True),
+        ("y = 2x + 3", "2x + 3", True),
+        ("x \\le 3", "3", False),
+    ],
+)
+def test_only_var_equals_value_stands_for_a_value(predicted, gold, expected):
+    assert answers_match(predicted, gold) is expected
+
+
+def test_a_malformed_gold_is_cleaned_and_never_read_as_a_number():
+    gold = "(-\\infty, 0) \\cup\\{1\\}$."  # as one public harness leaves it
+    assert grade("\\boxed{(-\\infty, 0) \\cup \\{1\\}}", gold).correct
+    assert not grade("\\boxed{0}", gold).correct
+    assert grade("\\boxed{12}", "$12$.").correct
+    from duetlm.grading.normalize import clean_gold
+
+    assert clean_gold("$12$.") == "12" == clean_gold(clean_gold("$12$."))
+    assert clean_gold("3, 5, \\ldots") == "3, 5, \\ldots"
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "choices", "expected"),
+    [
+        ("After all that, the answer is option C", "C", 4, True),
+        ("The correct choice is choice B.", "B", 4, True),
+        ("The final answer is $69$ and $84$.", "69, 84", 0, True),
+        ("The final answer is $69$ and $84$.", "69", 0, False),
+        ("The final answer is $69$, $84$ and $7$.", "69, 84, 7", 0, True),
+    ],
+)
+def test_forms_models_write(response, gold, choices, expected):
+    assert grade(response, gold, choices).correct is expected
+
+
+def test_one_time_budget_covers_the_whole_call():
+    # four golds that each make sympy run for ages: the budget is the call's, not each gold's
+    import time
+
+    started = time.monotonic()
+    verdict = grade(TOWER[0], [TOWER[1], TOWER[1] + "+1", TOWER[1] + "+2", TOWER[1] + "+3"], timeout_s=0.5)
+    assert verdict.timed_out and not verdict.correct
+    assert time.monotonic() - started < 1.5  # each gold its own 0.5 s would take 2 s

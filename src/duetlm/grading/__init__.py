@@ -3,8 +3,9 @@
 `grade(text, gold, choices)` is the only judge; evaluation, training rewards and the public
 `is_correct` all call it. Multiple choice (a task with options, or a gold that is a single
 capital letter) reads the last letter answer in any form models write; everything else reads
-the last `\\boxed{}`, then a final-answer phrase, then the last expression, and compares with
-math-verify (`\\frac{1}{2}` = `0.5`). A gold may be a list of accepted answers: any of them
+the last `\\boxed{}`, then a final-answer phrase, then the last expression (of the last
+`WINDOW_CHARS` characters), and compares with math-verify (`\\frac{1}{2}` = `0.5`), numbers to
+a relative tolerance (`grading.numbers`). A gold may be a list of accepted answers: any of them
 counts. A response with nothing to extract is wrong, with `answer=None`, and the rule that
 found an answer is returned so that reports can count fallbacks.
 
@@ -16,6 +17,7 @@ found an answer is returned so that reports can count fallbacks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -82,7 +84,10 @@ def grade(
     timeout_s: float = TIMEOUT_S,
 ) -> Grade:
     """Whether `text` answers `gold` (or any gold of a list). `choices`: the options (or their
-    number) of a multiple-choice question. Safe in any thread."""
+    number) of a multiple-choice question. `timeout_s` bounds the whole call, reading the
+    answer and every comparison; a call past it is wrong and `timed_out`. Safe in any thread;
+    never raises on a model's text."""
+    deadline = time.monotonic() + timeout_s
     golds = [gold] if isinstance(gold, str) else list(gold)
     if not golds:
         raise ValueError("grade() needs at least one gold answer")
@@ -94,7 +99,7 @@ def grade(
         return Grade(found.answer in {g.strip() for g in golds}, found.answer, found.rule)
     timed_out = False
     for candidate in golds:
-        verdict = equivalent(found.answer, str(candidate), timeout_s)
+        verdict = equivalent(found.answer, str(candidate), deadline - time.monotonic())
         if verdict:
             return Grade(True, found.answer, found.rule)
         timed_out |= verdict is None

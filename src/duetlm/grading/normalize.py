@@ -1,4 +1,5 @@
-"""Answer forms that math-verify misreads, rewritten before it parses them.
+"""Answer forms that math-verify misreads, rewritten before it parses them; golds as
+harnesses leave them; equations.
 
 - `4.5e33` parses as 4.5·e·33 (Euler's number), so it never equals `4.5 \\times 10^{33}`:
   scientific notation becomes `4.5\\times10^{33}`.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 _SCIENTIFIC = re.compile(r"(?<![\w\\.])(\d+(?:\.\d+)?)[eE]\+?(-?\d+)(?![\w.])")
 _THIN_SPACE_IN_NUMBER = re.compile(r"(?<=\d)\s*\\,\s*(?=\d{3}(?!\d))")
@@ -29,3 +31,45 @@ def normalize_answer(answer: str) -> str:
         return f"{match.group(1) or ''}{number}{match.group(3) or ''}"
     text = text.replace("\\!", "")
     return _SCIENTIFIC.sub(lambda m: f"{m.group(1)}\\times10^{{{m.group(2)}}}", text)
+
+
+_STRAY_DOLLARS = re.compile(r"^\s*\$+|(?<!\\)\$+\s*$")
+
+
+def clean_gold(gold: str) -> str:
+    """A gold without what some public harnesses leave around it: enclosing or stray `$` and a
+    final period (`(-\\infty, 0) \\cup\\{1\\}$.`). Idempotent."""
+    text = gold.strip()
+    while True:
+        cleaned = _STRAY_DOLLARS.sub("", text).strip()
+        if cleaned.endswith(".") and not cleaned.endswith(".."):
+            cleaned = cleaned[:-1].rstrip()
+        if cleaned == text:
+            return text
+        text = cleaned
+
+
+_RELATION_BEFORE = "<>!:\\="
+_LONE_VARIABLE = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?'?")
+
+
+class Equation(NamedTuple):
+    left: str
+    right: str
+
+    @property
+    def value(self) -> str | None:
+        """What `VAR = value` stands for: its right side, when the left is a lone variable."""
+        return self.right if _LONE_VARIABLE.fullmatch(self.left) else None
+
+
+def split_equation(answer: str) -> Equation | None:
+    """An answer with exactly one `=` (not part of `<=`, `>=`, `!=`, `:=`, `==`) as its two
+    sides, else None."""
+    if answer.count("=") != 1:
+        return None
+    index = answer.index("=")
+    if index == 0 or answer[index - 1] in _RELATION_BEFORE:
+        return None
+    left, right = answer[:index].strip(), answer[index + 1 :].strip()
+    return Equation(left, right) if left and right else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal as signals
 import socket
 import threading
 import time
@@ -508,8 +510,7 @@ def test_a_server_on_engine_processes(model_dirs, random_backend):
         body = {
             "model": "duet",
             "stream": True,
-            "temperature": 1.0,
-            "seed": 9,  # M samples 284 tokens (unseeded, it sometimes ended before the client left)
+            "temperature": 0,  # greedy, the random M never ends: 900 tokens
             "max_tokens": 8,
             "duet": {"signal_max_tokens": 900},
             "messages": [{"role": "user", "content": "go"}],
@@ -520,11 +521,14 @@ def test_a_server_on_engine_processes(model_dirs, random_backend):
             reasons.append(result.finish_reason),
             finish(request_id, result),
         )
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if "reasoning_content" in line:
-                    break
-            assert engine.in_flight == 1  # M is generating, in its process
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60):
+            assert wait_for(lambda: engine.in_flight == 1, poll=0.002)  # M is generating, in its process
+            # Held still while the client leaves, so M cannot finish first on a busy machine.
+            os.kill(engine.pid, signals.SIGSTOP)
+        try:
+            assert wait_for(lambda: "duet_client_disconnects_total 1" in httpx.get(f"{url}/metrics").text)
+        finally:
+            os.kill(engine.pid, signals.SIGCONT)
         assert wait_for(lambda: engine.in_flight == 0)  # the client left: the row went
         assert reasons == ["cancelled"]
     finally:
@@ -670,10 +674,10 @@ def test_duet_serve_from_the_command_line():
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in engines))
 
 
-def wait_for(condition, seconds: float = 10.0) -> bool:
+def wait_for(condition, seconds: float = 10.0, poll: float = 0.05) -> bool:
     deadline = time.time() + seconds
     while not condition() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(poll)
     return condition()
 
 

@@ -1,9 +1,11 @@
-"""Do the tests catch a wrong objective? Each mutation below breaks DESIGN section 2 in one
+"""Do the tests catch a wrong objective? Each mutation below breaks docs/design.md section 2 in one
 way; the script applies it to a copy of the package, runs the tests that guard the objective
 against that copy, and reports whether they failed (as they must).
 
     python bench/mutation_check.py            # all mutations; exit code 1 if any survives
     python bench/mutation_check.py --list
+
+Each caught mutation is listed with the tests that failed on it.
 
 The copy is put first on PYTHONPATH, so the tests import the mutated package; the working
 tree is never touched.
@@ -23,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GUARDS = [
     "tests/test_objective.py",
+    "tests/test_objective_rollouts.py",
     "tests/test_train_math.py",
     "tests/test_train_qwen3.py::test_old_and_recomputed_logprobs_agree_at_step_0",
 ]
@@ -67,28 +70,88 @@ MUTATIONS = [
         "return token_logps(self.lm, input_ids, attention_mask, temperature, completion_mask, self.chunk)",
         "return token_logps(self.lm, input_ids, attention_mask, 1.0, completion_mask, self.chunk)",
     ),
+    (
+        "m graded against the next question's gold",
+        "train/rollout.py",
+        "grade(r.text, questions[i // per_question])",
+        "grade(r.text, questions[(i // per_question + 1) % len(questions)])",
+    ),
+    (
+        "r(m) drawn from the next question's standalone answers",
+        "train/rollout.py",
+        "_final_correct(r.text, questions[i // cfg.n_light], cfg)",
+        "_final_correct(r.text, questions[(i // cfg.n_light + 1) % len(questions)], cfg)",
+    ),
+    (
+        "r(m) of the next question subtracted in R_M",
+        "train/reward.py",
+        "reward = reward - r_light[:, None]",
+        "reward = reward - r_light.roll(-1)[:, None]",
+    ),
+    (
+        "PPO clip bounded above only",
+        "train/grpo.py",
+        "torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)",
+        "torch.clamp(ratio, max=1 + clip_eps)",
+    ),
+    (
+        "loss mask over the prompt and the signal too",
+        "train/rollout.py",
+        "return pack(prompt_ids(tokenizer, requests), completions, tokenizer.pad_token_id)",
+        "return pack([[] for _ in requests], [p + c for p, c in zip(prompt_ids(tokenizer, requests), "
+        "completions)], tokenizer.pad_token_id)",
+    ),
+    (
+        "after a forced cut, m reads the uncut signal",
+        "train/rollout.py",
+        "signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True)",
+        "signal = Signal(cut, signal.text, True)",
+    ),
+    (
+        "the single-model baseline without its KL term",
+        "train/trainer.py",
+        "single_model_rewards(correct, lengths, self.lam, cfg.length_bound) - cfg.kl_beta * kl",
+        "single_model_rewards(correct, lengths, self.lam, cfg.length_bound)",
+    ),
+    (
+        "m's answers filed under the wrong signal (n_M, n_m axes swapped)",
+        "train/rollout.py",
+        "torch.tensor(correct).reshape(len(questions), cfg.n_capable, cfg.n_light)",
+        "torch.tensor(correct).reshape(len(questions), cfg.n_light, cfg.n_capable).transpose(1, 2)",
+    ),
+    (
+        "advantages indexed by position in the micro-batch, not by row",
+        "train/update.py",
+        "advantages[rows[part_rows]].to(device)",
+        "advantages[part_rows].to(device)",
+    ),
 ]
 
 
-def run_guards(src: Path) -> tuple[bool, float, str]:
-    """(the guarding tests failed, seconds, last lines of their output)."""
+def run_guards(src: Path) -> tuple[list[str], float, str]:
+    """(the guarding tests that failed, seconds, last lines of the output)."""
     started = time.perf_counter()
     env = os.environ | {"PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *GUARDS],
+        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *GUARDS],
         cwd=ROOT,
         capture_output=True,
         text=True,
         env=env,
     )
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
-    return done.returncode != 0, time.perf_counter() - started, tail
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
+    if done.returncode != 0 and not failed:  # a collection or import error: no test could pass
+        failed = ["(the tests did not run: " + (lines[-1] if lines else "no output") + ")"]
+    return failed, time.perf_counter() - started, "\n".join(lines[-3:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--only", default="", help="apply only the mutations whose name holds this text")
     args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.only.lower() in m[0].lower()]
     if args.list:
         for name, file, _, _ in MUTATIONS:
             print(f"{name}  ({file})")
@@ -97,11 +160,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", clean)
-        caught, seconds, tail = run_guards(clean)
-        if caught:
+        failed, seconds, tail = run_guards(clean)
+        if failed:
             raise SystemExit(f"the guarding tests fail on the unmutated package:\n{tail}")
         print(f"unmutated: the guarding tests pass ({seconds:.0f} s)")
-        for name, file, find, replace in MUTATIONS:
+        for name, file, find, replace in chosen:
             mutated = Path(tmp) / "mutated"
             shutil.rmtree(mutated, ignore_errors=True)
             shutil.copytree(ROOT / "src", mutated)
@@ -110,13 +173,15 @@ def main() -> None:
             if text.count(find) != 1:
                 raise SystemExit(f"mutation {name!r}: the text to change is not in {file} exactly once")
             path.write_text(text.replace(find, replace))
-            caught, seconds, tail = run_guards(mutated)
-            print(f"{'caught  ' if caught else 'SURVIVED'} {name} ({seconds:.0f} s)")
-            if not caught:
+            failed, seconds, _ = run_guards(mutated)
+            print(f"{'caught  ' if failed else 'SURVIVED'} {name} ({seconds:.0f} s)", flush=True)
+            for test in failed:
+                print(f"           by {test}")
+            if not failed:
                 survivors.append(name)
     if survivors:
         raise SystemExit(f"{len(survivors)} mutation(s) survived: {', '.join(survivors)}")
-    print(f"all {len(MUTATIONS)} mutations caught")
+    print(f"all {len(chosen)} mutations caught")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_parameter_counts_from_shapes(model, published):
 
 
 def test_shapes_of_local_and_embedded_models(model_dirs):
-    assert shape_of("tiny-M").params == 1_697_664  # the README's count for the embedded M
+    assert shape_of("tiny-M").params == 1_697_664  # docs/embedded-pair.md's count for the embedded M
     assert shape_of(f"hf:{model_dirs['capable']}").hidden == 64
 
 

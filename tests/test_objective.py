@@ -1,4 +1,4 @@
-"""The joint objective of DESIGN section 2, row by row, through the real trainer step.
+"""The joint objective of docs/design.md section 2, row by row, through the real trainer step.
 
 Rollouts are fixed (which answers were right, how long each signal is, which one was cut)
 and so are the log-probs (policy −0.1 and initial M −0.3 per sampled token, so each signal's
@@ -120,3 +120,18 @@ def test_a_joint_step_row_by_row(stubbed):
     mask = capable[1].completion_mask
     close = len(trainer.rollouts.close_ids)
     assert mask[4].sum() == close and mask[3].sum() == LENGTHS[1][0]
+
+
+def test_the_clip_bounds_a_ratio_below_one_minus_eps_for_a_negative_advantage():
+    # -min(r·A, clip(r, 1-ε, 1+ε)·A) per token, worked out by hand with ε = 0.2:
+    #   r = 0.5, A = -1: min(-0.5, -0.8) = -0.8 -> 0.8, clipped: no gradient
+    #   r = 1.5, A = +1: min(1.5, 1.2) = 1.2 -> -1.2, clipped: no gradient
+    #   r = 0.9, A = -1: min(-0.9, -0.9) -> 0.9, inside the range: gradient -A·r = 0.9
+    from duetlm.train.grpo import ppo_clip_loss
+
+    ratios = torch.tensor([[0.5], [1.5], [0.9]])
+    logps = torch.log(ratios).requires_grad_(True)
+    loss = ppo_clip_loss(logps, torch.zeros(3, 1), torch.tensor([-1.0, 1.0, -1.0]), torch.ones(3, 1), 0.2)
+    assert loss.item() == pytest.approx((0.8 - 1.2 + 0.9) / 3)
+    loss.backward()
+    assert logps.grad.flatten().tolist() == pytest.approx([0.0, 0.0, 0.9 / 3])

@@ -4,7 +4,7 @@ M-alone comparison shows the savings.
 
 Needs Debian's chromium (`.ci/run` installs it) and the `playwright` Python package, which
 drives that browser (no browser download). `DUET_PLAYGROUND_SCREENSHOT=path` saves a
-screenshot of the finished page (the README's comes from here).
+screenshot of the finished page (docs/serving.md's comes from here).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,16 @@ from duetlm.grading import is_correct
 from duetlm.grading.selfcheck import check_golds
 from duetlm.tasks import TASKS, grade, load_task
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason=f"benchmark copies not found at {SHARED}")
+# Local copies of the public benchmarks: DUET_BENCHMARK_DATA, or a `shared/data` folder beside the
+# checkout. Each task is a folder holding test.jsonl (gsm8k, math500, aime24, aime25, amc23).
+SHARED = Path(
+    os.environ.get("DUET_BENCHMARK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+needs_data = pytest.mark.skipif(
+    not SHARED.is_dir(),
+    reason=f"benchmark copies not found at {SHARED}: set DUET_BENCHMARK_DATA to a folder of "
+    "gsm8k/, math500/, aime24/, aime25/, amc23/, each with its test.jsonl (docs/development.md)",
+)
 
 COUNTS = {"gsm8k": 1319, "math500": 500, "aime24": 30, "aime25": 30, "amc23": 40}
 

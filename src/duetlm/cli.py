@@ -1,4 +1,4 @@
-"""The `duet` command line: a thin face over the library (DESIGN section 3).
+"""The `duet` command line: a thin face over the library (docs/design.md section 3).
 
 Every command builds the same objects a Python user would (`load_backend`, `Duet`,
 `DuetConfig`) and renders their results with rich. Errors of the library (`DuetError`) are
@@ -581,7 +581,7 @@ def train(
         typer.Option(min=1, help="Devices (DDP processes) for --dry-run; default $WORLD_SIZE or 1."),
     ] = None,
 ) -> None:
-    """Joint DUET training (length-penalized GRPO) of M and m; see DESIGN section 2."""
+    """Joint DUET training (length-penalized GRPO) of M and m; see docs/design.md section 2."""
     import os
 
     from duetlm.config import validate_config

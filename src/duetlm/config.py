@@ -1,4 +1,4 @@
-"""Configuration of the two-stage protocol (DESIGN section 1).
+"""Configuration of the two-stage protocol (docs/design.md section 1).
 
 Every knob has a type, a default and the reason for it. Prompt templates are configuration:
 the placeholders `{question}`, `{options}`, `{letters}` and `{signal}` are replaced literally
@@ -23,7 +23,7 @@ from duetlm.usage import Price
 
 
 class PromptConfig(BaseModel):
-    """The texts both models see. Defaults follow the paper's prompts (DESIGN section 1)."""
+    """The texts both models see. Defaults follow the paper's prompts (docs/design.md section 1)."""
 
     model_config = ConfigDict(extra="forbid")
 

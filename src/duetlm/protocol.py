@@ -1,4 +1,4 @@
-"""The two-stage DUET protocol (arXiv 2605.01111; DESIGN section 1).
+"""The two-stage DUET protocol (arXiv 2605.01111; docs/design.md section 1).
 
 Stage 1: the capable model M thinks; generation stops at `</think>` (or EOS, or the signal
 budget) and the thinking is the *signal*. Stage 2: the light model m gets the same question

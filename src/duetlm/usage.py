@@ -1,4 +1,4 @@
-"""Token, time and cost accounting per model (DESIGN section 1, "Accounting").
+"""Token, time and cost accounting per model (docs/design.md section 1, "Accounting").
 
 `Usage` adds up: the usage of a batch is the sum of its requests', and the usage of a run the
 sum of its batches'. Costs are computed when usage is recorded, from a `Price` per model, so a

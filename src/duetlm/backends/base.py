@@ -2,7 +2,7 @@
 
 A request is a chat (plus an optional pre-filled start of the assistant turn) and sampling
 settings; a result is the continuation with exact token counts and why it ended. The protocol
-builds requests and reads results and never learns which backend answered (DESIGN section 3).
+builds requests and reads results and never learns which backend answered (docs/design.md section 3).
 """
 
 from __future__ import annotations

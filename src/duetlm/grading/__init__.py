@@ -1,4 +1,4 @@
-"""Grading: one function decides whether a response answers a question (DESIGN section 1).
+"""Grading: one function decides whether a response answers a question (docs/design.md section 1).
 
 `grade(text, gold, choices)` is the only judge; evaluation, training rewards and the public
 `is_correct` all call it. Multiple choice (a task with options, or a gold that is a single

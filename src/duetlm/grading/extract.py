@@ -1,4 +1,4 @@
-"""Finding the answer in a response, as reasoning models write it (DESIGN section 1).
+"""Finding the answer in a response, as reasoning models write it (docs/design.md section 1).
 
 Math: the last `\\boxed{...}`; when there is none, the last final-answer phrase
 (`The final answer is $42$`, `**Answer:** 42`), and last of all the last expression in the

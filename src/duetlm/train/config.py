@@ -1,4 +1,4 @@
-"""`duet train` configuration: every knob of DESIGN section 2 with its reference default.
+"""`duet train` configuration: every knob of docs/design.md section 2 with its reference default.
 
 Reference values (the paper's verl runs): n_M = 4, n_m = 4, 64 questions a batch, η = 0.01,
 λ_0 = 0, β = 0.001, ε = 0.2, one epoch per batch, AdamW, grad-clip 1.0. Values marked
@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="Seeds data order, sampling and forced stops.")
     device: str = Field("auto", description="hf device for single-process runs.")
 
-    # the objective (DESIGN section 2)
+    # the objective (docs/design.md section 2)
     steps: int = Field(100, ge=1, description="Optimizer steps (batches).")
     questions_per_step: int = Field(16, ge=1, description="Questions per batch (reference 64; builtin 16).")
     n_capable: int = Field(4, ge=2, description="n_M: signals per question (reference 4; GRPO needs >= 2).")

@@ -1,5 +1,5 @@
 """GRPO pieces: group-normalized advantages, log-probs of sampled tokens, the PPO-clip loss
-and the KL term (DESIGN section 2). Pure functions over padded tensors."""
+and the KL term (docs/design.md section 2). Pure functions over padded tensors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rewards and the length-penalty weight λ (DESIGN section 2).
+"""Rewards and the length-penalty weight λ (docs/design.md section 2).
 
     r(M,m)(y) = mean correctness of m's n_m answers given (x, signal y)
     r(m)(x)   = mean correctness of m answering x alone (drawn once per question)
@@ -79,7 +79,7 @@ def score_joint(
     kl_beta: float,
     marginal_utility: bool = True,
 ) -> JointScores:
-    """R_M = r(M,m) − r(m) − λ·L/B − β·KL, and both models' GRPO advantages (DESIGN section 2)."""
+    """R_M = r(M,m) − r(m) − λ·L/B − β·KL, and both models' GRPO advantages (docs/design.md section 2)."""
     from duetlm.train.grpo import group_advantages, light_advantages
 
     parts = capable_rewards(

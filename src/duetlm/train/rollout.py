@@ -1,4 +1,4 @@
-"""The rollouts of a training step (DESIGN section 2): M's signals, m alone, m guided.
+"""The rollouts of a training step (docs/design.md section 2): M's signals, m alone, m guided.
 
 They go through the same backends and the same protocol functions as inference, so the
 signal m reads in training is exactly the one it reads when serving (`protocol.signal_of`:

@@ -1,4 +1,4 @@
-"""The joint DUET training loop (DESIGN section 2).
+"""The joint DUET training loop (docs/design.md section 2).
 
 One step, in the reference order:
     M rollout -> standalone m (once per question) -> guided m -> rewards -> λ update

@@ -1,4 +1,4 @@
-"""The policy update of a step: PPO-clip over the batch's rollouts (DESIGN section 2).
+"""The policy update of a step: PPO-clip over the batch's rollouts (docs/design.md section 2).
 
 `ppo_epochs` passes; each pass takes `mini_batches` optimizer steps on equal shares of the
 batch's questions (a question's sequences stay together, in a fresh order every pass); each

@@ -38,6 +38,16 @@ def test_solve_prints_answer_and_usage_table(specs):
     assert "M-token savings" in done.stdout
 
 
+def test_the_cost_column_shows_only_with_prices(specs, tmp_path):
+    unpriced = run("solve", QUESTIONS[0], *specs)
+    assert "no prices set" in unpriced.stdout and "cost" not in unpriced.stdout.split("no prices set")[0]
+    config = tmp_path / "priced.toml"
+    config.write_text("[capable_price]\noutput_per_mtok = 10.0\n")
+    priced = run("solve", QUESTIONS[0], *specs, "--config", str(config))
+    assert priced.returncode == 0, priced.stderr
+    assert "cost" in priced.stdout and "no prices set" not in priced.stdout
+
+
 def test_solve_json(specs):
     done = run("solve", QUESTIONS[1], *specs, "--json", "--compare")
     assert done.returncode == 0, done.stderr

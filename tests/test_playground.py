@@ -74,6 +74,11 @@ def test_a_question_streams_a_signal_and_an_answer_and_the_savings(live_server):
         for pane in ("#usage-duet", "#usage-alone"):
             assert "output tokens" in page.inner_text(pane)
         assert page.inner_text("#savings").startswith("M-token savings: ")
+        # the panes' headings as shown (after CSS): m's answer and M's answer stay apart
+        duet_pane = page.locator("#signal").locator("xpath=../..")
+        alone_pane = page.locator("#alone-signal").locator("xpath=../..")
+        assert duet_pane.locator("h3").all_inner_texts() == ["M's signal (reasoning)", "m's answer"]
+        assert alone_pane.locator("h3").all_inner_texts() == ["M's thinking", "M's answer"]
         first = page.evaluate("window.firstText")
         assert first["signal"] < first["answer"]
         if os.environ.get("DUET_PLAYGROUND_SCREENSHOT"):

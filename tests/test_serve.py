@@ -597,6 +597,25 @@ def engine_children(pid: int) -> list[int]:
     return found
 
 
+def test_duet_serve_refuses_a_busy_port_before_loading_models():
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("duet")), "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0
+    assert f"port {port} on 127.0.0.1 is in use" in done.stderr
+    assert "Loading weights" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_duet_serve_from_the_command_line():
     # As a user starts it: the embedded pair, the key from the environment, each model's
     # engine in a process of its own (the default), a streamed answer equal to the library's.
@@ -622,13 +641,11 @@ def test_duet_serve_from_the_command_line():
     url = f"http://127.0.0.1:{port}"
     question = "Start at 7, then +5, *3, -8 (mod 10). What is the result?"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        ready = process.stderr.readline().decode()
+        while ready and "listening" not in ready:  # the models load first
+            ready = process.stderr.readline().decode()
+        assert f"listening on {url}/v1 as model 'duet'; playground at {url}/" in ready
+        assert httpx.get(f"{url}/health").status_code == 200  # ready when it says so
         assert httpx.get(f"{url}/v1/models").status_code == 401
         ok = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "duet"
@@ -661,12 +678,13 @@ def test_duet_serve_from_the_command_line():
             question
         )
         reasoning, content, usage = streamed()
-        assert reasoning.strip() == expected.signal.strip() and content == expected.text
+        assert reasoning == expected.signal and content == expected.text
         assert usage.model_extra["duet"]["capable"]["output_tokens"] == expected.usage.capable.output_tokens
         # Ctrl-C while a stream is in flight: the server drains it, its engines still stepping
         reasoning, content, usage = streamed(lambda: os.killpg(process.pid, signal.SIGINT))
         assert content == expected.text and usage is not None
         assert process.wait(timeout=30) == 0
+        assert "duet serve: stopped" in process.stderr.read().decode()
     finally:
         if process.poll() is None:
             process.terminate()

@@ -8,6 +8,7 @@ printed as one red line with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -111,27 +112,26 @@ def read_questions_jsonl(path: Path) -> list[Problem]:
 
 
 def usage_table(title: str, usage: Usage, n: int, baseline: Usage | None = None) -> Table:
+    """Tokens and time per model; the cost column only when prices are set (a cost of 0 would
+    read as a measurement)."""
+    priced = usage.cost > 0 or (baseline is not None and baseline.cost > 0)
     table = Table(title=title)
-    for column in ("model", "prompt tok", "output tok", "time s", "cost"):
+    columns = ("model", "prompt tok", "output tok", "time s") + (("cost",) if priced else ())
+    for column in columns:
         table.add_column(column, justify="right" if column != "model" else "left")
     for name, part in (("M (capable)", usage.capable), ("m (light)", usage.light)):
-        table.add_row(
-            name, str(part.prompt_tokens), str(part.output_tokens), f"{part.wall_s:.2f}", f"{part.cost:.6f}"
-        )
-    table.add_row(
-        "total",
-        "",
-        str(usage.capable.output_tokens + usage.light.output_tokens),
-        f"{usage.wall_s:.2f}",
-        f"{usage.cost:.6f}",
-        style="bold",
-    )
+        cells = [name, str(part.prompt_tokens), str(part.output_tokens), f"{part.wall_s:.2f}"]
+        table.add_row(*cells, *([f"{part.cost:.6f}"] if priced else []))
+    total = ["total", "", str(usage.capable.output_tokens + usage.light.output_tokens), f"{usage.wall_s:.2f}"]
+    table.add_row(*total, *([f"{usage.cost:.6f}"] if priced else []), style="bold")
+    table.caption = None if priced else "no prices set (capable_price / light_price in --config)"
     if baseline is not None:
         saved = savings_pct(usage.capable.output_tokens, baseline.capable.output_tokens)
-        table.caption = (
+        compared = (
             f"M-alone on the same {n} question(s): {baseline.capable.output_tokens} M output tokens; "
             f"M-token savings: {'n/a' if saved is None else f'{saved:.1f}%'}"
         )
+        table.caption = compared if table.caption is None else f"{compared}\n{table.caption}"
     return table
 
 
@@ -513,6 +513,7 @@ def serve(
         raise InputError(f"unknown --engine {engine!r} (choose from {', '.join(ENGINES)})")
     if engine_threads < 0:
         raise InputError(f"--engine-threads must be >= 0 (0: torch's default), got {engine_threads}")
+    listener = bind_listener(host, port)  # a busy port fails now, before any model loads
     streaming = scheduler == "continuous"
     options = BackendOptions(
         device=device,
@@ -547,17 +548,45 @@ def serve(
     )
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err_console.print(f"[yellow]warning: serving on {host} without --api-key[/]")
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                err_console.print(
+                    f"duet serve: listening on {url}/v1 as model {serve_config.name!r}; "
+                    f"playground at {url}/ (Ctrl-C stops)"
+                )
+
+    server = AnnouncingServer(
+        uvicorn.Config(create_app(duet, serve_config), timeout_graceful_shutdown=30, log_level="warning")
+    )
     try:
-        uvicorn.run(
-            create_app(duet, serve_config),
-            host=host,
-            port=port,
-            timeout_graceful_shutdown=30,
-            log_level="warning",
-        )
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it drained on
+            server.run(sockets=[listener])
     finally:  # engine processes end with the server
+        listener.close()
         duet.capable.close()
         duet.light.close()
+        err_console.print("duet serve: stopped")
+
+
+def bind_listener(host: str, port: int):
+    """The server's listening socket, bound before the models load: a port in use is one clear
+    line at once, not uvicorn's bare error after minutes of loading."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(
+                f"port {port} on {host} is in use: stop what holds it, or pick another --port"
+            ) from None
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @app.command()

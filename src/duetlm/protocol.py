@@ -482,7 +482,8 @@ class ThinkingSplitter:
             if self.state == "thinking":
                 index = self.buffer.find(self.close_tag)
                 if index >= 0:
-                    text = self.buffer[:index] if self.thinking else self.buffer[:index].lstrip()
+                    text = self.buffer[:index].rstrip()  # the signal ends where its text ends
+                    text = text if self.thinking else text.lstrip()
                     if text:
                         events.append(SignalDelta(text))
                     self.buffer, self.state = self.buffer[index + len(self.close_tag) :].lstrip(), "answer"
@@ -490,6 +491,10 @@ class ThinkingSplitter:
                 keep = 0 if final else len(self.close_tag) - 1
                 cut = max(0, len(self.buffer) - keep)
                 text, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                # Trailing whitespace waits: before the close tag it is not part of the signal,
+                # so the streamed signal reads as the whole one does.
+                body = text.rstrip()
+                text, self.buffer = body, ("" if final else text[len(body) :]) + self.buffer
                 text = text if self.thinking else text.lstrip()  # no blank start
                 if text:
                     events.append(SignalDelta(text))

@@ -145,3 +145,10 @@ def test_install_hints_keep_their_extras():
     done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=ENV)
     assert done.returncode == 2
     assert "pip install 'duetlm[serve]'" in done.stderr
+
+
+def test_help_wraps_to_the_terminal_not_to_the_source():
+    # a docstring's line breaks are the source's, not sentences': a wide terminal gets one line
+    done = subprocess.run([*DUET, "--help"], capture_output=True, text=True, env=ENV | {"COLUMNS": "250"})
+    (row,) = [line for line in done.stdout.splitlines() if "check-grader" in line]
+    assert "answers: each gold must accept itself boxed and an equivalent rewriting written unboxed" in row

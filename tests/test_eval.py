@@ -306,3 +306,35 @@ def test_report_table_fits_80_columns():
 )
 def test_pass_at_k(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_report_on_a_folder_above_runs_names_them(tmp_path):
+    from duetlm.evaluate.report import load_summaries
+
+    for name in ("gsm8k", "math"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("")
+    with pytest.raises(InputError, match=r"not a run folder, but holds 2: .*gsm8k, .*math; report one"):
+        load_summaries(tmp_path)
+    with pytest.raises(InputError, match="has no results.jsonl"):
+        load_summaries(tmp_path / "gsm8k" / "nothing-here")
+
+
+def test_plot_labels_stay_inside_the_frame():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from duetlm.evaluate.report import task_figure
+
+    rows = [
+        {"method": "M-alone", "M_output_tokens_mean": 126.0, "accuracy": 1.0, "stderr": 0.0},
+        {"method": "duet", "M_output_tokens_mean": 40.0, "accuracy": 0.98, "stderr": 0.014},
+        {"method": "m-alone", "M_output_tokens_mean": 0.0, "accuracy": 0.13, "stderr": 0.034},
+    ]
+    figure = task_figure("builtin", rows)
+    figure.canvas.draw()
+    frame = figure.axes[0].get_window_extent()
+    for label in figure.axes[0].texts:
+        box = label.get_window_extent()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, label
+    assert max(figure.axes[0].get_yticks()) <= 100

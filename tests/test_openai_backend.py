@@ -108,6 +108,15 @@ def test_prefilled_turn_goes_through_completions_with_local_tokenizer(
     assert remote.output_tokens == local.output_tokens
 
 
+def test_a_prefill_refused_as_chat_names_the_light_tokenizer_option(served_capable):
+    # transformers serve has no continue_final_message: without a local tokenizer the
+    # pre-filled turn is refused, and the error says what to pass instead.
+    model, url = served_capable
+    request = ask(QUESTIONS[1], 30, prefill=f"<think>\n{SIGNAL}\n</think>\n\n")
+    with pytest.raises(BackendError, match=r"refused \(4\d\d\).*pass --light-tokenizer PATH_OR_ID"):
+        OpenAIBackend(model, url).generate([request])
+
+
 def test_concurrent_batch_keeps_order(served_capable):
     model, url = served_capable
     requests = [ask(q, 80, stop=("</think>",)) for q in QUESTIONS] + [ask(QUESTIONS[0], 4)]

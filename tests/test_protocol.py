@@ -218,3 +218,29 @@ def test_bad_config_is_rejected(data):
 
     with pytest.raises(ConfigError):
         validate_config(DuetConfig, data)
+
+
+def test_an_m_that_ends_at_once_is_said_once_and_recorded(tokenizer, light_backend, caplog):
+    # A base model served as M (or one whose server ends the turn at once) writes no thinking:
+    # m then answers alone. The run says so once and each result and eval row records it.
+    import logging
+
+    from conftest import tiny_model, train_script
+    from duetlm.backends.hf import HFBackend
+    from duetlm.evaluate.runner import result_row
+    from duetlm.tasks import Example
+
+    mute = tiny_model(tokenizer, seed=5)
+    train_script(mute, tokenizer, [(_prompt(tokenizer, q), "<|im_end|>") for q in QUESTIONS], steps=60)
+    capable = HFBackend(model=mute, tokenizer=tokenizer, spec="hf:mute")
+    duet = Duet(capable, light_backend, DuetConfig(signal_max_tokens=16, answer_max_tokens=8))
+    with caplog.at_level(logging.WARNING, logger="duetlm.protocol"):
+        results = duet.solve_batch(QUESTIONS)
+        again = duet.solve(QUESTIONS[0])
+    assert [r.signal for r in results] == ["", "", ""] and all(r.empty_signal for r in results + [again])
+    told = [r.getMessage() for r in caplog.records if "without thinking" in r.getMessage()]
+    assert len(told) == 1 and told[0].startswith("hf:mute ended its turn without thinking on 3 of 3")
+    row = result_row("t", "duet", 0, Example("q0", QUESTIONS[0], "14"), again, "h")
+    assert row["empty_signal"] is True
+    thinking = Duet(light_backend, light_backend, DuetConfig(signal_max_tokens=16, answer_max_tokens=8))
+    assert not thinking.solve(QUESTIONS[0], "M-alone").empty_signal

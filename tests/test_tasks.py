@@ -99,8 +99,17 @@ def test_missing_field_names_file_line_and_field(tmp_path):
 def test_missing_file_and_unknown_task(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_task("aime25", data=tmp_path / "nope.jsonl")
-    with pytest.raises(ConfigError, match=r"unknown task 'aime99'.*known tasks"):
+    with pytest.raises(ConfigError, match=r"unknown task 'aime99'.*known tasks") as unknown:
         load_task("aime99")
+    names = str(unknown.value).split("known tasks: ")[1]
+    assert "gsm8k" in names and "jsonl:PATH" in names and "jsonl," not in names  # one way to name a file
+
+
+def test_a_hub_task_offline_says_how_to_read_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(InputError, match=r"Pass --data amc23=PATH to read a local copy"):
+        load_task("amc23")
 
 
 def test_user_jsonl_task(tmp_path):

@@ -36,6 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",  # a docstring's paragraph is one paragraph, wrapped to the terminal
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whole, for logs and greps

@@ -107,6 +107,7 @@ class SolveResult:
     capable_text: str | None = None
     retries: int = 0
     budget_clamped: bool = False  # a budget was cut to fit a model's context (see ContextGuard)
+    empty_signal: bool = False  # M ended without thinking: m answered from nothing (two-stage modes)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -231,6 +232,22 @@ class Duet:
         self.capable = capable
         self.light = light
         self.config = config or DuetConfig()
+        self._told_empty = False
+
+    def _notice_empty_signals(self, results: Sequence[SolveResult]) -> None:
+        """Say once per Duet when M hands m an empty signal: a base model, or one served so that
+        it ends its turn at once, silently turns DUET into m-alone."""
+        empty = sum(r.empty_signal for r in results)
+        if empty and not self._told_empty:
+            self._told_empty = True
+            logger.warning(
+                "%s ended its turn without thinking on %d of %d question(s): m answered from an empty "
+                "signal. Is M a reasoning model with think tags? (signal_style = 'sketch' is for one "
+                "without; eval rows record this as empty_signal)",
+                getattr(self.capable, "spec", "M"),
+                empty,
+                len(results),
+            )
 
     def solve(self, question: str | Problem, mode: str | Mode = "duet") -> SolveResult:
         return self.solve_batch([question], mode)[0]
@@ -258,9 +275,11 @@ class Duet:
             )
         else:
             seconds = self.finish(problems, signals)
-        return [
+        results = [
             two_stage_result(p, mode, f, s, r, cfg) for p, f, s, r in zip(problems, firsts, signals, seconds)
         ]
+        self._notice_empty_signals(results)
+        return results
 
     def finish(self, problems: Sequence[str | Problem], signals: Sequence[str]) -> list[GenerationResult]:
         """Stage 2 alone: m answers each problem given a signal. Used for budget-cut curves and
@@ -321,7 +340,9 @@ class Duet:
         leading = True
         async for item in stream(answerer, request):
             if isinstance(item, GenerationResult):
-                yield Finished(two_stage_result(problem, parsed, first, signal, item, cfg))
+                result = two_stage_result(problem, parsed, first, signal, item, cfg)
+                self._notice_empty_signals([result])
+                yield Finished(result)
                 return
             text = item.text if isinstance(item, ReasoningDelta) else item
             if leading:
@@ -377,6 +398,7 @@ def two_stage_result(
         capable_text=first.text,
         retries=first.retries + second.retries,
         budget_clamped=first.budget_clamped or second.budget_clamped,
+        empty_signal=not signal.strip(),
     )
 
 

@@ -146,8 +146,19 @@ class OpenAIBackend:
                     f"{self.spec}: model {self.model!r} or endpoint not found at {self.base_url} (404): {exc}"
                 ) from exc
             except openai.APIStatusError as exc:
-                raise BackendError(f"{self.spec}: request refused ({exc.status_code}): {exc}") from exc
+                raise self._refused(exc, request) from exc
         raise AssertionError("unreachable")
+
+    def _refused(self, exc: openai.APIStatusError, request: GenerationRequest) -> BackendError:
+        """A refusal as one line; for a pre-filled turn sent as chat, the likely cause and fix."""
+        message = f"{self.spec}: request refused ({exc.status_code}): {exc}"
+        if request.prefill and self.tokenizer is None and exc.status_code in (400, 422):
+            message += (
+                ". The pre-filled turn went to /v1/chat/completions with continue_final_message, which "
+                "this server may not support: pass --light-tokenizer PATH_OR_ID (the model's own "
+                "tokenizer) to render the prompt locally and send it to /v1/completions"
+            )
+        return BackendError(message)
 
     def _common(self, sampling) -> dict:
         common = {
@@ -286,7 +297,7 @@ class OpenAIBackend:
                     ) from exc
                 await asyncio.sleep(self.backoff_s * 2**attempt * (1 + random.random()))
             except openai.APIStatusError as exc:
-                raise BackendError(f"{self.spec}: request refused ({exc.status_code}): {exc}") from exc
+                raise self._refused(exc, request) from exc
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -145,6 +145,12 @@ def summarize(rows: list[dict], baseline_rows: list[dict] | None = None) -> list
 def _results_rows(directory: str | Path) -> list[dict]:
     path = Path(directory) / "results.jsonl"
     if not path.is_file():
+        below = sorted(str(p.parent) for p in Path(directory).glob("**/results.jsonl"))
+        if below:  # a folder above run folders: name them
+            raise InputError(
+                f"{directory} is not a run folder, but holds {len(below)}: {', '.join(below)}; "
+                f"report one of them (duet report {below[0]})"
+            )
         raise InputError(f"{directory} has no results.jsonl; run `duet eval --out {directory}` first")
     rows = read_rows(path)
     if not rows:
@@ -216,26 +222,40 @@ def plot(summaries: list[dict], directory: str | Path) -> list[Path]:
 
     paths = []
     for task in sorted({s["task"] for s in summaries}):
-        rows = [s for s in summaries if s["task"] == task]
-        figure, axes = plt.subplots(figsize=(6, 4.2))
-        for s in rows:
-            axes.errorbar(
-                s["M_output_tokens_mean"], 100 * s["accuracy"], yerr=100 * s["stderr"], fmt="o", capsize=3
-            )
-            axes.annotate(
-                s["method"],
-                (s["M_output_tokens_mean"], 100 * s["accuracy"]),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize=9,
-            )
-        axes.set_xlabel("mean M output tokens per question")
-        axes.set_ylabel("accuracy (%)")
-        axes.set_title(f"{task}: accuracy vs M tokens")
-        axes.grid(alpha=0.3)
-        figure.tight_layout()
+        figure = task_figure(task, [s for s in summaries if s["task"] == task])
         path = Path(directory) / f"plot_{file_safe(task)}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def task_figure(task: str, rows: list[dict]):
+    """One task's accuracy against M tokens, with room above and to the right of the points for
+    their labels (a method at 100% would otherwise be labelled on the frame)."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4.2))
+    for s in rows:
+        axes.errorbar(
+            s["M_output_tokens_mean"], 100 * s["accuracy"], yerr=100 * s["stderr"], fmt="o", capsize=3
+        )
+        axes.annotate(
+            s["method"],
+            (s["M_output_tokens_mean"], 100 * s["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=9,
+        )
+    highest = max(100 * (s["accuracy"] + s["stderr"]) for s in rows)
+    lowest = min(100 * (s["accuracy"] - s["stderr"]) for s in rows)
+    axes.set_ylim(max(lowest - 5, -2), highest + 9)
+    axes.set_yticks([t for t in axes.get_yticks() if 0 <= t <= 100])
+    widest = max(s["M_output_tokens_mean"] for s in rows)
+    axes.set_xlim(-0.04 * max(widest, 1), 1.22 * max(widest, 1))
+    axes.set_xlabel("mean M output tokens per question")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"{task}: accuracy vs M tokens")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

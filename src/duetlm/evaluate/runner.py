@@ -134,6 +134,7 @@ def result_row(task: str, method: str, sample: int, example: Example, result, co
         "no_answer": verdict.answer is None,
         "grading_timed_out": verdict.timed_out,
         "truncated": result.truncated,
+        "empty_signal": result.empty_signal,
         "signal_tokens": result.signal_tokens,
         "capable_finish": result.capable_finish,
         "light_finish": result.light_finish,

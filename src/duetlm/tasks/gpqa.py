@@ -31,7 +31,11 @@ def normalize(location: str, row: dict, index: int, seed: int) -> Example:
 
 
 def load(data=None, seed: int = 0, split: str | None = None) -> TaskExamples:
-    rows = read_rows(Path(data)) if data is not None else hub_rows(HUB[0], HUB[1], split or HUB[2])
+    rows = (
+        read_rows(Path(data))
+        if data is not None
+        else hub_rows(HUB[0], HUB[1], split or HUB[2], "gpqa_diamond")
+    )
     source = str(data) if data is not None else HUB[0]
     return TaskExamples(
         "gpqa_diamond", [normalize(loc, row, i, seed) for i, (loc, row) in enumerate(rows)], source

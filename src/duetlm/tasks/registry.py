@@ -108,19 +108,20 @@ def read_rows(path: Path) -> Rows:
     raise InputError(f"data file {path}: use .jsonl, .json, .csv or .parquet")
 
 
-def hub_rows(dataset: str, config: str | None, split: str) -> Rows:
+def hub_rows(dataset: str, config: str | None, split: str, task: str = "TASK") -> Rows:
+    """A hub dataset's rows; `task` names the task in the hint to read a local copy instead."""
     try:
         from datasets import load_dataset
     except ImportError as exc:
         raise ConfigError(
-            "loading from the hub needs `datasets` (pip install datasets), or pass --data TASK=PATH"
+            f"loading from the hub needs `datasets` (pip install datasets), or pass --data {task}=PATH"
         ) from exc
     try:
         data = load_dataset(dataset, config, split=split)
     except Exception as exc:  # the datasets library raises many unrelated types
         raise InputError(
             f"could not load {dataset} ({config or 'default'}, {split}) from the hub: {exc}. "
-            "Pass --data PATH to read a local copy."
+            f"Pass --data {task}=PATH to read a local copy."
         ) from exc
     return [(f"{dataset}[{i}]", dict(row)) for i, row in enumerate(data)]
 
@@ -152,7 +153,10 @@ def load_task(
     if name.startswith("jsonl:"):
         data, name = name.removeprefix("jsonl:"), "jsonl"
     if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, jsonl:PATH")
+        known = ", ".join(sorted(t for t in TASKS if t != "jsonl"))
+        raise ConfigError(
+            f"unknown task {name!r}; known tasks: {known}, and jsonl:PATH for a file of your own"
+        )
     task = TASKS[name]
     if task.loader is not None:
         if fields:
@@ -170,7 +174,7 @@ def load_task(
     elif task.hub is not None:
         dataset, config, default_split = task.hub
         rows, source = (
-            hub_rows(dataset, config, split or default_split),
+            hub_rows(dataset, config, split or default_split, name),
             f"{dataset} ({split or default_split})",
         )
     else:

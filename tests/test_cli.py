@@ -109,6 +109,12 @@ def test_demo_runs_the_base_and_the_trained_embedded_pair(tmp_path):
     done = run("demo", "-n", "12", "--out", str(tmp_path / "demo"), "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert "tiny-M + tiny-m" in done.stdout and "duet-M + duet-m" in done.stdout
+    # it says at once what it runs and where it writes
+    assert (
+        "duet demo: 12 builtin test questions (M-alone, duet, m-alone on tiny-M + tiny-m; duet on duet-M "
+        in done.stderr
+    )
+    assert f"written to {tmp_path / 'demo'}/" in done.stderr
     base = [json.loads(line) for line in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
     trained = [
         json.loads(line)

@@ -4,6 +4,7 @@ against that copy, and reports whether they failed (as they must).
 
     python bench/mutation_check.py            # all mutations; exit code 1 if any survives
     python bench/mutation_check.py --list
+    python bench/mutation_check.py --only clip,axes
 
 Each caught mutation is listed with the tests that failed on it.
 
@@ -149,9 +150,14 @@ def run_guards(src: Path) -> tuple[list[str], float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--only", default="", help="apply only the mutations whose name holds this text")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="apply only the mutations whose name holds one of these texts (comma-separated)",
+    )
     args = parser.parse_args()
-    chosen = [m for m in MUTATIONS if args.only.lower() in m[0].lower()]
+    wanted = [w.strip().lower() for w in args.only.split(",")]
+    chosen = [m for m in MUTATIONS if any(w in m[0].lower() for w in wanted)]
     if args.list:
         for name, file, _, _ in MUTATIONS:
             print(f"{name}  ({file})")

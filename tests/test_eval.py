@@ -316,7 +316,7 @@ def test_report_on_a_folder_above_runs_names_them(tmp_path):
         (tmp_path / name / "results.jsonl").write_text("")
     with pytest.raises(InputError, match=r"not a run folder, but holds 2: .*gsm8k, .*math; report one"):
         load_summaries(tmp_path)
-    with pytest.raises(InputError, match="has no results.jsonl"):
+    with pytest.raises(InputError, match=r"has no results\.jsonl"):
         load_summaries(tmp_path / "gsm8k" / "nothing-here")
 
 

@@ -237,7 +237,7 @@ def test_an_m_that_ends_at_once_is_said_once_and_recorded(tokenizer, light_backe
     with caplog.at_level(logging.WARNING, logger="duetlm.protocol"):
         results = duet.solve_batch(QUESTIONS)
         again = duet.solve(QUESTIONS[0])
-    assert [r.signal for r in results] == ["", "", ""] and all(r.empty_signal for r in results + [again])
+    assert [r.signal for r in results] == ["", "", ""] and all(r.empty_signal for r in [*results, again])
     told = [r.getMessage() for r in caplog.records if "without thinking" in r.getMessage()]
     assert len(told) == 1 and told[0].startswith("hf:mute ended its turn without thinking on 3 of 3")
     row = result_row("t", "duet", 0, Example("q0", QUESTIONS[0], "14"), again, "h")

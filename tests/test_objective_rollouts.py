@@ -299,7 +299,7 @@ def test_each_micro_batch_row_is_trained_with_its_own_advantage():
 
     from duetlm.train.policy import LogprobNet, Policy
     from duetlm.train.sequences import pack
-    from duetlm.train.update import UpdateSettings, ppo_update
+    from duetlm.train.update import UpdateSettings, mini_batch_rows, ppo_update
 
     tokenizer = build_tokenizer()
     model = tiny_model(tokenizer, seed=3)
@@ -327,6 +327,9 @@ def test_each_micro_batch_row_is_trained_with_its_own_advantage():
     settings = UpdateSettings(
         epochs=1, mini_batches=1, micro_batch=2, clip_eps=0.2, max_grad_norm=1e9, precision="fp32", seed=5
     )
-    ppo_update(policy, Accelerator(cpu=True), seqs, None, advantages, 2, settings, lambda t: float(t.sum()))
+    # the step's shuffle of the six one-row groups moves rows: position in a micro-batch is not row
+    order = mini_batch_rows(6, 1, 1, random.Random(settings.seed))[0].tolist()
+    assert order != sorted(order)
+    ppo_update(policy, Accelerator(cpu=True), seqs, None, advantages, 1, settings, lambda t: float(t.sum()))
     for old, new, grad in zip(before, model.parameters(), expected, strict=True):
         torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)

@@ -440,7 +440,7 @@ def demo(
     pairs = "; ".join(f"{', '.join(m)} on {c} + {lt}" for _, c, lt, m in runs)
     err_console.print(
         f"duet demo: {questions} builtin test questions ({pairs}), written to {out}/ as they finish "
-        "(run it again to resume); on 2 CPU cores 200 questions take about 6 minutes"
+        "(run it again to resume); on 2 CPU cores 200 questions take about a minute"
     )
     for folder, capable_spec, light_spec, run_methods in runs:
         eval_config = EvalConfig(

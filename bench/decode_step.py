@@ -20,8 +20,8 @@ import torch
 from transformers import DynamicCache
 
 from duetlm.backends import load_backend
-from duetlm.backends.decode_step import DecodeStep
-from duetlm.backends.row_cache import RowCache
+from duetlm.backends.hf.decode_step import DecodeStep
+from duetlm.backends.hf.row_cache import RowCache
 
 
 def decode(model, step: DecodeStep | None, prefill: DynamicCache, tokens: torch.Tensor, steps: int) -> float:

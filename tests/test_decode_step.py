@@ -22,9 +22,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from duetlm.backends.decode_step import DecodeStep, why_not
-from duetlm.backends.hf_engine import StepEngine
-from duetlm.backends.row_cache import RowCache
+from duetlm.backends.hf.decode_step import DecodeStep, why_not
+from duetlm.backends.hf.engine import StepEngine
+from duetlm.backends.hf.row_cache import RowCache
 from duetlm.errors import BackendError
 from duetlm.models import EMBEDDED
 

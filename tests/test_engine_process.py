@@ -17,11 +17,12 @@ from test_streaming import ask, collect, run
 from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL
 from duetlm.backends import BackendOptions, load_backend
 from duetlm.backends.base import GenerationResult, SamplingParams
-from duetlm.backends.engine_process import EngineProcess, EngineSpec
 from duetlm.backends.hf import HFBackend
+from duetlm.backends.hf.process import EngineProcess, EngineSpec
 from duetlm.config import DuetConfig
 from duetlm.errors import BackendError
-from duetlm.protocol import Duet, SignalDelta
+from duetlm.protocol import Duet
+from duetlm.streaming import SignalDelta
 
 
 @pytest.fixture(scope="module")

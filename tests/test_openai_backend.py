@@ -254,7 +254,7 @@ def test_remote_capable_streams_through_the_protocol(served_qwen3, qwen3_dirs):
     import asyncio
 
     from duetlm.backends.hf import HFBackend
-    from duetlm.protocol import AnswerDelta, SignalDelta
+    from duetlm.streaming import AnswerDelta, SignalDelta
 
     model, url = served_qwen3
     light = HFBackend(str(qwen3_dirs["light"]), device="cpu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from duetlm.backends.row_cache import RowCache
+from duetlm.backends.hf.row_cache import RowCache
 
 HEADS, DIM, LAYERS = 2, 3, 2
 

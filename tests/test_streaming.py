@@ -10,16 +10,8 @@ from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL
 from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
-from duetlm.protocol import (
-    AnswerDelta,
-    Duet,
-    Finished,
-    Problem,
-    SignalDelta,
-    ThinkingSplitter,
-    capable_request,
-    user_prompt,
-)
+from duetlm.protocol import Duet, Problem, capable_request, user_prompt
+from duetlm.streaming import AnswerDelta, Finished, SignalDelta, ThinkingSplitter
 
 
 def ask(question: str, sampling: SamplingParams, prefill: str = "") -> GenerationRequest:

@@ -15,20 +15,22 @@ import re
 import string
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from duetlm.backends.base import (
     Backend,
     FinishReason,
     GenerationRequest,
     GenerationResult,
-    ReasoningDelta,
     SamplingParams,
-    stream,
 )
 from duetlm.config import DuetConfig
 from duetlm.errors import InputError
 from duetlm.grading import extract_answer
 from duetlm.usage import ModelUsage, Price, Usage
+
+if TYPE_CHECKING:
+    from duetlm.streaming import Event
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ class Duet:
         self.config = config or DuetConfig()
         self._told_empty = False
 
-    def _notice_empty_signals(self, results: Sequence[SolveResult]) -> None:
+    def note_empty_signals(self, results: Sequence[SolveResult]) -> None:
         """Say once per Duet when M hands m an empty signal: a base model, or one served so that
         it ends its turn at once, silently turns DUET into m-alone."""
         empty = sum(r.empty_signal for r in results)
@@ -278,7 +280,7 @@ class Duet:
         results = [
             two_stage_result(p, mode, f, s, r, cfg) for p, f, s, r in zip(problems, firsts, signals, seconds)
         ]
-        self._notice_empty_signals(results)
+        self.note_empty_signals(results)
         return results
 
     def finish(self, problems: Sequence[str | Problem], signals: Sequence[str]) -> list[GenerationResult]:
@@ -298,57 +300,12 @@ class Duet:
         outputs = backend.generate([alone_request(p, self.config, budget, capable) for p in problems])
         return [alone_result(p, mode, out, capable, self.config) for p, out in zip(problems, outputs)]
 
-    # --- streaming ---------------------------------------------------------------------
-
     async def astream(self, question: str | Problem, mode: str | Mode = "duet") -> AsyncIterator[Event]:
-        """One question as events, while the models write: `SignalDelta`s (M's thinking; a
-        model's own thinking in the alone modes), `AnswerDelta`s, then one `Finished` with the
-        same `SolveResult` that `solve` gives. Each stage streams from its backend's `astream`
-        (continuous batching on the hf backend), so a request moves on to m as soon as its own
-        signal ends. Closing the iterator cancels the generation in flight."""
-        parsed, problem, cfg = parse_mode(mode), as_problem(question), self.config
-        if parsed.kind in ("M-alone", "m-alone"):
-            capable = parsed.kind == "M-alone"
-            backend = self.capable if capable else self.light
-            budget = cfg.capable_alone_budget if capable else cfg.light_alone_budget
-            split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="wait")
-            async for item in stream(backend, alone_request(problem, cfg, budget, capable)):
-                if isinstance(item, GenerationResult):
-                    for event in split.close():
-                        yield event
-                    yield Finished(alone_result(problem, parsed, item, capable, cfg))
-                    return
-                for event in split.feed(item):
-                    yield event
-        first = None
-        split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="thinking")
-        async for item in stream(
-            self.capable, capable_request(problem, cfg, parsed.budget or cfg.signal_max_tokens)
-        ):
-            if isinstance(item, GenerationResult):
-                first = item
-            else:
-                for event in split.feed(item):
-                    yield event
-        for event in split.close():
+        """One question as events, while the models write (see `duetlm.streaming.astream`)."""
+        from duetlm.streaming import astream
+
+        async for event in astream(self, question, mode):
             yield event
-        signal = signal_of(first, cfg)
-        if parsed.kind == "M":
-            answerer, request = self.capable, forced_request(problem, signal, first, cfg)
-        else:
-            answerer, request = self.light, light_request(problem, signal, cfg, cfg.light_template_kwargs)
-        leading = True
-        async for item in stream(answerer, request):
-            if isinstance(item, GenerationResult):
-                result = two_stage_result(problem, parsed, first, signal, item, cfg)
-                self._notice_empty_signals([result])
-                yield Finished(result)
-                return
-            text = item.text if isinstance(item, ReasoningDelta) else item
-            if leading:
-                text, leading = text.lstrip(), not text.strip()
-            if text:
-                yield AnswerDelta(text)
 
 
 # --- assembling results (shared by the batch and the streaming paths) -----------------------
@@ -430,101 +387,3 @@ def alone_result(
         retries=out.retries,
         budget_clamped=out.budget_clamped,
     )
-
-
-# --- streamed events ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SignalDelta:
-    """More of M's signal (or, in the alone modes, of the model's own thinking)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class AnswerDelta:
-    """More of the final write-up."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    result: SolveResult
-
-
-Event = SignalDelta | AnswerDelta | Finished
-
-
-class ThinkingSplitter:
-    """Routes streamed text into thinking and answer: the opening tag is dropped, text up to
-    the close tag is thinking, the rest is the answer; a server's parsed reasoning is thinking
-    as it comes. Text that may still turn out to be a tag is held back.
-
-    Output that does not open with the tag (some chat templates write it into the prompt) is
-    `untagged`: thinking for M's first stage (it stops at the close tag: all of it is the
-    signal), answer for a model that never thinks, or `wait`: held until the close tag shows
-    it was thinking or the end shows it was the answer (the alone modes, which cannot know)."""
-
-    def __init__(self, think_open: str, think_close: str, untagged: str = "wait") -> None:
-        self.open, self.close_tag, self.untagged = think_open, think_close, untagged
-        self.state = "start"
-        self.buffer, self.thinking, self.answering = "", False, False
-
-    def feed(self, item: str | ReasoningDelta) -> list[Event]:
-        if isinstance(item, ReasoningDelta):
-            return [SignalDelta(item.text)] if item.text else []
-        self.buffer += item
-        return self._drain(final=False)
-
-    def close(self) -> list[Event]:
-        return self._drain(final=True)
-
-    def _drain(self, final: bool) -> list[Event]:
-        events: list[Event] = []
-        while True:
-            if self.state == "start":
-                head = self.buffer.lstrip()
-                if head.startswith(self.open):
-                    self.buffer, self.state = head[len(self.open) :].lstrip("\n"), "thinking"
-                    continue
-                if self.open.startswith(head) and not final:
-                    return events  # may still be the opening tag
-                self.state = self.untagged
-                continue
-            if self.state == "wait":
-                if self.close_tag in self.buffer:
-                    self.state = "thinking"
-                elif final:
-                    self.state = "answer"
-                else:
-                    return events
-                continue
-            if self.state == "thinking":
-                index = self.buffer.find(self.close_tag)
-                if index >= 0:
-                    text = self.buffer[:index].rstrip()  # the signal ends where its text ends
-                    text = text if self.thinking else text.lstrip()
-                    if text:
-                        events.append(SignalDelta(text))
-                    self.buffer, self.state = self.buffer[index + len(self.close_tag) :].lstrip(), "answer"
-                    continue
-                keep = 0 if final else len(self.close_tag) - 1
-                cut = max(0, len(self.buffer) - keep)
-                text, self.buffer = self.buffer[:cut], self.buffer[cut:]
-                # Trailing whitespace waits: before the close tag it is not part of the signal,
-                # so the streamed signal reads as the whole one does.
-                body = text.rstrip()
-                text, self.buffer = body, ("" if final else text[len(body) :]) + self.buffer
-                text = text if self.thinking else text.lstrip()  # no blank start
-                if text:
-                    events.append(SignalDelta(text))
-                    self.thinking = True
-                return events
-            text = self.buffer if self.answering else self.buffer.lstrip()  # no blank start
-            if text:
-                events.append(AnswerDelta(text))
-                self.answering = True
-            self.buffer = ""
-            return events

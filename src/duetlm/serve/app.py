@@ -9,7 +9,7 @@ Scheduling (`ServeConfig.scheduler`): `continuous` (the default) runs each reque
 `Duet.astream`: M's tokens stream as `reasoning_content` while M writes, the request moves
 on to m as soon as its own signal ends, and the hf backend batches every request in flight
 step by step (`duet serve` puts each model's engine in a process of its own:
-`backends.engine_process`). `batch` gathers requests for `batch_window_ms` and runs them through
+`backends.hf.process`). `batch` gathers requests for `batch_window_ms` and runs them through
 `solve_batch` together (the older scheduler, kept for comparison): nothing streams until
 the whole protocol is done. A client that disconnects cancels its generation.
 """
@@ -33,21 +33,12 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from duetlm.errors import BackendError, ConfigError, GenerationError, InputError
-from duetlm.protocol import (
-    AnswerDelta,
-    Duet,
-    Finished,
-    Problem,
-    SignalDelta,
-    SolveResult,
-    alone_request,
-    capable_request,
-    parse_mode,
-)
+from duetlm.protocol import Duet, Problem, SolveResult, alone_request, capable_request, parse_mode
 from duetlm.serve.batcher import Batcher, BatchKey
 from duetlm.serve.guard import Guard
 from duetlm.serve.metrics import Metrics
 from duetlm.serve.schemas import ChatCompletionRequest
+from duetlm.streaming import AnswerDelta, Finished, SignalDelta
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `model.generate()` runs a fixed batch to the end of its longest row: a row that finished
 idles, and a request that arrives waits for the whole batch. Here one background thread
-per device (or, in `engine_process`, the main thread of a process of the engine's own)
+per device (or, in `process`, the main thread of a process of the engine's own)
 steps every active row of every engine once per iteration: new requests are
 prefilled and join between steps, finished or cancelled rows leave at once, and each new
 token is handed to its request as text as soon as it is decoded. (transformers' own
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 from duetlm.backends.base import ContextGuard, FinishReason, GenerationResult, SamplingParams
-from duetlm.backends.decode_step import DecodeStep, check_choice, why_not
-from duetlm.backends.row_cache import RowCache
+from duetlm.backends.hf.decode_step import DecodeStep, check_choice, why_not
+from duetlm.backends.hf.row_cache import RowCache
 
 logger = logging.getLogger(__name__)
 

@@ -68,6 +68,35 @@ class _OwnLoop:
         pass
 
 
+def _load_engine(spec: EngineSpec):
+    """The model loaded here, in this process, set up exactly as `HFBackend` sets up its own,
+    under a step engine driven from this process's main thread."""
+    from duetlm.backends.base import ContextGuard
+    from duetlm.backends.hf.engine import StepEngine
+    from duetlm.backends.hf.loading import (
+        end_ids,
+        eos_ids,
+        load_tokenizer,
+        load_weights,
+        pick_device,
+        resolve_model_location,
+    )
+
+    location, local = resolve_model_location(spec.location)
+    tokenizer = load_tokenizer(location, local, spec.trust_remote_code)
+    model = load_weights(location, local, spec.dtype, pick_device(spec.device), spec.trust_remote_code)
+    context = ContextGuard(spec.spec, getattr(model.config, "max_position_embeddings", None))
+    return StepEngine(
+        model,
+        tokenizer,
+        end_ids(eos_ids(model.generation_config, tokenizer, spec.spec), tokenizer),
+        context,
+        decode_step=spec.decode_step,
+        loop=_OwnLoop(),
+        admit_wait_s=spec.admit_wait_s,
+    )
+
+
 def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
     # Ctrl-C reaches the whole process group; the server then drains its requests, so the
     # engine keeps stepping until the server closes it (or its end of the pipe goes away).
@@ -77,17 +106,7 @@ def _serve(spec: EngineSpec, conn) -> None:  # the engine process's main
 
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
-        from duetlm.backends.hf import HFBackend
-
-        backend = HFBackend(
-            spec.location,
-            device=spec.device,
-            dtype=spec.dtype,
-            trust_remote_code=spec.trust_remote_code,
-            decode_step=spec.decode_step,
-            spec=spec.spec,
-        )
-        engine = backend.new_engine(loop=_OwnLoop(), admit_wait_s=spec.admit_wait_s)
+        engine = _load_engine(spec)
     except BaseException as exc:  # the parent raises it as a BackendError
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import torch
 
@@ -29,69 +27,20 @@ from duetlm.backends.base import (
     cut_at_stop,
     render_chat,
 )
-from duetlm.backends.decode_step import check_choice
 from duetlm.backends.handoff import Inbox
+from duetlm.backends.hf.decode_step import check_choice
+from duetlm.backends.hf.loading import (
+    end_ids,
+    eos_ids,
+    load_configs,
+    load_tokenizer,
+    load_weights,
+    pick_device,
+    resolve_model_location,
+)
 from duetlm.errors import BackendError
 
 logger = logging.getLogger(__name__)
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model_location(path_or_id: str) -> tuple[str, bool]:
-    """(location, is_local). Local folders become absolute paths: transformers treats a
-    relative path that does not exist as a hub id and stalls on network retries."""
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise BackendError(f"model path {path} is a file; expected a Hugging Face model folder")
-        return str(path.resolve()), True
-    looks_like_path = path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1
-    if looks_like_path or not _HUB_ID.match(path_or_id):
-        raise BackendError(
-            f"model path {path_or_id!r} does not exist (and is not a hub id like 'Qwen/Qwen3-0.6B')"
-        )
-    return path_or_id, False
-
-
-def pick_device(device: str) -> torch.device:
-    """The device to load on; one that this machine or torch build lacks is a clear error,
-    not a traceback from deep inside the first tensor copy."""
-    if device != "auto":
-        try:
-            chosen = torch.device(device)
-        except RuntimeError:
-            raise BackendError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            raise BackendError(
-                f"--device {device}: no CUDA GPU is usable (torch {torch.__version__}, {build}); "
-                "use --device cpu, or install a CUDA build of torch on a GPU machine"
-            )
-        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise BackendError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        if chosen.type == "mps" and not (torch.backends.mps.is_available()):
-            raise BackendError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
-        return chosen
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        try:
-            return getattr(torch, dtype)
-        except AttributeError:
-            raise BackendError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
 
 _NEUTRAL = {  # every knob of generate() that reshapes the distribution, set to "off"
     "top_h": None,
@@ -179,7 +128,7 @@ def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> 
 
 ENGINES = ("thread", "process")
 """Where the streaming engine runs: `thread`, a thread of this process; `process`, a process
-of its own per model (`engine_process`: no GIL shared with the caller, its own torch threads)."""
+of its own per model (`process`: no GIL shared with the caller, its own torch threads)."""
 
 
 class HFBackend:
@@ -232,21 +181,21 @@ class HFBackend:
                 raise BackendError("HFBackend needs a model path or hub id, or a model and tokenizer")
             self.location, self._local = resolve_model_location(path_or_id)
             self.device = pick_device(device)
-            self.tokenizer = self._load_tokenizer(trust_remote_code)
+            self.tokenizer = load_tokenizer(self.location, self._local, trust_remote_code)
             if engine == "process":
-                config, generation_config = self._load_configs(trust_remote_code)
+                config, generation_config = load_configs(self.location, self._local, trust_remote_code)
             else:
-                self._model = self._load_model(dtype, trust_remote_code)
+                self._model = load_weights(self.location, self._local, dtype, self.device, trust_remote_code)
                 config, generation_config = self._model.config, self._model.generation_config
         self.spec = spec or f"hf:{path_or_id}"
-        self.tokenizer.padding_side = "left"
+        self.tokenizer.padding_side = "left"  # a tokenizer handed in is set up as a loaded one is
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_token_ids = self._eos_ids(generation_config)
+        self.eos_token_ids = eos_ids(generation_config, self.tokenizer, self.spec)
         self.context = ContextGuard(self.spec, getattr(config, "max_position_embeddings", None))
         self._engine = None
         self.decode_step = decode_step
-        self._end_ids = torch.tensor(sorted({*self.eos_token_ids, self.tokenizer.pad_token_id}))
+        self._end_ids = torch.tensor(end_ids(self.eos_token_ids, self.tokenizer))
         self._prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> ids, the latest few
         self._prompt_ids_lock = threading.Lock()
 
@@ -256,71 +205,12 @@ class HFBackend:
         if self._model is None and self.location is not None and not self._closed:
             _, dtype, trust_remote_code = self._load_args
             logger.info("%s: loading the weights in this process too (generate() was called)", self.spec)
-            self._model = self._load_model(dtype, trust_remote_code)
+            self._model = load_weights(self.location, self._local, dtype, self.device, trust_remote_code)
         return self._model
 
     @model.setter
     def model(self, value) -> None:
         self._model = value
-
-    def _load_tokenizer(self, trust_remote_code: bool):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(
-                self.location, local_files_only=self._local, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
-
-    def _load_configs(self, trust_remote_code: bool):
-        """The model's config and generation config, without its weights."""
-        from transformers import AutoConfig, GenerationConfig
-
-        try:
-            config = AutoConfig.from_pretrained(
-                self.location, local_files_only=self._local, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
-        # a folder without the file gets what from_pretrained derives; a file there must parse
-        optional = not self._local or not Path(self.location, "generation_config.json").is_file()
-        try:
-            generation_config = GenerationConfig.from_pretrained(self.location, local_files_only=self._local)
-        except OSError as exc:
-            if not optional:
-                raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
-            generation_config = GenerationConfig.from_model_config(config)
-        except ValueError as exc:
-            raise BackendError(f"could not load model {self.location!r}: {exc}") from exc
-        return config, generation_config
-
-    def _load_model(self, dtype: str, trust_remote_code: bool):
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                self.location,
-                local_files_only=self._local,
-                dtype=pick_dtype(dtype, self.device),
-                trust_remote_code=trust_remote_code,
-            )
-        except Exception as exc:  # a corrupt weights file raises the safetensors library's own error
-            raise BackendError(
-                f"could not load model {self.location!r}: {type(exc).__name__}: {exc}"
-            ) from exc
-        model.to(self.device).eval()
-        logger.info("loaded %s on %s (%s)", self.location, self.device, model.dtype)
-        return model
-
-    def _eos_ids(self, generation_config) -> list[int]:
-        ids = generation_config.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        if not ids:
-            raise BackendError(f"{self.spec}: the model and tokenizer define no EOS token")
-        return ids
 
     @property
     def context_length(self) -> int | None:
@@ -345,7 +235,7 @@ class HFBackend:
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as the model writes them, then the result with exact counts. Runs on
-        the continuous-batching engine (`hf_engine`): requests join and leave between decode
+        the continuous-batching engine (`engine`): requests join and leave between decode
         steps. Deltas that pile up while the consumer is busy are handed over joined, so a
         slow reader costs fewer, larger chunks rather than lag. Closing the iterator (a client
         that left) cancels the request."""
@@ -368,7 +258,7 @@ class HFBackend:
         """The streaming engine, started with the first stream (`start_engine` starts it now)."""
         if self._engine is None:
             if self.engine_kind == "process":
-                from duetlm.backends.engine_process import EngineProcess, EngineSpec
+                from duetlm.backends.hf.process import EngineProcess, EngineSpec
 
                 _, dtype, trust_remote_code = self._load_args
                 self._engine = EngineProcess(
@@ -392,8 +282,8 @@ class HFBackend:
         _ = self.engine
 
     def new_engine(self, loop=None, **options):
-        """A continuous-batching engine over this process's weights (`hf_engine.StepEngine`)."""
-        from duetlm.backends.hf_engine import StepEngine
+        """A continuous-batching engine over this process's weights (`engine.StepEngine`)."""
+        from duetlm.backends.hf.engine import StepEngine
 
         return StepEngine(
             self.model,

@@ -1,0 +1,175 @@
+"""DUET as a stream: events while the models write, for `duet serve` and `Duet.astream`.
+
+Each stage streams from its backend's `astream` (continuous batching on the hf backend), so a
+request moves on to m as soon as its own signal ends. `ThinkingSplitter` routes streamed text
+into thinking and answer; the result at the end is the `SolveResult` that `Duet.solve` gives,
+assembled by the same functions of `duetlm.protocol`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from duetlm.backends.base import GenerationResult, ReasoningDelta, stream
+from duetlm.protocol import (
+    Duet,
+    Mode,
+    Problem,
+    SolveResult,
+    alone_request,
+    alone_result,
+    as_problem,
+    capable_request,
+    forced_request,
+    light_request,
+    parse_mode,
+    signal_of,
+    two_stage_result,
+)
+
+
+@dataclass(frozen=True)
+class SignalDelta:
+    """More of M's signal (or, in the alone modes, of the model's own thinking)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDelta:
+    """More of the final write-up."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: SolveResult
+
+
+Event = SignalDelta | AnswerDelta | Finished
+
+
+class ThinkingSplitter:
+    """Routes streamed text into thinking and answer: the opening tag is dropped, text up to
+    the close tag is thinking, the rest is the answer; a server's parsed reasoning is thinking
+    as it comes. Text that may still turn out to be a tag is held back.
+
+    Output that does not open with the tag (some chat templates write it into the prompt) is
+    `untagged`: thinking for M's first stage (it stops at the close tag: all of it is the
+    signal), answer for a model that never thinks, or `wait`: held until the close tag shows
+    it was thinking or the end shows it was the answer (the alone modes, which cannot know)."""
+
+    def __init__(self, think_open: str, think_close: str, untagged: str = "wait") -> None:
+        self.open, self.close_tag, self.untagged = think_open, think_close, untagged
+        self.state = "start"
+        self.buffer, self.thinking, self.answering = "", False, False
+
+    def feed(self, item: str | ReasoningDelta) -> list[Event]:
+        if isinstance(item, ReasoningDelta):
+            return [SignalDelta(item.text)] if item.text else []
+        self.buffer += item
+        return self._drain(final=False)
+
+    def close(self) -> list[Event]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            if self.state == "start":
+                head = self.buffer.lstrip()
+                if head.startswith(self.open):
+                    self.buffer, self.state = head[len(self.open) :].lstrip("\n"), "thinking"
+                    continue
+                if self.open.startswith(head) and not final:
+                    return events  # may still be the opening tag
+                self.state = self.untagged
+                continue
+            if self.state == "wait":
+                if self.close_tag in self.buffer:
+                    self.state = "thinking"
+                elif final:
+                    self.state = "answer"
+                else:
+                    return events
+                continue
+            if self.state == "thinking":
+                index = self.buffer.find(self.close_tag)
+                if index >= 0:
+                    text = self.buffer[:index].rstrip()  # the signal ends where its text ends
+                    text = text if self.thinking else text.lstrip()
+                    if text:
+                        events.append(SignalDelta(text))
+                    self.buffer, self.state = self.buffer[index + len(self.close_tag) :].lstrip(), "answer"
+                    continue
+                keep = 0 if final else len(self.close_tag) - 1
+                cut = max(0, len(self.buffer) - keep)
+                text, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                # Trailing whitespace waits: before the close tag it is not part of the signal,
+                # so the streamed signal reads as the whole one does.
+                body = text.rstrip()
+                text, self.buffer = body, ("" if final else text[len(body) :]) + self.buffer
+                text = text if self.thinking else text.lstrip()  # no blank start
+                if text:
+                    events.append(SignalDelta(text))
+                    self.thinking = True
+                return events
+            text = self.buffer if self.answering else self.buffer.lstrip()  # no blank start
+            if text:
+                events.append(AnswerDelta(text))
+                self.answering = True
+            self.buffer = ""
+            return events
+
+
+async def astream(duet: Duet, question: str | Problem, mode: str | Mode = "duet") -> AsyncIterator[Event]:
+    """One question as events, while the models write: `SignalDelta`s (M's thinking; a
+    model's own thinking in the alone modes), `AnswerDelta`s, then one `Finished` with the
+    same `SolveResult` that `solve` gives. Each stage streams from its backend's `astream`
+    (continuous batching on the hf backend), so a request moves on to m as soon as its own
+    signal ends. Closing the iterator cancels the generation in flight."""
+    parsed, problem, cfg = parse_mode(mode), as_problem(question), duet.config
+    if parsed.kind in ("M-alone", "m-alone"):
+        capable = parsed.kind == "M-alone"
+        backend = duet.capable if capable else duet.light
+        budget = cfg.capable_alone_budget if capable else cfg.light_alone_budget
+        split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="wait")
+        async for item in stream(backend, alone_request(problem, cfg, budget, capable)):
+            if isinstance(item, GenerationResult):
+                for event in split.close():
+                    yield event
+                yield Finished(alone_result(problem, parsed, item, capable, cfg))
+                return
+            for event in split.feed(item):
+                yield event
+    first = None
+    split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="thinking")
+    async for item in stream(
+        duet.capable, capable_request(problem, cfg, parsed.budget or cfg.signal_max_tokens)
+    ):
+        if isinstance(item, GenerationResult):
+            first = item
+        else:
+            for event in split.feed(item):
+                yield event
+    for event in split.close():
+        yield event
+    signal = signal_of(first, cfg)
+    if parsed.kind == "M":
+        answerer, request = duet.capable, forced_request(problem, signal, first, cfg)
+    else:
+        answerer, request = duet.light, light_request(problem, signal, cfg, cfg.light_template_kwargs)
+    leading = True
+    async for item in stream(answerer, request):
+        if isinstance(item, GenerationResult):
+            result = two_stage_result(problem, parsed, first, signal, item, cfg)
+            duet.note_empty_signals([result])
+            yield Finished(result)
+            return
+        text = item.text if isinstance(item, ReasoningDelta) else item
+        if leading:
+            text, leading = text.lstrip(), not text.strip()
+        if text:
+            yield AnswerDelta(text)

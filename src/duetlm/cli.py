@@ -354,14 +354,33 @@ def report(
         Path | None,
         typer.Option(help="Another run folder whose M-alone rows are the reference where this one has none."),
     ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="One report per value of a field: the examples' metadata (level, subject, year, steps, "
+            "a --field meta.NAME) or a row field (capable_finish). Writes by_FIELD_TASK.png."
+        ),
+    ] = None,
+    bins: Annotated[
+        str | None,
+        typer.Option(help="With --by on a numeric field: N buckets of about equal size, or edges '3,5,8'."),
+    ] = None,
 ) -> None:
-    """Tables (and plots) of accuracy against M tokens from a run folder."""
+    """Tables (and plots) of accuracy against M tokens from a run folder.
+
+    `duet report runs/math --by level` splits it by MATH level; `--by steps --bins 3` buckets
+    the builtin task's number of steps."""
     from duetlm.evaluate import load_summaries, markdown
     from duetlm.evaluate import plot as draw
     from duetlm.evaluate.report import json_rows
 
     if format not in ("markdown", "json", "table"):
         raise InputError(f"--format must be markdown, json or table, got {format!r}")
+    if by is not None:
+        report_by(directory, by, bins, format, plot, baseline)
+        return
+    if bins is not None:
+        raise InputError("--bins goes with --by FIELD")
     summaries = load_summaries(directory, baseline)
     if format == "json":
         sys.stdout.write(json.dumps(json_rows(summaries), indent=2) + "\n")
@@ -372,6 +391,34 @@ def report(
     if plot:
         try:
             paths = draw(summaries, directory)
+        except ImportError:
+            err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
+            return
+        for path in paths:
+            err_console.print(f"plot: {path}")
+
+
+def report_by(directory: Path, by: str, bins: str | None, format: str, plot: bool, baseline: Path | None):
+    """`duet report --by FIELD`: the report per value of a field, with a figure per task."""
+    from duetlm.evaluate.group_view import group_json, group_markdown, group_plot, group_table
+    from duetlm.evaluate.groups import parse_bins, summarize_by
+    from duetlm.evaluate.report import results_rows, summarize
+
+    rows = results_rows(directory)
+    reference = results_rows(baseline) if baseline is not None else None
+    summaries = summarize_by(rows, by, lambda members: summarize(members, reference), parse_bins(bins))
+    if format == "json":
+        sys.stdout.write(json.dumps(group_json(summaries), indent=2) + "\n")
+    elif format == "markdown":
+        sys.stdout.write(group_markdown(summaries) + "\n")
+    else:
+        for task in sorted({s["task"] for s in summaries}):
+            console.print(group_table(f"{task} ({directory})", [s for s in summaries if s["task"] == task]))
+        if any(s["task"] == "builtin" for s in summaries):
+            console.print(EMBEDDED_NOTE)
+    if plot:
+        try:
+            paths = group_plot(summaries, directory)
         except ImportError:
             err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
             return

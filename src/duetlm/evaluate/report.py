@@ -142,7 +142,7 @@ def summarize(rows: list[dict], baseline_rows: list[dict] | None = None) -> list
     return sorted(summaries, key=lambda s: (s["task"], s["M_output_tokens_mean"]))
 
 
-def _results_rows(directory: str | Path) -> list[dict]:
+def results_rows(directory: str | Path) -> list[dict]:
     path = Path(directory) / "results.jsonl"
     if not path.is_file():
         below = sorted(str(p.parent) for p in Path(directory).glob("**/results.jsonl"))
@@ -161,7 +161,7 @@ def _results_rows(directory: str | Path) -> list[dict]:
 def load_summaries(directory: str | Path, baseline: str | Path | None = None) -> list[dict]:
     """Summaries of a run folder; `baseline`: another run folder whose M-alone rows are the
     reference where this run has none (same task names and question ids)."""
-    return summarize(_results_rows(directory), _results_rows(baseline) if baseline is not None else None)
+    return summarize(results_rows(directory), results_rows(baseline) if baseline is not None else None)
 
 
 def json_rows(summaries: list[dict]) -> list[dict]:

@@ -141,6 +141,7 @@ def result_row(task: str, method: str, sample: int, example: Example, result, co
         "usage": result.usage.to_dict(),
         "wall_s": result.usage.wall_s,
         "question": example.question,
+        "meta": example.meta,
         "signal": result.signal,
         "text": result.text,
         "capable_text": result.capable_text,

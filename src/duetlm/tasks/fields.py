@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from duetlm.errors import ConfigError, InputError
 from duetlm.grading import extract_boxed, gold_from_gsm8k
@@ -36,22 +36,29 @@ class FieldMap:
     answer: str = "answer"
     choices: str | None = None
     id: str = "id|unique_id|ID|Record ID"
+    meta: tuple[tuple[str, str], ...] = ()
+    """(name, expression) pairs kept on each example's `meta` for `duet report --by NAME`; a
+    row without the field simply lacks the name."""
 
     def with_overrides(self, overrides: dict[str, str] | None) -> FieldMap:
-        """This map with some parts replaced; unknown parts are a ConfigError."""
+        """This map with some parts replaced; `meta.NAME` keys add metadata fields; other
+        unknown parts are a ConfigError."""
         if not overrides:
             return self
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown field mapping key {', '.join(map(repr, unknown))}: use {', '.join(sorted(known))} "
-                "(e.g. --field question='{Body} {Question}' --field answer=Answer)"
-            )
         empty = [k for k, v in overrides.items() if not str(v).strip()]
         if empty:
             raise ConfigError(f"field mapping {empty[0]!r} is empty")
-        return replace(self, **overrides)
+        meta = {k.removeprefix("meta."): v for k, v in overrides.items() if k.startswith("meta.")}
+        parts = {k: v for k, v in overrides.items() if not k.startswith("meta.")}
+        known = {f.name for f in fields(self)} - {"meta"}
+        unknown = sorted(set(parts) - known)
+        if unknown or "" in meta:
+            raise ConfigError(
+                f"unknown field mapping key {', '.join(map(repr, unknown or ['meta.']))}: use "
+                f"{', '.join(sorted(known))}, or meta.NAME for a field to keep on each example "
+                "(e.g. --field question='{Body} {Question}' --field answer=Answer --field meta.level=Level)"
+            )
+        return replace(self, **parts, meta=tuple((dict(self.meta) | meta).items()))
 
 
 class _Missing(Exception):
@@ -131,6 +138,7 @@ class Parts:
     question: str
     golds: tuple[str, ...]
     choices: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
 
 
 def read_parts(location: str, row: dict, field_map: FieldMap) -> Parts:
@@ -163,7 +171,28 @@ def read_parts(location: str, row: dict, field_map: FieldMap) -> Parts:
         ident = _as_text(_evaluate(row, field_map.id))
     except _Missing:
         ident = None
-    return Parts(ident, question, golds, choices)
+    return Parts(ident, question, golds, choices, read_meta(row, field_map.meta))
+
+
+def read_meta(row: dict, meta: tuple[tuple[str, str], ...]) -> dict:
+    """The metadata fields a row has, as scalars (a float that is an integer as an int)."""
+    values = {}
+    for name, expression in meta:
+        try:
+            value = _evaluate(row, expression)
+        except _Missing:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        values[name] = value if isinstance(value, int | float | bool) else _safe_text(value)
+    return values
+
+
+def _safe_text(value) -> str:
+    try:
+        return _as_text(value)
+    except _Missing:
+        return str(value)
 
 
 def _as_text_or_error(location: str, part: str, value, row: dict) -> str:

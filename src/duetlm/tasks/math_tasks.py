@@ -11,14 +11,19 @@
 | jsonl | (a user file) | question, answer (optional id, choices) | |
 
 Any of them reads a differently laid out copy with a field mapping (`duetlm.tasks.fields`).
+Each example keeps metadata for `duet report --by`: MATH's `level` and `subject`, the
+contests' `year`.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from duetlm.tasks.fields import FieldMap
 from duetlm.tasks.registry import Task, register
 
 COMPETITION = FieldMap(question="problem|question", answer="answer")
+MATH_META = (("level", "level"), ("subject", "subject|type"))
 
 register(
     Task(
@@ -29,15 +34,23 @@ register(
     )
 )
 register(
-    Task("math500", COMPETITION, ("HuggingFaceH4/MATH-500", None, "test"), "MATH-500 competition problems")
+    Task(
+        "math500",
+        replace(COMPETITION, meta=MATH_META),
+        ("HuggingFaceH4/MATH-500", None, "test"),
+        "MATH-500 competition problems",
+    )
 )
-register(Task("aime24", COMPETITION, ("HuggingFaceH4/aime_2024", None, "train"), "AIME 2024"))
-register(Task("aime25", COMPETITION, ("math-ai/aime25", None, "test"), "AIME 2025"))
-register(Task("amc23", COMPETITION, ("math-ai/amc23", None, "test"), "AMC 2023"))
+for name, hub, year in (
+    ("aime24", ("HuggingFaceH4/aime_2024", None, "train"), 2024),
+    ("aime25", ("math-ai/aime25", None, "test"), 2025),
+    ("amc23", ("math-ai/amc23", None, "test"), 2023),
+):
+    register(Task(name, COMPETITION, hub, f"{name[:-2].upper()} {year}", constants=(("year", year),)))
 register(
     Task(
         "math_train",
-        FieldMap(question="problem", answer="boxed:solution"),
+        FieldMap(question="problem", answer="boxed:solution", meta=MATH_META),
         ("DigitalLearningGmbH/MATH-lighteval", None, "train"),
         "MATH's 7,500 training problems (for training; MATH-500 comes from its test set)",
     )

@@ -76,6 +76,8 @@ class Task:
     description: str = ""
     multiple_choice: bool = False
     loader: Callable[..., TaskExamples] | None = None
+    constants: tuple[tuple[str, object], ...] = ()
+    """Metadata every example of the task carries (AIME 2024's `year`), for `report --by`."""
 
 
 def read_rows(path: Path) -> Rows:
@@ -181,18 +183,22 @@ def load_task(
         raise ConfigError(f"task {name} needs a data file: pass --data {name}=PATH")
     if not rows:
         raise InputError(f"task {name}: {source} holds no rows")
+    constants = dict(task.constants)
     return TaskExamples(
-        name, [example_of(loc, row, i, field_map) for i, (loc, row) in enumerate(rows)], source
+        name, [example_of(loc, row, i, field_map, constants) for i, (loc, row) in enumerate(rows)], source
     )
 
 
-def example_of(location: str, row: dict, index: int, field_map: FieldMap) -> Example:
+def example_of(
+    location: str, row: dict, index: int, field_map: FieldMap, constants: dict | None = None
+) -> Example:
     parts = read_parts(location, row, field_map)
     return Example(
         parts.id if parts.id is not None else str(index),
         parts.question,
         parts.golds[0],
         parts.choices,
+        meta=(constants or {}) | parts.meta,
         also_accepted=parts.golds[1:],
     )
 

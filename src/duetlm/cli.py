@@ -345,7 +345,7 @@ def eval_command(
 @app.command()
 @friendly_errors
 def report(
-    directory: Annotated[Path, typer.Argument(help="A run folder written by duet eval.")],
+    directory: Annotated[Path, typer.Argument(help="A run folder written by duet eval or duet probe.")],
     format: Annotated[str, typer.Option("--format", help="markdown, json or table.")] = "table",
     plot: Annotated[
         bool, typer.Option(help="Write plot_TASK.png into the folder (needs matplotlib).")
@@ -376,6 +376,9 @@ def report(
 
     if format not in ("markdown", "json", "table"):
         raise InputError(f"--format must be markdown, json or table, got {format!r}")
+    if is_probe_run(directory):
+        print_probe(directory, by, bins, format, plot)
+        return
     if by is not None:
         report_by(directory, by, bins, format, plot, baseline)
         return
@@ -396,6 +399,155 @@ def report(
             return
         for path in paths:
             err_console.print(f"plot: {path}")
+
+
+@app.command()
+@friendly_errors
+def probe(
+    task: Annotated[
+        str, typer.Option("--task", "-t", help="Task name, as for eval (builtin, math500, jsonl:PATH).")
+    ],
+    capable: CapableOpt = DEFAULT_CAPABLE,
+    light: LightOpt = DEFAULT_LIGHT,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N questions of the task.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (resumable); default runs/probe-TASK.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Read the task from a local file.")] = None,
+    field: FieldOpt = None,
+    search: Annotated[
+        str,
+        typer.Option(help="binary (fewest m calls) or linear (every cut from the start, --stride apart)."),
+    ] = "binary",
+    stride: Annotated[int, typer.Option(min=1, help="linear: lines between two tried cuts.")] = 1,
+    check_below: Annotated[
+        int,
+        typer.Option(min=0, help="Lines under the point found that are tried too (need is not monotone)."),
+    ] = 2,
+    by: Annotated[
+        str | None, typer.Option(help="Also summarize per value of a field (steps, level).")
+    ] = None,
+    bins: Annotated[
+        str | None, typer.Option(help="With --by on a numeric field: N buckets or edges.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON): budgets, templates.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per batch.")] = 32,
+    force: Annotated[
+        bool, typer.Option(help="Start over when --out holds another configuration's results.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="hf backend device.")] = "auto",
+    api_key: Annotated[str | None, typer.Option(help="Key for openai: specs.")] = None,
+    capable_tokenizer: Annotated[
+        str | None, typer.Option(help="openai: M's tokenizer, for exact signal token counts.")
+    ] = None,
+    light_tokenizer: Annotated[
+        str | None, typer.Option(help="openai: m's tokenizer, to send its pre-filled turn as a completion.")
+    ] = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+) -> None:
+    """How much of M's thinking m needs, before any training: the oracle cut per question.
+
+    M thinks once per question (as M-alone); m answers greedily from prefixes of that thinking
+    cut at line boundaries, and the shortest prefix with which m is right is the oracle cut.
+    `duet probe --task builtin --limit 200` probes the embedded pair."""
+    from duetlm.config import validate_config
+    from duetlm.evaluate.probe import ProbeConfig, run_probe
+
+    duet_config = build_config(config, None, None, None, None, (capable, light))
+    probe_config = validate_config(
+        ProbeConfig,
+        {
+            "task": task,
+            "capable": capable,
+            "light": light,
+            "limit": limit,
+            "data": str(data) if data is not None else None,
+            "fields": key_values(field, "--field", "PART=EXPR"),
+            "search": search,
+            "stride": stride,
+            "check_below": check_below,
+            "batch_size": batch_size,
+            "duet": duet_config.model_dump(),
+        },
+        source="probe options",
+    )
+    out = out or Path("runs") / f"probe-{file_safe_name(task)}"
+    options = BackendOptions(device=device, api_key=api_key, gpu_memory_utilization=gpu_memory_utilization)
+    err_console.print(
+        f"duet probe: {task} with {capable} + {light}, rows written to {out}/ as batches finish"
+    )
+    run_probe(
+        probe_config,
+        out,
+        force=force,
+        backend_options=dataclasses.replace(options, tokenizer=capable_tokenizer),
+        light_options=dataclasses.replace(options, tokenizer=light_tokenizer),
+    )
+    print_probe(out, by, bins, "table", plot=True)
+
+
+def file_safe_name(task: str) -> str:
+    from duetlm.evaluate.report import file_safe
+
+    return file_safe(task)
+
+
+def print_probe(directory: Path, by: str | None, bins: str | None, format: str, plot: bool) -> None:
+    """The probe's summary per task (and per value of `by`), and its figure."""
+    from duetlm.evaluate.groups import group_rows, parse_bins
+    from duetlm.evaluate.probe_report import (
+        probe_figure,
+        probe_group_table,
+        probe_markdown,
+        probe_table,
+        summarize_probe,
+        summarize_tasks,
+    )
+    from duetlm.evaluate.report import results_rows
+
+    rows = results_rows(directory)
+    summaries = summarize_tasks(rows)
+    groups = {}
+    if by is not None:
+        for s in summaries:
+            task_rows = [r for r in rows if r["task"] == s["task"]]
+            groups[s["task"]] = [
+                (value, summarize_probe(members))
+                for value, members in group_rows(task_rows, by, parse_bins(bins))
+            ]
+    elif bins is not None:
+        raise InputError("--bins goes with --by FIELD")
+    if format == "json":
+        document = [
+            s | ({"by": by, "groups": [{"value": v} | g for v, g in groups[s["task"]]]} if by else {})
+            for s in summaries
+        ]
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    elif format == "markdown":
+        sys.stdout.write(probe_markdown(summaries) + "\n")
+    else:
+        for s in summaries:
+            console.print(probe_table(f"{s['task']} probe ({directory})", s))
+            if by is not None:
+                console.print(probe_group_table(s["task"], by, groups[s["task"]]))
+        if any(s["task"] == "builtin" for s in summaries):
+            console.print(EMBEDDED_NOTE)
+    if plot:
+        try:
+            paths = [probe_figure([r for r in rows if r["task"] == s["task"]], directory) for s in summaries]
+        except ImportError:
+            err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
+            return
+        for path in paths:
+            err_console.print(f"plot: {path}")
+
+
+def is_probe_run(directory: Path) -> bool:
+    """Whether a run folder holds a probe's rows (its run.json says so)."""
+    try:
+        return json.loads((directory / "run.json").read_text(encoding="utf-8")).get("kind") == "probe"
+    except (OSError, ValueError):
+        return False
 
 
 def report_by(directory: Path, by: str, bins: str | None, format: str, plot: bool, baseline: Path | None):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUESTIONS, SIGNAL
+from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION
 from duetlm.backends.base import GenerationRequest, SamplingParams
 from duetlm.backends.openai import OpenAIBackend
 from duetlm.config import DuetConfig
@@ -271,3 +271,67 @@ def test_remote_capable_streams_through_the_protocol(served_qwen3, qwen3_dirs):
         == stream[-1].result.text.strip()
     )
     assert stream[-1].result.answer == "14"
+
+
+def test_probe_over_transformers_serve_resumes_after_kill_9(served_qwen3, tmp_path):
+    """`duet probe` with M and m both behind the server (m's pre-filled turns as completions,
+    rendered by the local tokenizer), killed with SIGKILL part way and run again: every
+    question once, counts exact with M's tokenizer."""
+    model, url = served_qwen3
+    questions = [*QUESTIONS * 4, UNCLOSED_QUESTION]
+    data = tmp_path / "questions.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": q, "answer": "14"}) + "\n" for i, q in enumerate(questions)
+        )
+    )
+    config = tmp_path / "duet.toml"
+    config.write_text("alone_max_tokens = 48\nanswer_max_tokens = 16\n")
+    out = tmp_path / "probe"
+    spec = f"openai:{model}@{url}"
+    command = [
+        str(Path(sys.executable).with_name("duet")),
+        "probe",
+        "--task",
+        f"jsonl:{data}",
+        "--capable",
+        spec,
+        "--light",
+        spec,
+        "--capable-tokenizer",
+        model,
+        "--light-tokenizer",
+        model,
+        "--config",
+        str(config),
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    results = out / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if results.is_file() and len(results.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the probe finished before it could be killed"
+    process.kill()
+    process.wait()
+    partial = [json.loads(line) for line in results.read_text().splitlines() if line.endswith("}")]
+    assert 2 <= len(partial) < len(questions)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(len(questions)))
+    assert [r["id"] for r in rows[: len(partial)]] == [r["id"] for r in partial]  # kept, not redone
+    scripted = [r for r in rows if r["question"] in QUESTIONS]
+    assert all(r["thinking_lines"] == len(SIGNAL.splitlines()) and r["capable_correct"] for r in scripted)
+    assert all(r["oracle_lines"] is not None and not r["tokens_estimated"] for r in scripted)
+    unclosed = next(r for r in rows if r["question"] == UNCLOSED_QUESTION)
+    # the server parses the thinking out of the content, so the row cannot tell that the turn ended
+    # inside it (its reasoning field even keeps the end-of-turn token); M wrote no answer
+    assert unclosed["thinking"].startswith("first 3+4=7") and not unclosed["capable_correct"]
+    assert "oracle" in done.stdout and "M-alone accuracy" in done.stdout

@@ -121,6 +121,7 @@ def test_the_oracle_cut_ends_where_the_essential_steps_are_complete(probed):
             continue
         needing += 1
         thinking = row["capable_text"].split("<think>")[1].split("</think>")[0]
+        assert thinking.strip() == row["thinking"]
         lines = [thinking[:end].split("\n")[-1].strip() for end in line_ends(thinking)]
         points = [essential_point(lines, problems[row["id"]], f) for f in (0, 1, 2)]
         near += any(p is not None and abs(row["oracle_lines"] - p) <= 1 for p in points)

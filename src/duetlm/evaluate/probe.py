@@ -263,6 +263,7 @@ def probe_row(task: str, p: Probed, counter: SignalTokens, config_hash: str, wal
         "capable_output_tokens": p.capable.usage.capable.output_tokens,
         "capable_finish": p.capable.capable_finish,
         "thinking_closed": p.capable.signal is not None,
+        "thinking": p.thinking,
         "thinking_lines": len(p.ends),
         "thinking_tokens": counter.count(p.thinking.strip(), p.capable),
         "light_alone_correct": bool(light_verdict and light_verdict.correct),

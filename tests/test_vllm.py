@@ -223,6 +223,33 @@ def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(engines, qwen3_vllm_dirs,
     assert all(r["correct"] for r in rows if r["method"] == "duet")
 
 
+def test_duet_probe_on_vllm_equals_the_probe_on_hf(engines, qwen3_vllm_dirs, tmp_path):
+    # the probe's rounds of m calls through vLLM store what they store through hf
+    from duetlm.evaluate.probe import ProbeConfig, run_probe
+    from duetlm.evaluate.store import read_rows
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": q, "answer": "14"}) + "\n"
+            for i, q in enumerate(ALL_QUESTIONS)
+        )
+    )
+    rows = {}
+    for name, prefix in (("vllm", ""), ("hf", "hf_")):
+        config = ProbeConfig(
+            task=f"jsonl:{task}",
+            capable=f"{name}:{qwen3_vllm_dirs['capable']}",
+            light=f"{name}:{qwen3_vllm_dirs['light']}",
+            duet=CONFIG,
+        )
+        duet = Duet(engines[f"{prefix}capable"], engines[f"{prefix}light"], CONFIG)
+        stored = read_rows(run_probe(config, tmp_path / name, duet=duet, progress=False))
+        rows[name] = [{k: v for k, v in r.items() if k not in ("wall_s", "config_hash")} for r in stored]
+    assert rows["vllm"] == rows["hf"]
+    assert rows["vllm"][0]["thinking"] == SIGNAL and rows["vllm"][0]["oracle_lines"] is not None
+
+
 UNGUARDED = """
 from duetlm.backends import load_backend
 

@@ -377,6 +377,8 @@ def report(
     if format not in ("markdown", "json", "table"):
         raise InputError(f"--format must be markdown, json or table, got {format!r}")
     if is_probe_run(directory):
+        if baseline is not None:
+            raise InputError("--baseline is for evaluation runs; a probe run holds its own M-alone rows")
         print_probe(directory, by, bins, format, plot)
         return
     if by is not None:
@@ -412,6 +414,10 @@ def probe(
     limit: Annotated[int | None, typer.Option(min=1, help="First N questions of the task.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (resumable); default runs/probe-TASK.")] = None,
     data: Annotated[Path | None, typer.Option(help="Read the task from a local file.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Another split of the task: builtin train, for a warm start of duet train."),
+    ] = None,
     field: FieldOpt = None,
     search: Annotated[
         str,
@@ -462,6 +468,7 @@ def probe(
             "light": light,
             "limit": limit,
             "data": str(data) if data is not None else None,
+            "split": split,
             "fields": key_values(field, "--field", "PART=EXPR"),
             "search": search,
             "stride": stride,
@@ -471,7 +478,7 @@ def probe(
         },
         source="probe options",
     )
-    out = out or Path("runs") / f"probe-{file_safe_name(task)}"
+    out = out or Path("runs") / f"probe-{file_safe_name(task)}{'-' + split if split else ''}"
     options = BackendOptions(device=device, api_key=api_key, gpu_memory_utilization=gpu_memory_utilization)
     err_console.print(
         f"duet probe: {task} with {capable} + {light}, rows written to {out}/ as batches finish"

@@ -59,6 +59,9 @@ class ProbeConfig(BaseModel):
     light: str = Field("tiny-m", description="m's model spec.")
     limit: int | None = Field(None, ge=1, description="First N questions of the task; None = all.")
     data: str | None = Field(None, description="A local data file for the task.")
+    split: str | None = Field(
+        None, description="Another split of the task (builtin: train, for a warm start of `duet train`)."
+    )
     fields: dict[str, str] = Field(
         default_factory=dict, description="Field mapping (see duetlm.tasks.fields)."
     )
@@ -84,7 +87,7 @@ class ProbeConfig(BaseModel):
         return data
 
     def load_task(self) -> TaskExamples:
-        return load_task(self.task, self.data, fields=self.fields or None)
+        return load_task(self.task, self.data, fields=self.fields or None, split=self.split)
 
     def config_hash(self) -> str:
         key = {

@@ -133,6 +133,16 @@ class TrainConfig(BaseModel):
         "level 2) and take the new weights on waking, so training and rollouts share the GPU. vLLM has no "
         "sleep mode on a CPU: there the engine says so once and keeps its memory.",
     )
+    warm_start: str | None = Field(
+        None,
+        description="A `duet probe` run folder: before GRPO, M is fine-tuned on its own thinking cut at "
+        "each training question's oracle cut and closed (probe the training split: --split train).",
+    )
+    warm_start_epochs: int = Field(3, ge=1, description="Warm start: passes over the cuts.")
+    warm_start_lr: float = Field(
+        1e-4, gt=0, description="Warm start: AdamW learning rate (its own optimizer)."
+    )
+    warm_start_batch: int = Field(16, ge=1, description="Warm start: cuts per optimizer step.")
     lora_capable: LoraSettings | None = Field(None, description="LoRA for M; None = full fine-tuning.")
     lora_light: LoraSettings | None = Field(None, description="LoRA for m; None = full fine-tuning.")
     merge_adapters: bool = Field(True, description="Save LoRA models merged into plain HF folders.")

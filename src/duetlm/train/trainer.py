@@ -210,6 +210,36 @@ class DuetTrainer:
         self.position += n
         return batch[self.rank :: self.world]
 
+    def warm_start(self) -> dict:
+        """Fine-tune M on a probe's oracle cuts of training questions (`warm_start`); the KL
+        reference (full fine-tuning) becomes the warm-started M, so that GRPO's KL term keeps it
+        near where the warm start put it, not near the verbose M."""
+        from duetlm.train.warm_start import WarmStartSettings, fine_tune, warm_start_targets
+
+        cfg = self.cfg
+        training = {_normalized(e.question) for e in self.train_examples}
+        held_out = {_normalized(e.question) for e in self._all_eval_examples()}
+        targets = warm_start_targets(cfg.warm_start, training, held_out, cfg.capable)
+        settings = WarmStartSettings(cfg.warm_start_epochs, cfg.warm_start_lr, cfg.warm_start_batch, cfg.seed)
+        report = fine_tune(
+            self.capable,
+            targets,
+            cfg.duet,
+            cfg.signal_max_tokens,
+            settings,
+            self.acc.device,
+            cfg.precision,
+            self.acc.backward,
+            cfg.max_grad_norm,
+        )
+        if self.reference is not None:
+            self.reference.lm.load_state_dict(self.capable.lm.state_dict())
+        self._push_engines()
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "warm_start.json").write_text(json.dumps({"run": cfg.warm_start} | report, indent=2))
+        return report
+
     # --- one step ------------------------------------------------------------------------
 
     def train_step(self) -> dict:
@@ -502,6 +532,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
         unit="step",
         disable=not (progress and trainer.acc.is_main_process),
     )
+    if trainer.step == 0 and config.warm_start:
+        trainer.warm_start()
     if trainer.step == 0 and config.eval_every:
         log.write({"step": 0, "lambda": trainer.lam} | trainer.evaluate())
     while trainer.step < config.steps:

@@ -278,7 +278,7 @@ def test_probe_over_transformers_serve_resumes_after_kill_9(served_qwen3, tmp_pa
     rendered by the local tokenizer), killed with SIGKILL part way and run again: every
     question once, counts exact with M's tokenizer."""
     model, url = served_qwen3
-    questions = [*QUESTIONS * 4, UNCLOSED_QUESTION]
+    questions = [*QUESTIONS * 2, UNCLOSED_QUESTION]
     data = tmp_path / "questions.jsonl"
     data.write_text(
         "".join(

@@ -255,7 +255,8 @@ FieldOpt = Annotated[
     typer.Option(
         help="PART=EXPR (repeatable): which fields hold the question, answer, choices or id, for every "
         "task read from a file or the hub. EXPR: a field (a|b: the first present; a.b: nested), a "
-        "format string '{Body} {Question}', boxed:FIELD (gold in its last \\boxed), ####:FIELD.",
+        "format string '{Body} {Question}', boxed:FIELD (gold in its last \\boxed), ####:FIELD. "
+        "meta.NAME=EXPR keeps a field on each example for report --by NAME.",
     ),
 ]
 

@@ -170,10 +170,14 @@ def solve(
         raise InputError("the question is empty")
     parsed_mode = parse_mode(mode)
     options = BackendOptions(device=device, api_key=api_key, gpu_memory_utilization=gpu_memory_utilization)
+    # the settings are checked before any model loads: a bad value fails at once
+    duet_config = build_config(
+        config, signal_max_tokens, answer_max_tokens, temperature, seed, (capable, light)
+    )
     duet = Duet(
         load_backend(capable, options),
         load_backend(light, dataclasses.replace(options, tokenizer=light_tokenizer)),
-        build_config(config, signal_max_tokens, answer_max_tokens, temperature, seed, (capable, light)),
+        duet_config,
     )
     results = duet.solve_batch(problems, parsed_mode)
     baseline = duet.solve_batch(problems, "M-alone") if compare else None

@@ -399,13 +399,7 @@ def report(
     else:
         print_report(directory, summaries, baseline)
     if plot:
-        try:
-            paths = draw(summaries, directory)
-        except ImportError:
-            err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
-            return
-        for path in paths:
-            err_console.print(f"plot: {path}")
+        write_plots(lambda: draw(summaries, directory))
 
 
 @app.command()
@@ -545,13 +539,20 @@ def print_probe(directory: Path, by: str | None, bins: str | None, format: str, 
         if any(s["task"] == "builtin" for s in summaries):
             console.print(EMBEDDED_NOTE)
     if plot:
-        try:
-            paths = [probe_figure([r for r in rows if r["task"] == s["task"]], directory) for s in summaries]
-        except ImportError:
-            err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
-            return
-        for path in paths:
-            err_console.print(f"plot: {path}")
+        write_plots(
+            lambda: [probe_figure([r for r in rows if r["task"] == s["task"]], directory) for s in summaries]
+        )
+
+
+def write_plots(draw) -> None:
+    """Draw a report's figures and name them; without matplotlib, say the plot was skipped."""
+    try:
+        paths = draw()
+    except ImportError:
+        err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
+        return
+    for path in paths:
+        err_console.print(f"plot: {path}")
 
 
 def is_probe_run(directory: Path) -> bool:
@@ -581,13 +582,7 @@ def report_by(directory: Path, by: str, bins: str | None, format: str, plot: boo
         if any(s["task"] == "builtin" for s in summaries):
             console.print(EMBEDDED_NOTE)
     if plot:
-        try:
-            paths = group_plot(summaries, directory)
-        except ImportError:
-            err_console.print("plot skipped: matplotlib is not installed (pip install 'duetlm\\[eval]')")
-            return
-        for path in paths:
-            err_console.print(f"plot: {path}")
+        write_plots(lambda: group_plot(summaries, directory))
 
 
 @app.command("check-grader")

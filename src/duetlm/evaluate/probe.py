@@ -79,12 +79,9 @@ class ProbeConfig(BaseModel):
     @classmethod
     def _embedded_budgets(cls, data):
         """Without a DuetConfig, an all-embedded probe gets budgets that fit its models."""
-        if isinstance(data, dict) and "duet" not in data:
-            from duetlm.models import budget_defaults
+        from duetlm.models import with_embedded_budgets
 
-            budgets = budget_defaults(data.get("capable", "tiny-M"), data.get("light", "tiny-m"))
-            data = data | ({"duet": DuetConfig(**budgets)} if budgets else {})
-        return data
+        return with_embedded_budgets(data)
 
     def load_task(self) -> TaskExamples:
         return load_task(self.task, self.data, fields=self.fields or None, split=self.split)

@@ -63,12 +63,9 @@ class EvalConfig(BaseModel):
     @classmethod
     def _embedded_budgets(cls, data):
         """Without a DuetConfig, an all-embedded run gets budgets that fit its models."""
-        if isinstance(data, dict) and "duet" not in data:
-            from duetlm.models import budget_defaults
+        from duetlm.models import with_embedded_budgets
 
-            budgets = budget_defaults(data.get("capable", "tiny-M"), data.get("light", "tiny-m"))
-            data = data | ({"duet": DuetConfig(**budgets)} if budgets else {})
-        return data
+        return with_embedded_budgets(data)
 
     @model_validator(mode="after")
     def _data_names_a_task(self) -> EvalConfig:

@@ -52,3 +52,12 @@ def budget_defaults(*specs: str) -> dict[str, int]:
     """The default budgets for a run of these model specs: the embedded pair's when every
     model is embedded, else none (DuetConfig's own)."""
     return dict(EMBEDDED_BUDGETS) if specs and all(s.strip() in EMBEDDED for s in specs) else {}
+
+
+def with_embedded_budgets(settings):
+    """A run's settings (a dict before validation) given the embedded pair's budgets when it
+    names no DuetConfig and every model is embedded; anything else as it is."""
+    if not isinstance(settings, dict) or "duet" in settings:
+        return settings
+    budgets = budget_defaults(settings.get("capable", "tiny-M"), settings.get("light", "tiny-m"))
+    return settings | ({"duet": budgets} if budgets else {})

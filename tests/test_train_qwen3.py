@@ -155,3 +155,39 @@ def test_weights_pushed_to_vllm_hold_tied_embeddings_once(tmp_path):
     assert "lm_head.weight" not in written and set(written) == set(state) - {"lm_head.weight"}
     assert all(t.dtype == torch.bfloat16 for t in written.values())
     assert torch.equal(written["model.embed_tokens.weight"], state["model.embed_tokens.weight"].bfloat16())
+
+
+def test_warm_start_on_the_qwen3_template_trains_the_close_token(qwen3_dirs, qwen3_task, tmp_path):
+    # the probe on the real Qwen3 template and tokenizer, then the warm start in bf16-mixed: the
+    # completions M is fine-tuned on end in Qwen3's single </think> token, and M's weights move
+    from duetlm.config import DuetConfig
+    from duetlm.evaluate.probe import ProbeConfig, run_probe
+    from duetlm.train.warm_start import completion_text
+
+    probe = tmp_path / "probe"
+    run_probe(
+        ProbeConfig(
+            task=f"jsonl:{qwen3_task / 'train.jsonl'}",
+            capable=f"hf:{qwen3_dirs['capable']}",
+            light=f"hf:{qwen3_dirs['light']}",
+            limit=4,
+            duet=DuetConfig(signal_max_tokens=24, answer_max_tokens=12),
+        ),
+        probe,
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (probe / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["thinking_tokens"] > 0 for r in rows)
+    config = qwen3_config(
+        qwen3_dirs, qwen3_task, tmp_path / "run", warm_start=str(probe), precision="bf16-mixed"
+    )
+    trainer = DuetTrainer(config)
+    tokenizer = trainer.capable.tokenizer
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    ids = tokenizer(completion_text("first 3+4=7", config.duet), add_special_tokens=False)["input_ids"]
+    assert ids[-1] == close and ids.count(close) == 1
+    before = {n: p.detach().clone() for n, p in trainer.capable.lm.named_parameters()}
+    assert any(r["oracle_lines"] is not None for r in rows)
+    report = trainer.warm_start()
+    assert report["examples"] == sum(r["oracle_lines"] is not None for r in rows)
+    assert any((p != before[n]).any() for n, p in trainer.capable.lm.named_parameters())

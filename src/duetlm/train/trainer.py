@@ -219,7 +219,11 @@ class DuetTrainer:
         cfg = self.cfg
         training = {_normalized(e.question) for e in self.train_examples}
         held_out = {_normalized(e.question) for e in self._all_eval_examples()}
-        targets = warm_start_targets(cfg.warm_start, training, held_out, cfg.capable)
+        targets = warm_start_targets(
+            cfg.warm_start,
+            lambda question: _normalized(question) in training and _normalized(question) not in held_out,
+            cfg.capable,
+        )
         settings = WarmStartSettings(cfg.warm_start_epochs, cfg.warm_start_lr, cfg.warm_start_batch, cfg.seed)
         report = fine_tune(
             self.capable,

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,15 +39,11 @@ class WarmStartSettings:
     seed: int
 
 
-def normalized(question: str) -> str:
-    return " ".join(question.lower().split())
-
-
 def warm_start_targets(
-    run: str | Path, training: set[str], held_out: set[str], capable: str
+    run: str | Path, is_training: Callable[[str], bool], capable: str
 ) -> list[tuple[Problem, str]]:
-    """(question, oracle cut) for every probe row with a cut whose question is a training
-    question (normalized text in `training`, not in `held_out`)."""
+    """(question, oracle cut) for every probe row with a cut whose question `is_training`
+    accepts (the trainer's: in the training set and not in the evaluation set)."""
     folder = Path(run)
     info_path = folder / "run.json"
     try:
@@ -66,8 +63,7 @@ def warm_start_targets(
     rows = read_rows(folder / "results.jsonl")
     chosen, outside = [], 0
     for row in rows:
-        key = normalized(row["question"])
-        if key not in training or key in held_out:
+        if not is_training(row["question"]):
             outside += 1
             continue
         if row["oracle_lines"] is not None:

@@ -60,11 +60,24 @@ def train_script(model, tokenizer, examples: list[tuple[str, str]], steps: int =
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = _script_loss(model, ids, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
+
+
+def _script_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """With Qwen3's 151,936-word vocabulary the logits of the prompt positions cost as much as
+    the rest of the step and teach nothing, so only the scripted positions reach the head. The
+    385-word models keep the whole-sequence loss: their scripted weights, and what they do on
+    prompts they were never shown, are what the tests were written against."""
+    if model.config.vocab_size < 10_000:
+        return model(input_ids=ids, labels=labels).loss
+    targets = labels[:, 1:]
+    scripted = targets != -100
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1][scripted]
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden), targets[scripted])
 
 
 QUESTIONS = ["What is (3+4)*2?", "Compute (3+4) times 2.", "x = (3 + 4) * 2; x?"]

@@ -157,26 +157,9 @@ def test_a_cpu_share_that_cannot_be_free_is_one_line_from_the_cli(qwen3_vllm_dir
     assert len(error) == 1 and "--gpu-memory-utilization 1.0" in error[0] and "CPU memory" in error[0]
 
 
-def test_duet_solve_on_vllm_from_the_command_line(qwen3_vllm_dirs):
-    done = duet_cli(
-        "solve",
-        "What is 2+3?",
-        "--capable",
-        f"vllm:{qwen3_vllm_dirs['capable']}",
-        "--light",
-        f"hf:{qwen3_vllm_dirs['light']}",
-        "--signal-max-tokens",
-        "40",
-        "--json",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [row] = [json.loads(line) for line in done.stdout.splitlines()]  # vLLM's own logs go to stderr
-    assert row["usage"]["capable"]["output_tokens"] > 0 and row["mode"] == "duet"
-    assert " INFO " not in done.stderr  # and only its warnings, without --verbose
-
-
-def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(engines, qwen3_vllm_dirs, tmp_path):
-    # `duet eval` with m on vLLM stores, mode by mode, what the hf pair gives in-process
+def test_duet_eval_every_mode_with_the_capable_model_on_vllm_equals_hf(engines, qwen3_vllm_dirs, tmp_path):
+    # `duet eval` with M on vLLM (the GPU recipe's split), in its default dtype, stores mode by
+    # mode what the hf pair gives in-process; vLLM's own logs stay out of sight
     task = tmp_path / "task.jsonl"
     task.write_text(
         "".join(
@@ -191,9 +174,9 @@ def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(engines, qwen3_vllm_dirs,
         "--methods",
         ",".join(MODES),
         "--capable",
-        f"hf:{qwen3_vllm_dirs['capable']}",
+        f"vllm:{qwen3_vllm_dirs['capable']}",
         "--light",
-        f"vllm:{qwen3_vllm_dirs['light']}",
+        f"hf:{qwen3_vllm_dirs['light']}",
         "--signal-max-tokens",
         "60",
         "--answer-max-tokens",
@@ -202,6 +185,7 @@ def test_duet_eval_every_mode_with_m_on_vllm_equals_hf(engines, qwen3_vllm_dirs,
         str(out),
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert " INFO " not in done.stderr  # vLLM says only its warnings, without --verbose
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     stored = sorted(
         (

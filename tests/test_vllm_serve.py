@@ -84,14 +84,14 @@ def test_sixteen_concurrent_streams_each_equal_duet_solve(served):
     assert alone["kinds"].count("reasoning") >= 3 and alone["reasoning"].strip() == SIGNAL
 
 
-def test_a_client_that_leaves_aborts_its_vllm_request(served):
-    duet, url = served
-    engine = duet.capable
+def leave_after_the_first_reasoning_chunk(url: str, engine, seed: int) -> tuple[list[str], int]:
+    """The lines read until M's first reasoning chunk, and M's running requests when the client
+    leaves there."""
     body = {
         "model": "duet",
         "stream": True,
         "temperature": 2.0,  # M rambles through the vocabulary instead of following its script
-        "seed": 1,  # (a sample of 900 tokens)
+        "seed": seed,  # (samples of 900 tokens)
         "messages": [{"role": "user", "content": "go on"}],
         "duet": {"signal_max_tokens": 900},
     }
@@ -101,9 +101,27 @@ def test_a_client_that_leaves_aborts_its_vllm_request(served):
             seen.append(line)
             if "reasoning_content" in line:
                 break
-        assert engine.running_requests == 1, seen  # M is generating
+        return seen, engine.running_requests
+
+
+def test_a_client_that_leaves_aborts_its_vllm_request(served):
+    duet, url = served
+    engine = duet.capable
+    # The abort can only be seen while M is generating. On a machine busy with other work the
+    # engine process may write all 900 tokens before this process serves the first chunk; that
+    # attempt shows nothing either way, and the next seed tries again.
+    for seed in (1, 2, 3):
+        seen, running = leave_after_the_first_reasoning_chunk(url, engine, seed)
+        if running == 1:
+            break
+    else:
+        pytest.fail(f"M was never still generating at the first chunk (three seeds): {seen[-1:]}")
     deadline = time.time() + 10  # the client left after the first reasoning chunk
     while engine.running_requests and time.time() < deadline:
         time.sleep(0.05)
     assert engine.running_requests == 0
-    assert "duet_client_disconnects_total 1" in httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics").text
+    [disconnects] = [
+        line for line in metrics.splitlines() if line.startswith("duet_client_disconnects_total")
+    ]
+    assert float(disconnects.split()[-1]) >= 1

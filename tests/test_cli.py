@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from duet_process import run_duet
 
 from conftest import QUESTIONS, SIGNAL
 
 DUET = [str(Path(sys.executable).with_name("duet"))]
-ENV = {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*DUET, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
+    return run_duet(*args, env=ENV, timeout=300)
 
 
 @pytest.fixture(scope="module")

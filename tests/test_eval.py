@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from duet_process import run_command
 from safetensors.torch import load_file, save_file
 
 from conftest import QUESTIONS
@@ -41,7 +42,7 @@ def task_file(tmp_path: Path, n: int) -> Path:
 
 def test_eval_then_report_with_plot(specs, tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run(
+    done = run_command(
         [
             DUET,
             "eval",
@@ -60,7 +61,7 @@ def test_eval_then_report_with_plot(specs, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "saved" in done.stdout and "M-alone" in done.stdout
-    report = subprocess.run(
+    report = run_command(
         [DUET, "report", str(out), "--format", "json"], capture_output=True, text=True, env=ENV
     )
     assert report.returncode == 0, report.stderr
@@ -72,7 +73,7 @@ def test_eval_then_report_with_plot(specs, tmp_path):
     assert rows["duet@6"]["M_output_tokens_mean"] == 6
     assert rows["m-alone"]["M_output_tokens_mean"] == 0
     assert (out / "plot_jsonl-task.png").stat().st_size > 1000
-    markdown = subprocess.run(
+    markdown = run_command(
         [DUET, "report", str(out), "--format", "markdown", "--no-plot"],
         capture_output=True,
         text=True,
@@ -84,7 +85,7 @@ def test_eval_then_report_with_plot(specs, tmp_path):
 def test_report_without_matplotlib(specs, tmp_path):
     out = tmp_path / "run"
     command = [DUET, "eval", "--task", f"jsonl:{task_file(tmp_path, 2)}", "--methods", "duet,M-alone", *specs]
-    assert subprocess.run([*command, "--out", str(out)], capture_output=True, env=ENV).returncode == 0
+    assert run_command([*command, "--out", str(out)], capture_output=True, env=ENV).returncode == 0
     hide = "import sys; sys.modules['matplotlib'] = None; from duetlm.cli import main; sys.argv = ['duet', *sys.argv[1:]]; main()"
     for form in ("json", "markdown", "table"):
         done = subprocess.run(
@@ -111,16 +112,16 @@ def test_eval_maps_fields_and_refuses_changed_data(specs, tmp_path):
     out = tmp_path / "run"
     base = [DUET, "eval", "--task", f"jsonl:{path}", "--methods", "duet", *specs, "--out", str(out)]
     mapped = [*base, "--field", "question={Body} {Question}", "--field", "answer=Answer", "--field", "id=ID"]
-    unmapped = subprocess.run(base, capture_output=True, text=True, env=ENV)
+    unmapped = run_command(base, capture_output=True, text=True, env=ENV)
     assert unmapped.returncode == 2 and "no 'question' for the question" in unmapped.stderr
-    done = subprocess.run(mapped, capture_output=True, text=True, env=ENV)
+    done = run_command(mapped, capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr
     stored = read_rows(out / "results.jsonl")
     assert [(r["id"], r["question"], r["gold"]) for r in stored] == [
         ("s0", "x = (3 + 4) * 2; x?", "14"),
         ("s1", "x = (3 + 4) * 2; x?", "14"),
     ]
-    changed = subprocess.run(
+    changed = run_command(
         [*base, "--field", "question={Question} {Body}", "--field", "answer=Answer", "--field", "id=ID"],
         capture_output=True,
         text=True,
@@ -156,7 +157,7 @@ def test_killed_run_resumes_without_duplicates(specs, tmp_path):
     process.wait()
     partial = len(read_rows(results))
     assert 10 <= partial < 80
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    done = run_command(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr
     keys = Counter(row_key(r) for r in read_rows(results))
     assert len(keys) == 80 and set(keys.values()) == {1}
@@ -165,10 +166,10 @@ def test_killed_run_resumes_without_duplicates(specs, tmp_path):
 def test_changed_config_is_refused_unless_forced(specs, tmp_path):
     out, path = tmp_path / "run", task_file(tmp_path, 2)
     base = [DUET, "eval", "--task", f"jsonl:{path}", "--methods", "duet", *specs, "--out", str(out)]
-    assert subprocess.run(base, capture_output=True, env=ENV).returncode == 0
-    changed = subprocess.run([*base, "--signal-max-tokens", "9"], capture_output=True, text=True, env=ENV)
+    assert run_command(base, capture_output=True, env=ENV).returncode == 0
+    changed = run_command([*base, "--signal-max-tokens", "9"], capture_output=True, text=True, env=ENV)
     assert changed.returncode == 2 and "different configuration" in changed.stderr
-    forced = subprocess.run(
+    forced = run_command(
         [*base, "--signal-max-tokens", "9", "--force"], capture_output=True, text=True, env=ENV
     )
     assert forced.returncode == 0, forced.stderr
@@ -181,10 +182,10 @@ def test_retrained_weights_under_the_same_path_are_not_resumed(model_dirs, tmp_p
     out, path = tmp_path / "run", task_file(tmp_path, 2)
     base = [DUET, "eval", "--task", f"jsonl:{path}", "--methods", "duet", "--out", str(out)]
     specs = ["--capable", f"hf:{model_dirs['capable']}", "--light", f"hf:{light}"]
-    assert subprocess.run([*base, *specs], capture_output=True, env=ENV).returncode == 0
+    assert run_command([*base, *specs], capture_output=True, env=ENV).returncode == 0
     weights = load_file(str(light / "model.safetensors"))
     save_file({k: v + 0.01 for k, v in weights.items()}, str(light / "model.safetensors"), {"format": "pt"})
-    again = subprocess.run([*base, *specs], capture_output=True, text=True, env=ENV)
+    again = run_command([*base, *specs], capture_output=True, text=True, env=ENV)
     assert again.returncode == 2 and "different configuration" in again.stderr
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from duet_process import run_command
 
 from duetlm.train.config import LoraSettings, TrainConfig
 from duetlm.train.memory import QWEN3, parse_size, plan, shape_of
@@ -56,7 +56,7 @@ def test_the_plan_by_hand():
 
 
 def test_dry_run_of_the_recipe_offline():
-    done = subprocess.run(
+    done = run_command(
         [DUET, "train", "--config", str(RECIPE), "--dry-run", "--devices", "8", "--device-memory", "80GB"],
         capture_output=True,
         text=True,
@@ -73,7 +73,7 @@ def test_dry_run_says_what_makes_a_plan_fit(tmp_path):
     full.write_text(
         "\n".join(line for line in RECIPE.read_text().splitlines() if not line.startswith("lora_capable"))
     )
-    done = subprocess.run(
+    done = run_command(
         [DUET, "train", "--config", str(full), "--dry-run", "--devices", "8", "--device-memory", "80GB"],
         capture_output=True,
         text=True,

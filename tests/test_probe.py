@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from duet_process import run_command
 
 from duetlm.backends import load_backend
 from duetlm.config import DuetConfig
@@ -170,7 +170,7 @@ def test_signal_tokens_and_the_summary_by_hand(probed):
     needed = sum(r["capable_correct"] for r in rows)
     assert summary["tokens_at_M_alone_accuracy"] == pytest.approx(sum(cheapest[:needed]) / n)
     assert 0 < summary["oracle_tokens_mean"] < summary["thinking_tokens_mean"]
-    report = subprocess.run(
+    report = run_command(
         [DUET, "report", str(out), "--format", "json", "--by", "steps"],
         capture_output=True,
         text=True,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from duet_process import run_command
 
 from duetlm.errors import InputError
 from duetlm.evaluate import EvalConfig, run_eval
@@ -31,7 +31,7 @@ SHARED = Path(
 
 
 def report_json(run: Path, *options: str) -> list[dict]:
-    done = subprocess.run(
+    done = run_command(
         [DUET, "report", str(run), "--format", "json", *options], capture_output=True, text=True, env=ENV
     )
     assert done.returncode == 0, done.stderr
@@ -124,9 +124,7 @@ def test_report_by_an_unknown_field_names_the_known_ones(tmp_path):
     config = EvalConfig(tasks=["builtin"], methods=["m-alone"], limit=2)
     run = tmp_path / "run"
     run_eval(config, run, progress=False)
-    done = subprocess.run(
-        [DUET, "report", str(run), "--by", "level"], capture_output=True, text=True, env=ENV
-    )
+    done = run_command([DUET, "report", str(run), "--by", "level"], capture_output=True, text=True, env=ENV)
     assert done.returncode != 0
     assert "no row has a field 'level'" in done.stderr and "steps" in done.stderr
 

@@ -34,13 +34,13 @@ if [[ "$lint" == "--lint" ]]; then
     .venv/bin/ruff format --check src tests bench
 fi
 
-.venv/bin/python -m pytest -q &
+.venv/bin/python -m pytest -q --durations=15 &
 main=$!
 
 vllm_status=0
 if [[ $vllm == yes ]]; then
     if wait "$vllm_install"; then
-        .venv-vllm/bin/python -m pytest -q -rs tests/test_vllm.py tests/test_vllm_serve.py \
+        .venv-vllm/bin/python -m pytest -q -rs --durations=15 tests/test_vllm.py tests/test_vllm_serve.py \
             tests/test_vllm_train.py > .venv-vllm-tests.log 2>&1 || vllm_status=$?
     else
         vllm_status=1

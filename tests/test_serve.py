@@ -529,7 +529,9 @@ def test_a_server_on_engine_processes(model_dirs, random_backend):
             assert wait_for(lambda: "duet_client_disconnects_total 1" in httpx.get(f"{url}/metrics").text)
         finally:
             os.kill(engine.pid, signals.SIGCONT)
-        assert wait_for(lambda: engine.in_flight == 0)  # the client left: the row went
+        # the client left: the row went (a minute, for a machine busy with other work; a row
+        # that ran on instead would end "length", not "cancelled")
+        assert wait_for(lambda: engine.in_flight == 0, seconds=60)
         assert reasons == ["cancelled"]
     finally:
         server.should_exit = True
@@ -579,41 +581,34 @@ def test_failures_are_counted_as_5xx(random_backend):
         thread.join(timeout=30)
 
 
-def engine_children(pid: int) -> list[int]:
-    """The engine processes `duet serve` (process `pid`) spawned (not the resource tracker)."""
+def children(pid: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of each child of `pid`."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            pids = [int(c) for c in children.read().split()]
+        with open(f"/proc/{pid}/task/{pid}/children") as listed:
+            pids = [int(c) for c in listed.read().split()]
     except OSError:
         return []
     found = []
     for child in pids:
         try:
             with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                if b"spawn_main" in cmdline.read():
-                    found.append(child)
+                found.append((child, cmdline.read()))
         except OSError:
             pass
     return found
 
 
-def test_duet_serve_refuses_a_busy_port_before_loading_models():
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("duet")), "serve", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode != 0
-    assert f"port {port} on 127.0.0.1 is in use" in done.stderr
-    assert "Loading weights" not in done.stderr and "Traceback" not in done.stderr
+def engine_processes(pid: int) -> tuple[list[int], list[int]]:
+    """The engine processes of `duet serve` (process `pid`), and the fork server they were forked
+    from (none where they were spawned; the resource tracker is neither)."""
+    engines, servers = [], []
+    for child, cmdline in children(pid):
+        if b"forkserver" in cmdline:
+            servers.append(child)
+            engines += [grandchild for grandchild, _ in children(child)]
+        elif b"spawn_main" in cmdline:
+            engines.append(child)
+    return engines, servers
 
 
 def test_duet_serve_from_the_command_line():
@@ -649,9 +644,10 @@ def test_duet_serve_from_the_command_line():
         assert httpx.get(f"{url}/v1/models").status_code == 401
         ok = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "duet"
-        engines = engine_children(process.pid)
+        engines, servers = engine_processes(process.pid)
         if sys.platform.startswith("linux"):
-            assert len(engines) == 2  # tiny-M's and tiny-m's
+            assert len(engines) == 2 and len(servers) == 1  # tiny-M's and tiny-m's, forked
+        engines += servers
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="from-env", max_retries=0)
 
         def streamed(on_first_chunk=None):

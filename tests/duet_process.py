@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def _socket_path() -> str:
         )
         if process.stdout.readline().strip() != "ready":
             raise RuntimeError("the fork server for `duet` commands did not start")
-        _server.update(path=path, process=process)
+        _server.update(path=path, process=process, folder=folder)
     return _server["path"]
 
 
@@ -156,11 +157,13 @@ def run_command(
     return run_duet(*command[1:], env=env, cwd=cwd, timeout=timeout)
 
 
-atexit.register(lambda: stop_server())
-
-
 def stop_server() -> None:
     process = _server.pop("process", None)
     if process is not None:
         process.kill()
         process.wait()
+        shutil.rmtree(_server.pop("folder"), ignore_errors=True)
+        _server.pop("path")
+
+
+atexit.register(stop_server)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from duetlm.backends.base import SamplingParams
-from duetlm.backends.hf.engine import sample
+from duetlm.backends.hf.sampling import sample
 
 
 def per_step_ms(rows: int, vocab: int, params: SamplingParams, repeats: int) -> float:

@@ -150,3 +150,48 @@ def test_budgets_are_cut_to_the_context_with_one_warning(tokenizer, caplog):
     assert sum("budgets cut to fit the 160-token context" in m for m in messages) == 1
     assert sum("fills the 160-token context" in m for m in messages) == 1
     assert backend.context.clamped == 2 and backend.context.too_long == 1
+
+
+def sampled(question: str, max_tokens: int, seed: int | None, temperature: float = 1.0) -> GenerationRequest:
+    return GenerationRequest.chat(
+        user_prompt(Problem(question), DuetConfig()),
+        SamplingParams(max_tokens, temperature=temperature, seed=seed, logprobs=True),
+        chat_template_kwargs={"enable_thinking": True},
+    )
+
+
+@pytest.mark.parametrize("fixture", ["model_dirs", "qwen3_dirs"])
+def test_a_seeded_sample_does_not_depend_on_its_batch(request, fixture):
+    # The trainer's processes each sample their own shard of a batch and must draw what one
+    # process would: a row's tokens follow from its seed alone, whatever is batched beside it.
+    backend = HFBackend(str(request.getfixturevalue(fixture)["random"]), device="cpu")
+    questions = ["a", "what is 2+2?", "a much longer question with many more tokens in it", "x y z " * 8]
+    requests = [sampled(q, 20, seed) for q, seed in zip(questions, (11, 12, 13, 14))]
+    with counting_forwards(backend.model) as calls:
+        together = backend.generate(requests)
+    assert len(calls) <= 21  # one batch for all four seeds, not a batch per seed
+    alone = [backend.generate([r])[0] for r in requests]
+    shuffled = backend.generate([requests[2], requests[0], requests[3]])
+    for a, b in zip(together, alone, strict=True):
+        assert a.token_ids == b.token_ids
+    assert sum(r.output_tokens for r in alone) >= 30  # rows long enough that a shared RNG would show
+    assert [shuffled[1].token_ids, shuffled[0].token_ids] == [alone[0].token_ids, alone[2].token_ids]
+    # one question twice with two seeds: two samples; the same seed again: the same sample
+    twice = backend.generate([sampled(questions[1], 20, 1), sampled(questions[1], 20, 2)])
+    assert twice[0].token_ids != twice[1].token_ids
+    assert backend.generate([sampled(questions[1], 20, 1)])[0].token_ids == twice[0].token_ids
+
+
+def test_sampled_logprobs_are_those_of_the_tempered_distribution(model_dirs):
+    import torch
+
+    from duetlm.train.grpo import token_logps
+
+    backend = HFBackend(str(model_dirs["random"]), device="cpu")
+    requests = [sampled(q, 12, seed, temperature=0.7) for q, seed in (("a", 1), ("what is 2+2?", 2))]
+    for request, result in zip(requests, backend.generate(requests), strict=True):
+        prompt = backend.prompt_ids(request)
+        ids = torch.tensor([prompt + result.token_ids])
+        with torch.no_grad():
+            expected = token_logps(backend.model, ids, torch.ones_like(ids), 0.7)[0, len(prompt) - 1 :]
+        assert torch.allclose(torch.tensor(result.logprobs), expected, atol=1e-4)

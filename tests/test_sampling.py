@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from duetlm.backends.base import SamplingParams
-from duetlm.backends.hf.engine import sample
+from duetlm.backends.hf.sampling import sample
 
 LOGITS = [2.0, 1.5, 1.4, 0.3, -0.2, 3.1, -1.0, 0.9, 0.0, 2.2]
 

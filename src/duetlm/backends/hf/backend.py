@@ -38,6 +38,7 @@ from duetlm.backends.hf.loading import (
     pick_device,
     resolve_model_location,
 )
+from duetlm.backends.hf.sampling import RowSampler
 from duetlm.errors import BackendError
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,13 @@ _NEUTRAL = {  # every knob of generate() that reshapes the distribution, set to 
 }
 
 
-def exact_generation_config(sampling: SamplingParams, eos_ids: list[int], pad_id: int):
+def exact_generation_config(
+    sampling: SamplingParams, eos_ids: list[int], pad_id: int, scores: bool | None = None
+):
     """A GenerationConfig that samples exactly `sampling`'s distribution: temperature, top-p
     and top-k as given (0: off), every other processor off, so that log-probs computed at the
-    same temperature are those of the sampled tokens (the trainer relies on it)."""
+    same temperature are those of the sampled tokens (the trainer relies on it). `scores`
+    (default: whether `sampling` asks for log-probs) keeps each step's processed scores."""
     from transformers import GenerationConfig
 
     greedy = sampling.temperature <= 0  # warpers unused: left to the library's defaults
@@ -75,8 +79,8 @@ def exact_generation_config(sampling: SamplingParams, eos_ids: list[int], pad_id
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
         stop_strings=list(sampling.stop) or None,
-        output_scores=sampling.logprobs,
-        return_dict_in_generate=sampling.logprobs,
+        output_scores=sampling.logprobs if scores is None else scores,
+        return_dict_in_generate=sampling.logprobs if scores is None else scores,
         **_NEUTRAL,
     )
 
@@ -315,13 +319,16 @@ class HFBackend:
             if budgets[index] == 0:
                 results[index] = ContextGuard.overflow_result(len(prompts[index]))
             else:
-                groups[dataclasses.replace(request.sampling, max_tokens=0)].append(index)
+                groups[dataclasses.replace(request.sampling, max_tokens=0, seed=None)].append(index)
         lengths = [len(p) for p in prompts]
         for sampling, indices in groups.items():
             indices.sort(key=lambda i: lengths[i])
             for chunk in self._chunks(indices, lengths, budgets):
                 batch = self._generate_batch(
-                    [prompts[i] for i in chunk], sampling, [budgets[i] for i in chunk]
+                    [prompts[i] for i in chunk],
+                    sampling,
+                    [budgets[i] for i in chunk],
+                    [requests[i].sampling.seed for i in chunk],
                 )
                 for index, result in zip(chunk, batch):
                     result.budget_clamped = budgets[index] < requests[index].sampling.max_tokens
@@ -347,33 +354,44 @@ class HFBackend:
         return [c for c in chunks if c]
 
     def _generate_batch(
-        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int]
+        self, prompts: list[list[int]], sampling: SamplingParams, budgets: list[int], seeds: list[int | None]
     ) -> list[GenerationResult]:
+        """One generate() call. Sampled rows draw through `RowSampler`, each with its own
+        generator (its request's seed), so a row's tokens do not depend on its batch."""
+        from transformers import LogitsProcessorList
+
         started = time.perf_counter()
         encoded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         encoded = encoded.to(self.device)
+        sampler = None
+        if sampling.temperature > 0:
+            sampler = RowSampler(
+                [dataclasses.replace(sampling, seed=seed) for seed in seeds], sampling.logprobs
+            )
         config = exact_generation_config(
-            dataclasses.replace(sampling, max_tokens=max(budgets)),
+            dataclasses.replace(
+                sampling, max_tokens=max(budgets), temperature=0.0 if sampler else sampling.temperature
+            ),
             self.eos_token_ids,
             self.tokenizer.pad_token_id,
+            scores=sampling.logprobs and sampler is None,
         )
         width = encoded["input_ids"].shape[1]
-        if sampling.temperature > 0 and sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         with torch.inference_mode(), own_generation_defaults(self.model):
             output = self.model.generate(
                 **encoded,
                 generation_config=config,
+                logits_processor=LogitsProcessorList([sampler]) if sampler else None,
                 tokenizer=self.tokenizer if sampling.stop else None,
                 stopping_criteria=row_budgets(width, budgets) if min(budgets) < max(budgets) else None,
             )
-        output_ids = output.sequences if sampling.logprobs else output
-        step_logprobs = (
-            sampled_logprobs(output.scores, output_ids[:, -len(output.scores) :])
-            if sampling.logprobs
-            else None
-        )
+        output_ids = output.sequences if config.return_dict_in_generate else output
         generated = output_ids[:, width:].cpu()  # (B, T)
+        step_logprobs = None
+        if sampler is not None and sampling.logprobs:
+            step_logprobs = sampler.logprobs
+        elif sampling.logprobs:
+            step_logprobs = sampled_logprobs(output.scores, output_ids[:, -len(output.scores) :])
         prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
         share = (time.perf_counter() - started) / len(prompts)
         results = [

@@ -37,6 +37,7 @@ import torch
 from duetlm.backends.base import ContextGuard, FinishReason, GenerationResult, SamplingParams
 from duetlm.backends.hf.decode_step import DecodeStep, check_choice, why_not
 from duetlm.backends.hf.row_cache import RowCache
+from duetlm.backends.hf.sampling import sample
 
 logger = logging.getLogger(__name__)
 
@@ -440,36 +441,3 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def sample(
-    logits: torch.Tensor, settings: list[SamplingParams], generators: list[torch.Generator]
-) -> list[int]:
-    """One token per row: greedy rows take the argmax; the others draw from their tempered,
-    top-k then top-p truncated distribution, with one uniform number from their own generator
-    (so a seeded row draws the same whatever shares its batch). logits: (B, V).
-
-    All sampled rows are handled together, and with a top-k only the k best logits are ever
-    sorted: per row, or over a 152k vocabulary, sampling would cost more than the step."""
-    tokens = logits.argmax(dim=-1)
-    hot = [i for i, params in enumerate(settings) if params.temperature > 0]
-    if not hot:
-        return tokens.tolist()
-    vocab = logits.shape[-1]
-    ks = [min(settings[i].top_k or vocab, vocab) for i in hot]
-    rows = logits[hot].float() / torch.tensor([[settings[i].temperature] for i in hot], device=logits.device)
-    widest = max(ks)
-    if widest < vocab:
-        values, index = rows.topk(widest, dim=-1)  # sorted, best first
-    else:
-        values, index = rows.sort(dim=-1, descending=True)
-    rank = torch.arange(widest, device=logits.device)
-    values = values.masked_fill(rank >= torch.tensor(ks, device=logits.device)[:, None], float("-inf"))
-    probs = torch.softmax(values, dim=-1)
-    top_p = torch.tensor([[settings[i].top_p] for i in hot], device=logits.device)
-    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # smallest set reaching top_p
-    cdf = probs.cumsum(dim=-1)
-    draws = torch.tensor([[float(torch.rand(1, generator=generators[i]))] for i in hot], device=logits.device)
-    choice = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).clamp(max=widest - 1)
-    tokens[hot] = index.gather(1, choice).squeeze(1)
-    return tokens.tolist()

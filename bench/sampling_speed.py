@@ -3,8 +3,9 @@
     python bench/sampling_speed.py
 
 Random logits over 151,936 tokens, Qwen3's thinking-mode settings (temperature 0.6, top-k 20,
-top-p 0.95), each row with its own seeded generator, as `duet serve` samples them. Prints
-milliseconds per step for several batch sizes, greedy rows beside for reference.
+top-p 0.95), each row with its own seeded generator, as `duet serve` samples them; top-p alone;
+the whole distribution at T 1 (how training samples); greedy rows for reference. Prints
+milliseconds per step for several batch sizes.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     qwen3 = SamplingParams(64, temperature=0.6, top_k=20, top_p=0.95)
     print(f"vocabulary {args.vocab:,}, {args.threads} threads, ms per decode step")
-    print(f"{'rows':>4} {'T0.6 k20 p0.95':>15} {'T1 p0.95 (no k)':>16} {'greedy':>7}")
+    print(f"{'rows':>4} {'T0.6 k20 p0.95':>15} {'T1 p0.95 (no k)':>16} {'T1 (training)':>14} {'greedy':>7}")
+    settings = (
+        qwen3,
+        SamplingParams(64, temperature=1.0, top_p=0.95),
+        SamplingParams(64, temperature=1.0),  # the whole distribution, as training samples it
+        SamplingParams(64),
+    )
     for rows in (int(r) for r in args.rows.split(",")):
-        figures = [
-            per_step_ms(rows, args.vocab, params, args.repeats)
-            for params in (qwen3, SamplingParams(64, temperature=1.0, top_p=0.95), SamplingParams(64))
-        ]
-        print(f"{rows:>4} {figures[0]:>15.1f} {figures[1]:>16.1f} {figures[2]:>7.1f}")
+        figures = [per_step_ms(rows, args.vocab, params, args.repeats) for params in settings]
+        print(f"{rows:>4} {figures[0]:>15.1f} {figures[1]:>16.1f} {figures[2]:>14.1f} {figures[3]:>7.1f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from duetlm.config import DuetConfig
 from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 from duetlm.evaluate.probe import ProbeConfig, run_probe
 from duetlm.models import EMBEDDED_BUDGETS
-from duetlm.train.config import TrainConfig
+from duetlm.train.config import TrainConfig, with_settings
 from duetlm.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def main() -> None:
     probe_s = time.perf_counter() - started
     configs = {
         "cold": base.model_copy(update={"out": str(out / "cold")}),
-        "warm": base.model_copy(update={"out": str(out / "warm"), "warm_start": str(probe_dir)}),
+        "warm": with_settings(base, {"out": str(out / "warm"), "warm_start.run": str(probe_dir)}),
     }
     for config in configs.values():
         if not (args.reuse and finished(config)):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from duet_process import run_command
 
-from duetlm.train.config import LoraSettings, TrainConfig
+from conftest import train_config
+from duetlm.train.config import with_settings
 from duetlm.train.memory import QWEN3, parse_size, plan, shape_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,56 +34,84 @@ def test_shapes_of_local_and_embedded_models(model_dirs):
 
 
 def test_the_plan_by_hand():
-    config = TrainConfig(
-        capable="hf:Qwen/Qwen3-0.6B",
-        light="hf:Qwen/Qwen3-0.6B",
-        task="builtin",
-        train_light=False,
-        kl_beta=0.0,
-        precision="fp32",
-        micro_batch=1,
-        signal_max_tokens=512,
-        logprob_chunk=1,
-        rollout_batch_tokens=1,
+    config = train_config(
+        dict(
+            capable="hf:Qwen/Qwen3-0.6B",
+            light="hf:Qwen/Qwen3-0.6B",
+            task="builtin",
+            train_light=False,
+            kl_beta=0.0,
+            precision="fp32",
+            micro_batch=1,
+            signal_max_tokens=512,
+            logprob_chunk=1,
+            rollout_batch_tokens=1,
+        )
     )
     [capable, light], peak = plan(config, 80e9, 1)
     n = QWEN3["Qwen/Qwen3-0.6B"].params
     assert capable.rows["weights"] == 4 * n and capable.rows["gradients"] == 4 * n
     assert capable.rows["AdamW state"] == 8 * n
     assert light.rows["weights"] == 4 * n and light.trainable == 0
-    lora = config.model_copy(update={"lora_capable": LoraSettings(r=8), "precision": "bf16-mixed"})
+    lora = with_settings(config, {"models.lora_capable": {"r": 8}, "parallel.precision": "bf16-mixed"})
     [capable_lora, _], lora_peak = plan(lora, 80e9, 1)
     assert capable_lora.rows["weights"] < 2.1 * n and lora_peak < peak
+    # FSDP over 4 devices: a quarter of the trained weights, gradients and AdamW state on each,
+    # plus the root and two layers gathered whole while they compute; the frozen m stays whole
+    [sharded, light_whole], _ = plan(with_settings(config, {"parallel.strategy": "fsdp"}), 80e9, 4)
+    assert sharded.rows["weights"] == 4 * n / 4 and sharded.rows["AdamW state"] == 8 * n / 4
+    shape = QWEN3["Qwen/Qwen3-0.6B"]
+    gathered = (shape.vocab * shape.hidden + shape.hidden + 2 * shape.layer_params) * 4
+    assert sharded.rows["FSDP gathered weights"] == gathered
+    assert sharded.rows["hf replica (unsharded)"] == 4 * n and light_whole.rows["weights"] == 4 * n
 
 
-def test_dry_run_of_the_recipe_offline():
+@pytest.mark.parametrize(("devices", "nodes"), [("4", "1"), ("8", "2")])
+def test_dry_run_of_the_reference_layout_offline(devices, nodes):
     done = run_command(
-        [DUET, "train", "--config", str(RECIPE), "--dry-run", "--devices", "8", "--device-memory", "80GB"],
+        [DUET, "train", "--config", str(RECIPE), "--dry-run", "--devices", devices, "--nodes", nodes],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    for line in ("M Qwen/Qwen3-4B", "m Qwen/Qwen3-0.6B", "AdamW state", "vLLM engine", "verdict: fits"):
-        assert line in done.stdout
+    for line in (
+        f"{devices} device(s) of 80 GB on {nodes} node(s), FSDP2",
+        "M Qwen/Qwen3-4B",
+        "m Qwen/Qwen3-0.6B",
+        "AdamW state",
+        "FSDP gathered weights",
+        "weight push",
+        "vLLM engine",
+        "staged copy per node",
+        "verdict: fits",
+    ):
+        assert line in done.stdout, line
 
 
-def test_dry_run_says_what_makes_a_plan_fit(tmp_path):
-    full = tmp_path / "full.toml"
-    full.write_text(
-        "\n".join(line for line in RECIPE.read_text().splitlines() if not line.startswith("lora_capable"))
-    )
+def test_dry_run_says_what_makes_a_plan_fit():
+    # the reference layout with whole models on every device (ddp) does not fit on 80 GB
     done = run_command(
-        [DUET, "train", "--config", str(full), "--dry-run", "--devices", "8", "--device-memory", "80GB"],
+        [
+            DUET,
+            "train",
+            "--config",
+            str(RECIPE),
+            "--dry-run",
+            "--devices",
+            "4",
+            "--set",
+            "parallel.strategy=ddp",
+        ],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=60,
     )
-    assert done.returncode == 1
-    assert "verdict: does not fit" in done.stdout
-    assert "with lora_capable = { r = 64, alpha = 128 }" in done.stdout and ", fits" in done.stdout
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "DDP (whole models on each)" in done.stdout and "verdict: does not fit" in done.stdout
+    assert "with parallel.strategy = 'fsdp': peak" in done.stdout and ", fits" in done.stdout
 
 
 @pytest.mark.parametrize(("text", "size"), [("80GB", 80e9), ("141 GiB", 141 * 2**30), ("0.5T", 5e11)])

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import small_config
-from duetlm.train import trainer as trainer_module
+from duetlm.train import update as update_module
+from duetlm.train.batch import RolloutBatch
 from duetlm.train.rollout import CapableRollout, Signal
 from duetlm.train.sequences import pack
 from duetlm.train.trainer import DuetTrainer
@@ -78,26 +79,32 @@ def stubbed(model_dirs, task_path, tmp_path, monkeypatch):
         for q, row in enumerate(LENGTHS)
     ]
     capable_seqs = pack([[1, 2, 3]] * 6, [s.ids for row in signals for s in row], pad)
+    capable_batch = RolloutBatch.of(capable_seqs, [(q, s, 0) for q in range(2) for s in range(3)])
     light_seqs = pack([[1, 2]] * 12, [[7, 8]] * 12, pad)
-    trainer.rollouts.capable_signals = lambda questions, step: CapableRollout(signals, capable_seqs)
-    trainer.rollouts.light_alone = lambda questions: torch.tensor(ALONE, dtype=torch.float32)
-    trainer.rollouts.light_guided = lambda questions, sigs: (
-        light_seqs,
-        torch.tensor(PAIR, dtype=torch.float32),
+    light_batch = RolloutBatch.of(
+        light_seqs, [(q, s, a) for q in range(2) for s in range(3) for a in range(2)]
+    )
+    rollouts = trainer.rollouts
+    monkeypatch.setattr(rollouts, "capable_signals", lambda questions: CapableRollout(signals, capable_batch))
+    monkeypatch.setattr(rollouts, "light_alone", lambda questions: torch.tensor(ALONE, dtype=torch.float32))
+    monkeypatch.setattr(
+        rollouts,
+        "light_guided",
+        lambda questions, sigs: (light_batch, torch.tensor(PAIR, dtype=torch.float32)),
     )
 
-    def fixed_logps(policy, seqs):
-        per_token = -0.3 if policy is trainer.reference else -0.1
-        return per_token * seqs.completion_mask
+    def fixed_logps(net, batch, temperature, settings, runtime):
+        per_token = -0.3 if net is trainer.reference else -0.1
+        return per_token * batch.seqs.completion_mask
 
     updates = []
 
-    def record(policy, accelerator, seqs, old_logps, advantages, group_size, settings, global_sum):
-        updates.append((policy, seqs, old_logps, advantages.clone(), group_size))
+    def record(policy, batch, settings, runtime):
+        updates.append((policy, batch))
         return UpdateStats(0.0, 0.0, 0.0, 1)
 
-    monkeypatch.setattr(trainer, "_logps", fixed_logps)
-    monkeypatch.setattr(trainer_module, "ppo_update", record)
+    monkeypatch.setattr(update_module, "logps_of", fixed_logps)
+    monkeypatch.setattr(update_module, "ppo_update", record)
     return trainer, updates, capable_seqs
 
 
@@ -107,17 +114,19 @@ def test_a_joint_step_row_by_row(stubbed):
     metrics = trainer.train_step()
 
     assert [u[0] for u in updates] == [trainer.light, trainer.capable]  # m first, then M
-    light, capable = updates
-    assert light[3].tolist() == pytest.approx([a for row in light_advantages for a in row], abs=1e-5)
-    assert light[4] == 3 * 2  # m's group: all n_M * n_m guided answers of a question
-    assert capable[3].tolist() == pytest.approx([a for row in capable_advantages for a in row], abs=1e-5)
-    assert capable[4] == 3  # M's group: the n_M signals of a question
-    assert torch.equal(capable[2], -0.1 * capable_seqs.completion_mask)  # old = the sampling policy's
+    (_, light), (_, capable) = updates
+    assert light.advantages.tolist() == pytest.approx([a for row in light_advantages for a in row], abs=1e-5)
+    assert [len(g) for g in light.question_rows()] == [3 * 2] * 2  # m's group: all n_M * n_m answers
+    assert capable.advantages.tolist() == pytest.approx(
+        [a for row in capable_advantages for a in row], abs=1e-5
+    )
+    assert [len(g) for g in capable.question_rows()] == [3] * 2  # M's group: the n_M signals of a question
+    assert torch.equal(capable.old_logps, -0.1 * capable_seqs.completion_mask)  # old = the sampling policy's
     assert metrics["reward"] == pytest.approx(statistics.mean(r for row in rewards for r in row), abs=1e-6)
     assert metrics["signal_tokens"] == pytest.approx(23 / 5)  # forced cuts are not the policy's samples
     assert trainer.lam == pytest.approx(next_lambda)
     # a cut signal trains only the inserted close tag; the others every sampled token
-    mask = capable[1].completion_mask
+    mask = capable.seqs.completion_mask
     close = len(trainer.rollouts.close_ids)
     assert mask[4].sum() == close and mask[3].sum() == LENGTHS[1][0]
 

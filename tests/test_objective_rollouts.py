@@ -27,7 +27,7 @@ import torch
 
 from conftest import _prompt, small_config, tiny_model, train_script
 from duetlm.models.tokenizer import build_tokenizer
-from duetlm.train import trainer as trainer_module
+from duetlm.train import objectives, update
 from duetlm.train.trainer import DuetTrainer
 
 GOLDS = {"What is (3+4)*2?": "14", "What is (3+4)+2?": "9"}
@@ -155,8 +155,8 @@ def joint_step(pair, tmp_path, monkeypatch, **overrides):
     spies = {
         "capable": Recorder(monkeypatch, trainer.capable.engine, "generate"),
         "light": Recorder(monkeypatch, trainer.light.engine, "generate"),
-        "score": Recorder(monkeypatch, trainer_module, "score_joint"),
-        "update": Recorder(monkeypatch, trainer_module, "ppo_update"),
+        "score": Recorder(monkeypatch, objectives, "score_joint"),
+        "update": Recorder(monkeypatch, update, "ppo_update"),
         "signals": Recorder(monkeypatch, trainer.rollouts, "capable_signals"),
     }
     trainer.train_step()
@@ -247,8 +247,8 @@ def test_loss_masks_cover_each_models_own_tokens_and_nothing_else(pair, tmp_path
     (stage1_requests,), stage1 = spies["capable"].calls[0]
     (guided_requests,), guided = spies["light"].calls[1]
     for seqs, requests, results in (
-        (light_call[2], guided_requests, guided),
-        (capable_call[2], stage1_requests, stage1),
+        (light_call[1].seqs, guided_requests, guided),
+        (capable_call[1].seqs, stage1_requests, stage1),
     ):
         assert len(seqs) == len(requests)
         for row, (request, result) in enumerate(zip(requests, results, strict=True)):
@@ -263,7 +263,7 @@ def test_loss_masks_cover_each_models_own_tokens_and_nothing_else(pair, tmp_path
                 expected[t - 1] = 1.0
             assert seqs.completion_mask[row].tolist() == expected, (row, request.prefill)
     # m's answers are its own words, not M's signal: the masked tokens read as m's answer
-    first = light_call[2]
+    first = light_call[1].seqs
     masked = first.input_ids[0, 1:][first.completion_mask[0].bool()].tolist()
     assert tokenizer.decode(masked, skip_special_tokens=True) == guided[0].text
 
@@ -273,8 +273,8 @@ def test_the_single_model_baseline_pays_its_kl(pair, tmp_path, monkeypatch):
     trainer = make_trainer(pair, tmp_path, single_model=True, train_light=False, kl_beta=beta)
     trainer.train_step()  # the policy moves away from the initial M: KL is 0 only at step 0
     generated = Recorder(monkeypatch, trainer.capable.engine, "generate")
-    kls = Recorder(monkeypatch, trainer, "_kl")
-    updates = Recorder(monkeypatch, trainer_module, "ppo_update")
+    kls = Recorder(monkeypatch, trainer.passes, "kl")
+    updates = Recorder(monkeypatch, update, "ppo_update")
     lam = trainer.lam
     metrics = trainer.train_step()
 
@@ -285,9 +285,9 @@ def test_the_single_model_baseline_pays_its_kl(pair, tmp_path, monkeypatch):
     for request, result, k in zip(requests, results, kl, strict=True):
         _, closed, final = result.text.partition("</think>")
         correct = float(bool(closed) and answer_of(final) == GOLDS[question_of(request)])
-        rewards.append(correct - lam * result.output_tokens / trainer.cfg.length_bound - beta * k)
+        rewards.append(correct - lam * result.output_tokens / trainer.cfg.objective.length_bound - beta * k)
     assert metrics["reward"] == pytest.approx(statistics.mean(rewards), abs=1e-5)
-    advantages = updates.calls[0][0][4].tolist()
+    advantages = updates.calls[0][0][1].advantages.tolist()
     expected = grpo(rewards[:S]) + grpo(rewards[S:])
     assert advantages == pytest.approx(expected, abs=1e-4)
 
@@ -295,8 +295,8 @@ def test_the_single_model_baseline_pays_its_kl(pair, tmp_path, monkeypatch):
 def test_each_micro_batch_row_is_trained_with_its_own_advantage():
     # One process, several micro-batches sorted by length, questions shuffled over the step:
     # the update must equal the gradient of the whole batch's token-mean loss, computed here.
-    from accelerate import Accelerator
-
+    from duetlm.train.batch import RolloutBatch
+    from duetlm.train.distributed import Runtime
     from duetlm.train.policy import LogprobNet, Policy
     from duetlm.train.sequences import pack
     from duetlm.train.update import UpdateSettings, mini_batch_rows, ppo_update
@@ -328,8 +328,9 @@ def test_each_micro_batch_row_is_trained_with_its_own_advantage():
         epochs=1, mini_batches=1, micro_batch=2, clip_eps=0.2, max_grad_norm=1e9, precision="fp32", seed=5
     )
     # the step's shuffle of the six one-row groups moves rows: position in a micro-batch is not row
-    order = mini_batch_rows(6, 1, 1, random.Random(settings.seed))[0].tolist()
+    batch = RolloutBatch.of(seqs, [(q, 0, 0) for q in range(6)]).with_scores(advantages, None)
+    order = mini_batch_rows(batch.question_rows(), 1, random.Random(settings.seed))[0].tolist()
     assert order != sorted(order)
-    ppo_update(policy, Accelerator(cpu=True), seqs, None, advantages, 1, settings, lambda t: float(t.sum()))
+    ppo_update(policy, batch, settings, Runtime())
     for old, new, grad in zip(before, model.parameters(), expected, strict=True):
         torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import QUESTIONS, UNCLOSED_QUESTION, qwen3_config
 from duetlm.tasks import Example
+from duetlm.train.batch import StepQuestions
 from duetlm.train.config import LoraSettings
 from duetlm.train.policy import load_lm, merged_state_dict
 from duetlm.train.trainer import DuetTrainer, train
@@ -30,9 +31,11 @@ def test_old_and_recomputed_logprobs_agree_at_step_0(qwen3_dirs, qwen3_task, tmp
 
 
 def test_signals_never_carry_the_end_of_turn_token(qwen3_dirs, qwen3_task, tmp_path):
-    trainer = DuetTrainer(qwen3_config(qwen3_dirs, qwen3_task, tmp_path / "run", capable_temperature=0.0))
+    # a cold temperature: training refuses 0 (greedy is not the sampled policy), and the scripted
+    # M's continuation is all but certain at 0.01
+    trainer = DuetTrainer(qwen3_config(qwen3_dirs, qwen3_task, tmp_path / "run", capable_temperature=0.01))
     question = Example("u", UNCLOSED_QUESTION, "7")
-    rollout = trainer.rollouts.capable_signals([question], step=0)
+    rollout = trainer.rollouts.capable_signals(StepQuestions(0, [question], [0]))
     for signal in rollout.signals[0]:
         assert signal.text == "first 3+4=7"  # what inference hands m too
         assert signal.ids[-1] == 151645  # M is still trained on ending its turn there
@@ -54,9 +57,12 @@ def test_bf16_mixed_keeps_fp32_masters_and_moves_weights_at_lr_1e_6(qwen3_dirs, 
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     seen = []
     hook = lm.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    rollout = trainer.rollouts.capable_signals([Example("a", QUESTIONS[0], "14")] * 2, step=0)
+    rollout = trainer.rollouts.capable_signals(
+        StepQuestions(0, [Example("a", QUESTIONS[0], "14")] * 2, [0, 1])
+    )
     seen.clear()
-    trainer._update("capable", trainer.capable, rollout.seqs, torch.tensor([1.0, -1.0, 0.5, -0.5]), None)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    trainer.passes.update(trainer.capable, rollout.batch.with_scores(advantages, None), 0)
     hook.remove()
     assert seen and set(seen) == {torch.bfloat16}  # bf16 compute
     layer = "model.layers.0.mlp.down_proj.weight"
@@ -85,8 +91,11 @@ def test_ppo_epochs_and_mini_batches_take_several_clipped_steps(qwen3_dirs, qwen
     optimizer.step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
     trainer.train_step()
     assert len(steps) == 4  # 2 epochs x 2 mini-batches
-    rollout = trainer.rollouts.capable_signals([Example("a", QUESTIONS[0], "14")] * 2, step=1)
-    stats = trainer._update("capable", trainer.capable, rollout.seqs, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    rollout = trainer.rollouts.capable_signals(
+        StepQuestions(1, [Example("a", QUESTIONS[0], "14")] * 2, [0, 1])
+    )
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    stats = trainer.passes.update(trainer.capable, rollout.batch.with_scores(advantages, None), 1)
     assert len(steps) == 8
     assert stats["clip_fraction_capable"] > 0  # after the first step the ratio leaves 1 and the clip acts
 
@@ -135,23 +144,23 @@ def test_merged_weights_equal_peft_merge(qwen3_dirs):
     )
 
 
-def test_weights_pushed_to_vllm_hold_tied_embeddings_once(tmp_path):
+def test_staged_weights_hold_tied_embeddings_once_in_the_engine_dtype(tmp_path):
     # Qwen3-0.6B and -4B tie the output layer to the embedding: the state dict holds one tensor
-    # under two names, which safetensors refuses. The file keeps the embedding (vLLM's loader
-    # skips `lm_head.` for a tied model), in the engine's dtype.
+    # under two names. The staged copy keeps the embedding (vLLM's loader skips `lm_head.` for a
+    # tied model), in the engine's dtype, in buckets, and is gone once the engines have read it.
     from qwen3 import tiny_qwen3
-    from safetensors.torch import load_file
 
-    from duetlm.train.vllm_engine import weights_file
+    from duetlm.train.distributed import Runtime
+    from duetlm.train.weight_push import Stager, WeightPush, staged_weights
 
     model = tiny_qwen3(seed=3)
-    state = merged_state_dict(model)
+    state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
-    path = weights_file(state, torch.bfloat16)
-    try:
-        written = load_file(path)
-    finally:
-        path.unlink()
+    stager = Stager(Runtime(), tmp_path, "run", bucket_bytes=1 << 16)  # small buckets: several files
+    with WeightPush("capable", model, stager).staged(torch.bfloat16) as folder:
+        files = sorted(folder.glob("*.safetensors"))
+        written = dict(staged_weights(folder))
+    assert len(files) > 1 and not folder.exists() and stager.copies == 1
     assert "lm_head.weight" not in written and set(written) == set(state) - {"lm_head.weight"}
     assert all(t.dtype == torch.bfloat16 for t in written.values())
     assert torch.equal(written["model.embed_tokens.weight"], state["model.embed_tokens.weight"].bfloat16())

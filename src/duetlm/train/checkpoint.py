@@ -1,12 +1,16 @@
 """Run folders and checkpoints: written atomically, read safely, resumed only as they were.
 
 `last/` holds a plain Hugging Face folder per trained model and `state.pt` (optimizers, λ,
-step, data position, RNG states, the config). A save is written next to `last` and swapped
+step, data position, every process's RNG states, the config). Optimizer states are whole
+(`torch.distributed.checkpoint`'s state-dict helpers gather them under FSDP and give each
+process its shard back on resume), so a run saved under one strategy or process count resumes
+under another. A save is written next to `last` and swapped
 in: `last` becomes `last.old`, the new folder becomes `last`, `last.old` is removed; a kill
 between the two renames leaves only `last.old`, and resuming takes it. `state.pt` holds only
 tensors and plain containers, so it loads with `torch.load(weights_only=True)`: a run folder
 from elsewhere cannot run code. A resumed run must have the config it was saved with, except
-for settings that only say how long to run, how often to log, or how to use memory.
+for the knobs marked resumable (how long to run, how often to log, how to use memory and
+processes).
 """
 
 from __future__ import annotations
@@ -24,27 +28,6 @@ from duetlm.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 STATE = "state.pt"
-RESUMABLE = frozenset(
-    {
-        "steps",
-        "out",
-        "eval_every",
-        "eval_questions",
-        "save_every",
-        "keep_checkpoints",
-        "tensorboard",
-        "wandb",
-        "device",
-        "micro_batch",
-        "logprob_chunk",
-        "rollout_batch_tokens",
-        "gradient_checkpointing",
-        "check_rollout_logprobs",
-        "vllm_gpu_memory_utilization",
-        "vllm_sleep",
-    }
-)
-"""Settings a resumed run may change: none of them changes what a step computes."""
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -84,9 +67,26 @@ def load_state(checkpoint: Path) -> dict:
         ) from exc
 
 
+def flat_settings(config: dict) -> dict:
+    """A config dump keyed by dotted paths down to each section's knobs (`objective.kl_beta`)."""
+    from duetlm.train.config import SECTIONS
+
+    flat = {}
+    for key, value in config.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat |= {f"{key}.{name}": inner for name, inner in value.items()}
+        else:
+            flat[key] = value
+    return flat
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """`key: saved -> current` for every setting that differs and matters."""
-    keys = sorted((set(saved) | set(current)) - RESUMABLE)
+    """`key: saved -> current` for every setting that differs and matters (knobs marked
+    resumable in the config may differ)."""
+    from duetlm.train.config import resumable_paths
+
+    saved, current = flat_settings(saved), flat_settings(current)
+    keys = sorted((set(saved) | set(current)) - resumable_paths())
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
@@ -95,8 +95,8 @@ def check_resumable(state: dict, current: dict, checkpoint: Path) -> None:
     if changes:
         raise ConfigError(
             f"{checkpoint} was trained with another configuration ({'; '.join(changes)}); resume with the "
-            "saved settings (only steps, logging, evaluation and memory settings may change), or start a "
-            "new run in another folder"
+            "saved settings (only the knobs whose help says 'May change on resume' may differ: steps, "
+            "logging, evaluation, memory and parallel settings), or start a new run in another folder"
         )
 
 
@@ -114,3 +114,70 @@ def claim_run_folder(out: Path, force: bool) -> None:
     aside = out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}")
     out.rename(aside)
     logger.warning("moved the previous run in %s to %s", out, aside)
+
+
+# --- what a checkpoint holds, gathered from (and given back to) every process -------------
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def _hf_name(key: str) -> str:
+    """A trainer FQN (`lm.model.layers.0...` under the LogprobNet) as the checkpoint names it."""
+    for prefix in ("module.", "lm."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def model_state(net: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU of the main process ({} on the others), HF names.
+    A collective under FSDP. With tied embeddings the output layer is left out, as Hugging
+    Face writes such a model (gathered from shards, it would come back as a second tensor;
+    and vLLM, started from a folder that holds one, no longer takes pushed weights whole)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(net, options=_options(full_state_dict=True, cpu_offload=True))
+    state = {_hf_name(key): tensor for key, tensor in state.items()}
+    if tied:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state on the CPU of the main process, keyed by parameter names (so
+    it loads under another strategy or process count). A collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(net, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Every process takes its part of a whole optimizer state (its shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(net, optimizer, state, options=_options(full_state_dict=True))
+
+
+def rng_state() -> dict:
+    """This process's generators: Python's, torch's CPU one and, on a GPU, CUDA's. (Rollouts
+    draw from per-request seeds and forced stops from their own; these cover the rest, such as
+    dropout.)"""
+    import random
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # torch.save may have made the tuple a list
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

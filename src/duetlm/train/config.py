@@ -1,229 +1,423 @@
-"""`duet train` configuration: every knob of docs/design.md section 2 with its reference default.
+"""`duet train` configuration: every knob of docs/design.md section 2 with its reference default,
+in sections (TOML tables): `[models]`, `[data]`, `[objective]`, `[optimizer]`, `[rollout]`,
+`[parallel]`, `[evaluation]`, `[logging]`, `[warm_start]` and `[duet]` (the prompts), with the
+run's `out`, `seed`, `steps` and `save_every` at the top.
 
 Reference values (the paper's verl runs): n_M = 4, n_m = 4, 64 questions a batch, η = 0.01,
 λ_0 = 0, β = 0.001, ε = 0.2, one epoch per batch, AdamW, grad-clip 1.0. Values marked
-"builtin" are sized for the embedded pair on a laptop CPU; the GPU recipe in
-`configs/qwen3-4b_0.6b.toml` sets the reference ones.
+"builtin" are sized for the embedded pair on a laptop CPU; `configs/qwen3-4b_0.6b.toml` sets
+the reference ones. A field whose help ends in "May change on resume." may differ between a
+run and its `--resume`; any other difference is refused (it would change what a step computes).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from duetlm.config import DuetConfig, load_model_file
+from duetlm.config import DuetConfig, load_model_file, validate_config
+
+RESUMABLE_NOTE = " May change on resume."
 
 
-class LoraSettings(BaseModel):
-    """LoRA adapters (peft) instead of full fine-tuning."""
+def knob(default: Any = ..., description: str = "", *, resumable: bool = False, **rules) -> Any:
+    """A documented field; `resumable` marks one a resumed run may change."""
+    if resumable:
+        return Field(
+            default, description=description + RESUMABLE_NOTE, json_schema_extra={"resumable": True}, **rules
+        )
+    return Field(default, description=description, **rules)
 
+
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(16, ge=1, description="Adapter rank.")
-    alpha: int = Field(32, ge=1, description="Scaling numerator (alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+
+class LoraSettings(Section):
+    """LoRA adapters (peft) instead of full fine-tuning."""
+
+    r: int = knob(16, "Adapter rank.", ge=1)
+    alpha: int = knob(32, "Scaling numerator (alpha / r).", ge=1)
+    dropout: float = knob(0.0, "Dropout on the adapters' input.", ge=0, lt=1)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get adapters (all of Qwen3's by default).",
     )
+
+
+class ModelsConfig(Section):
+    """[models]: what is trained."""
+
+    capable: str = knob("tiny-M", "M to train: hf:, vllm: (vLLM rolls it out) or an embedded name.")
+    light: str = knob("tiny-m", "m to train (or only use, with train_light = false): hf:, vllm: or embedded.")
+    train_light: bool = knob(True, "Update m too (false: train M only).")
+    single_model: bool = knob(
+        False,
+        "Length-penalty GRPO baseline: M alone, reward acc − λL/B (m plays no part, and is not trained).",
+    )
+    lora_capable: LoraSettings | None = knob(None, "LoRA for M; None = full fine-tuning.")
+    lora_light: LoraSettings | None = knob(None, "LoRA for m; None = full fine-tuning.")
+    merge_adapters: bool = knob(True, "Save LoRA models merged into plain HF folders.")
+
+
+class DataConfig(Section):
+    """[data]: training and held-out evaluation questions."""
+
+    task: str = knob("builtin", "Training task (see duetlm.tasks).")
+    data: str | None = knob(None, "Local data file for the task.")
+    split: str | None = knob(
+        None,
+        "Split of `task` to train on: the builtin task's 'train' (its default here) or a hub split; None = the "
+        "task's own (ignored with a data file).",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Field mapping for the training data (see duetlm.tasks.fields)."
+    )
+    eval_task: str | None = knob(
+        None,
+        "Task of the greedy evaluations; None = the builtin task's test split (builtin only). Training and "
+        "evaluation data must differ: a config that names the same data for both is refused, and training "
+        "questions that also occur in the evaluation set are dropped.",
+    )
+    eval_data: str | None = knob(None, "Local data file for eval_task.")
+    eval_split: str | None = knob(None, "Split of eval_task (None: the task's own).")
+
+
+class ObjectiveConfig(Section):
+    """[objective]: docs/design.md section 2."""
+
+    questions_per_step: int = knob(
+        16, "Questions per batch, over all processes (reference 64; builtin 16).", ge=1
+    )
+    n_capable: int = knob(4, "n_M: signals per question (reference 4; GRPO needs >= 2).", ge=2)
+    n_light: int = knob(4, "n_m: answers of m per signal and standalone (reference 4).", ge=1)
+    length_bound: float = knob(64.0, "B: the signal length bound in tokens (builtin 64).", gt=0)
+    lambda_schedule: Literal["adaptive", "constant"] = knob("adaptive", "λ by dual ascent or fixed.")
+    lambda_init: float = knob(0.0, "λ_0 (reference 0).", ge=0, le=1)
+    lambda_lr: float = knob(0.01, "η of the dual ascent (reference 0.01).", ge=0)
+    use_marginal_utility: bool = knob(True, "Subtract r(m)(x) in R_M.")
+    kl_beta: float = knob(0.001, "β of the KL to the initial M in M's reward (reference).", ge=0)
+    clip_eps: float = knob(0.2, "PPO clip ε (reference 0.2).", gt=0, lt=1)
+
+
+class OptimizerConfig(Section):
+    """[optimizer]: AdamW and the passes over each batch."""
+
+    capable_lr: float = knob(1e-4, "AdamW learning rate of M (builtin 1e-4; Qwen 1e-6).", gt=0)
+    light_lr: float = knob(1e-4, "AdamW learning rate of m.", gt=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = knob(1.0, "Gradient clipping by the global norm (reference 1.0).", gt=0)
+    ppo_epochs: int = knob(1, "Passes over each batch's rollouts (reference 1).", ge=1)
+    mini_batches: int = knob(
+        1,
+        "Optimizer steps per pass, each on an equal share of the batch's questions (the reference takes 2 per "
+        "64-question batch). With more than one step per batch the PPO ratio leaves 1 and the clip acts; old "
+        "log-probs are those of the sampling policy, kept from before the first step.",
+        ge=1,
+    )
+
+
+class RolloutConfig(Section):
+    """[rollout]: how signals and answers are sampled."""
+
+    capable_temperature: float = knob(
+        1.0, "M's rollout temperature (> 0: log-probs are those of the tempered policy that sampled).", gt=0
+    )
+    light_temperature: float = knob(
+        1.0, "m's rollout temperature (> 0 when m is trained; 0 = greedy when it only answers).", ge=0
+    )
+    top_p: float = knob(
+        1.0,
+        "Must stay 1: the trained log-probs are those of the whole tempered distribution, so a truncated "
+        "sampler would not be the policy being trained.",
+    )
+    signal_max_tokens: int = knob(256, "Cap on a rollout signal (tokens).", ge=1)
+    answer_max_tokens: int = knob(32, "Cap on m's answers and standalone answers.", ge=1)
+    forced_stop_prob: float = knob(
+        0.0,
+        "Exploration: share of signals cut at a random line boundary and closed with the think tag, so GRPO "
+        "sees shorter signals than the model samples by itself.",
+        ge=0,
+        le=1,
+    )
+    forced_stop_credit: Literal["stop", "sequence"] = knob(
+        "stop",
+        "What a forced stop's advantage trains: 'stop' only the inserted close tag (the prefix was sampled "
+        "under a continuation that was thrown away, so its tokens get no credit for what the cut did), "
+        "'sequence' every token of the cut signal.",
+    )
+    check_rollout_logprobs: bool = knob(
+        False,
+        "Log `rollout_logprob_gap`: the largest difference between the log-probs the rollout engine sampled "
+        "with and those the trainer computes (0 up to numerics when the sampled policy is the trained one).",
+        resumable=True,
+    )
+    rollout_batch_tokens: int = knob(
+        262_144,
+        "hf rollout engine: rows per generate() call are bounded so that rows x (prompt + budget) stays under "
+        "this many tokens (KV cache memory), not by a fixed row count.",
+        ge=1,
+        resumable=True,
+    )
+    vllm_gpu_memory_utilization: float | None = knob(
+        None,
+        "vLLM rollout engines: each one's share of its device's memory. None: 0.3 for M and 0.15 for m on a "
+        "GPU; on a CPU, where the share is of CPU memory, an explicit 2 GiB KV cache each.",
+        gt=0,
+        le=1,
+        resumable=True,
+    )
+    vllm_sleep: bool = knob(
+        True,
+        "vLLM rollout engines: release weights and KV cache during the update (sleep level 2) and take the new "
+        "weights on waking, so training and rollouts share the GPU. vLLM has no sleep mode on a CPU: there the "
+        "engine says so once and keeps its memory.",
+        resumable=True,
+    )
+
+
+class ParallelConfig(Section):
+    """[parallel]: devices, processes, precision and memory."""
+
+    strategy: Literal["ddp", "fsdp"] = knob(
+        "ddp",
+        "ddp: every process holds whole models (a single process is DDP of one). fsdp: torch's FSDP2, each "
+        "process holds 1/N of each trained model's weights, gradients and AdamW state (and of the reference "
+        "model); rollouts then run on vLLM or, for hf specs, on an unsharded replica per process that takes "
+        "the pushed weights. Launch several processes with torchrun (docs/training.md#scale).",
+        resumable=True,
+    )
+    precision: Literal["fp32", "bf16-mixed"] = knob(
+        "fp32",
+        "bf16-mixed: fp32 master weights and optimizer state, bf16 compute for every forward (rollouts, "
+        "log-probs, updates); LoRA's frozen base and the reference model are stored in bf16. The GPU recipe's "
+        "choice: pure bf16 weights would drop AdamW updates below bf16's resolution (at lr 1e-6 about 2% of "
+        "entries change). fp32: everything in fp32 (the embedded pair).",
+    )
+    gradient_checkpointing: bool = knob(
+        False, "Recompute each layer's activations in the backward pass (memory for compute).", resumable=True
+    )
+    micro_batch: int = knob(64, "Sequences per forward/backward (memory knob only).", ge=1, resumable=True)
+    logprob_chunk: int = knob(
+        1024,
+        "Completion positions whose vocabulary logits exist at once when log-probs are computed (only "
+        "completion positions are scored; each chunk's logits are recomputed in the backward pass, never "
+        "kept for the whole batch).",
+        ge=1,
+        resumable=True,
+    )
+    device: str = knob(
+        "auto", "hf device: auto, cpu, cuda (each process takes its local rank's GPU).", resumable=True
+    )
+    dist_timeout_s: float = knob(
+        1800.0,
+        "Seconds a collective waits for the other processes before it fails with an error (torch's gloo "
+        "default). Longer than anything one process does alone between two collectives: the longest "
+        "rollout, a save.",
+        gt=0,
+        resumable=True,
+    )
+    staging_dir: str | None = knob(
+        None,
+        "Where each node stages the weights pushed to engines in other processes (vLLM) after every update, "
+        "one copy per node: None = /dev/shm when it has room for a copy, else the system's temporary folder. "
+        "Checked before step 0.",
+        resumable=True,
+    )
+    push_bucket_mb: float = knob(
+        512.0,
+        "Weight push: MB of tensors a node leader holds before writing them to the staged copy (its extra "
+        "memory during a push is this plus the largest tensor).",
+        gt=0,
+        resumable=True,
+    )
+
+
+class EvaluationConfig(Section):
+    """[evaluation]: the greedy pair evaluations during training."""
+
+    every: int = knob(10, "Greedy pair evaluation every N steps (0 = never).", ge=0, resumable=True)
+    questions: int = knob(
+        100, "Questions in that evaluation (the evaluation task's first ones).", ge=1, resumable=True
+    )
+
+
+class LoggingConfig(Section):
+    """[logging]: where metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = knob(True, "Also log to TensorBoard (if installed).", resumable=True)
+    wandb: bool = knob(False, "Also log to Weights & Biases (if installed).", resumable=True)
+
+
+class WarmStartConfig(Section):
+    """[warm_start]: fine-tune M on a probe's oracle cuts before GRPO."""
+
+    run: str | None = knob(
+        None,
+        "A `duet probe` run folder: before GRPO, M is fine-tuned on its own thinking cut at each training "
+        "question's oracle cut and closed (probe the training split: --split train). None: no warm start.",
+    )
+    epochs: int = knob(3, "Passes over the cuts.", ge=1)
+    lr: float = knob(1e-4, "AdamW learning rate (its own optimizer).", gt=0)
+    batch: int = knob(16, "Cuts per optimizer step.", ge=1)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "models": ModelsConfig,
+    "data": DataConfig,
+    "objective": ObjectiveConfig,
+    "optimizer": OptimizerConfig,
+    "rollout": RolloutConfig,
+    "parallel": ParallelConfig,
+    "evaluation": EvaluationConfig,
+    "logging": LoggingConfig,
+    "warm_start": WarmStartConfig,
+}
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # models and data
-    capable: str = Field(
-        "tiny-M", description="M to train (hf: or embedded name; vllm: rolls out with vLLM)."
-    )
-    light: str = Field("tiny-m", description="m to train (or only use, with train_light = false).")
-    task: str = Field("builtin", description="Training task (see duetlm.tasks).")
-    data: str | None = Field(None, description="Local data file for the task.")
-    split: str | None = Field(
-        None,
-        description="Split of `task` to train on: the builtin task's 'train' (its default here) or a "
-        "hub split; None = the task's own (ignored with a data file).",
-    )
-    fields: dict[str, str] = Field(
-        default_factory=dict, description="Field mapping for the training data (see duetlm.tasks.fields)."
-    )
-    eval_task: str | None = Field(
-        None,
-        description="Task of the greedy evaluations; None = the builtin task's test split (builtin only). "
-        "Training and evaluation data must differ: a config that names the same data for both is refused, "
-        "and training questions that also occur in the evaluation set are dropped.",
-    )
-    eval_data: str | None = Field(None, description="Local data file for eval_task.")
-    eval_split: str | None = Field(None, description="Split of eval_task (None: the task's own).")
-    out: str = Field("runs/train", description="Run folder: checkpoints, metrics.jsonl, TensorBoard.")
-    seed: int = Field(0, description="Seeds data order, sampling and forced stops.")
-    device: str = Field("auto", description="hf device for single-process runs.")
-
-    # the objective (docs/design.md section 2)
-    steps: int = Field(100, ge=1, description="Optimizer steps (batches).")
-    questions_per_step: int = Field(16, ge=1, description="Questions per batch (reference 64; builtin 16).")
-    n_capable: int = Field(4, ge=2, description="n_M: signals per question (reference 4; GRPO needs >= 2).")
-    n_light: int = Field(4, ge=1, description="n_m: answers of m per signal and standalone (reference 4).")
-    length_bound: float = Field(64.0, gt=0, description="B: the signal length bound in tokens (builtin 64).")
-    lambda_schedule: Literal["adaptive", "constant"] = Field(
-        "adaptive", description="λ by dual ascent or fixed."
-    )
-    lambda_init: float = Field(0.0, ge=0, le=1, description="λ_0 (reference 0).")
-    lambda_lr: float = Field(0.01, ge=0, description="η of the dual ascent (reference 0.01).")
-    use_marginal_utility: bool = Field(True, description="Subtract r(m)(x) in R_M.")
-    kl_beta: float = Field(0.001, ge=0, description="β of the KL to the initial M in M's reward (reference).")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip ε (reference 0.2).")
-    train_light: bool = Field(True, description="Update m too (false: train M only).")
-    single_model: bool = Field(False, description="Length-penalty GRPO baseline: M alone, reward acc − λL/B.")
-
-    # optimization
-    capable_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of M (builtin 1e-4; Qwen 1e-6).")
-    light_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of m.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (reference 1.0).")
-    micro_batch: int = Field(64, ge=1, description="Sequences per forward/backward (memory knob only).")
-    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch's rollouts (reference 1).")
-    mini_batches: int = Field(
-        1,
-        ge=1,
-        description="Optimizer steps per pass, each on an equal share of the batch's questions (the "
-        "reference takes 2 per 64-question batch). With more than one step per batch the PPO ratio "
-        "leaves 1 and the clip acts; old log-probs are those of the sampling policy, kept from before "
-        "the first step.",
-    )
-    precision: Literal["fp32", "bf16-mixed"] = Field(
-        "fp32",
-        description="bf16-mixed: fp32 master weights and optimizer state, bf16 autocast for every forward "
-        "(rollouts, log-probs, updates); LoRA's frozen base and the reference model are stored in bf16. "
-        "The GPU recipe's choice: pure bf16 weights would drop AdamW updates below bf16's resolution "
-        "(at lr 1e-6 about 2% of entries change). fp32: everything in fp32 (the embedded pair).",
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute each layer's activations in the backward pass (memory for compute)."
-    )
-    logprob_chunk: int = Field(
-        1024,
-        ge=1,
-        description="Completion positions whose vocabulary logits exist at once when log-probs are "
-        "computed (only completion positions are scored; each chunk's logits are recomputed in the "
-        "backward pass, never kept for the whole batch).",
-    )
-    rollout_batch_tokens: int = Field(
-        262_144,
-        ge=1,
-        description="hf rollout engine: rows per generate() call are bounded so that rows x (prompt + "
-        "budget) stays under this many tokens (KV cache memory), not by a fixed row count.",
-    )
-    check_rollout_logprobs: bool = Field(
-        False,
-        description="Log `rollout_logprob_gap`: the largest difference between the log-probs the rollout "
-        "engine sampled with and those the trainer computes (0 up to numerics when the sampled policy is "
-        "the trained one). The hf engine keeps B x V scores per step for it: small runs and tests.",
-    )
-    vllm_gpu_memory_utilization: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="vLLM rollout engine (a vllm: capable spec): its share of the device's memory. None: "
-        "0.3 on a GPU; on a CPU, where the share is of CPU memory, an explicit 2 GiB KV cache.",
-    )
-    vllm_sleep: bool = Field(
-        True,
-        description="vLLM rollout engine: release its weights and KV cache during the update (sleep "
-        "level 2) and take the new weights on waking, so training and rollouts share the GPU. vLLM has no "
-        "sleep mode on a CPU: there the engine says so once and keeps its memory.",
-    )
-    warm_start: str | None = Field(
-        None,
-        description="A `duet probe` run folder: before GRPO, M is fine-tuned on its own thinking cut at "
-        "each training question's oracle cut and closed (probe the training split: --split train).",
-    )
-    warm_start_epochs: int = Field(3, ge=1, description="Warm start: passes over the cuts.")
-    warm_start_lr: float = Field(
-        1e-4, gt=0, description="Warm start: AdamW learning rate (its own optimizer)."
-    )
-    warm_start_batch: int = Field(16, ge=1, description="Warm start: cuts per optimizer step.")
-    lora_capable: LoraSettings | None = Field(None, description="LoRA for M; None = full fine-tuning.")
-    lora_light: LoraSettings | None = Field(None, description="LoRA for m; None = full fine-tuning.")
-    merge_adapters: bool = Field(True, description="Save LoRA models merged into plain HF folders.")
-
-    # sampling
-    capable_temperature: float = Field(1.0, ge=0, description="M's rollout temperature.")
-    light_temperature: float = Field(1.0, ge=0, description="m's rollout temperature.")
-    top_p: float = Field(
-        1.0,
-        description="Must stay 1: the trained log-probs are those of the whole tempered distribution, so "
-        "a truncated sampler would not be the policy being trained.",
-    )
-    signal_max_tokens: int = Field(256, ge=1, description="Cap on a rollout signal (tokens).")
-    answer_max_tokens: int = Field(32, ge=1, description="Cap on m's answers and standalone answers.")
-    forced_stop_prob: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="Exploration: share of signals cut at a random line boundary and closed with the "
-        "think tag, so GRPO sees shorter signals than the model samples by itself.",
-    )
-    forced_stop_credit: Literal["stop", "sequence"] = Field(
-        "stop",
-        description="What a forced stop's advantage trains: 'stop' only the inserted close tag (the "
-        "prefix was sampled under a continuation that was thrown away, so its tokens get no credit "
-        "for what the cut did), 'sequence' every token of the cut signal.",
+    out: str = knob("runs/train", "Run folder: checkpoints, metrics.jsonl, TensorBoard.", resumable=True)
+    seed: int = knob(0, "Seeds data order, every rollout's sampling and forced stops.")
+    steps: int = knob(100, "Optimizer steps (batches).", ge=1, resumable=True)
+    save_every: int = knob(
+        1, "Checkpoint every N steps (1: a kill loses at most one step).", ge=1, resumable=True
     )
 
-    # evaluation, logging, checkpoints
-    eval_every: int = Field(10, ge=0, description="Greedy pair evaluation every N steps (0 = never).")
-    eval_questions: int = Field(
-        100, ge=1, description="Questions in that evaluation (the task's test split)."
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description=ModelsConfig.__doc__)
+    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description=ObjectiveConfig.__doc__)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description=OptimizerConfig.__doc__)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description=RolloutConfig.__doc__)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description=ParallelConfig.__doc__)
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description=EvaluationConfig.__doc__
     )
-    save_every: int = Field(
-        1, ge=1, description="Checkpoint every N steps (1: a kill loses at most one step)."
-    )
-    keep_checkpoints: int = Field(1, ge=1, description="How many step checkpoints to keep besides `last`.")
-    tensorboard: bool = Field(True, description="Also log to TensorBoard (if installed).")
-    wandb: bool = Field(False, description="Also log to Weights & Biases (if installed).")
-
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description=LoggingConfig.__doc__)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description=WarmStartConfig.__doc__)
     duet: DuetConfig = Field(
         default_factory=DuetConfig, description="Prompts and templates (shared with inference)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_named(cls, data: Any) -> Any:
+        """A knob written at the top level (as in a flat config) is pointed to its section."""
+        if not isinstance(data, dict):
+            return data
+        paths = field_paths() | RENAMED
+        for key, value in data.items():
+            if key not in cls.model_fields and key in paths:
+                section, name = paths[key].split(".")
+                raise ValueError(
+                    f"`{key}` belongs in the [{section}] section, as `{name}` ({paths[key]} = ...)"
+                )
+            if key == "keep_checkpoints":
+                raise ValueError("`keep_checkpoints` is gone: a run keeps its `last` checkpoint only")
+            if key == "warm_start" and isinstance(value, str):
+                raise ValueError(f"warm_start is a section: [warm_start] run = {value!r}")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.single_model and self.train_light:
+        models, rollout = self.models, self.rollout
+        if models.single_model and models.train_light:
             # m plays no part in the single-model baseline; training it would be wasted work.
-            self.train_light = False
-        if self.top_p != 1.0:
+            self.models.train_light = False
+        if rollout.top_p != 1.0:
             raise ValueError(
-                f"top_p = {self.top_p}: rollouts must sample the whole tempered distribution (top_p = 1), "
-                "the one whose log-probs are trained"
+                f"rollout.top_p = {rollout.top_p}: rollouts must sample the whole tempered distribution "
+                "(top_p = 1), the one whose log-probs are trained"
             )
-        if self.eval_task is None and self.task != "builtin":
+        if self.trains_light and rollout.light_temperature == 0:
             raise ValueError(
-                f"eval_task is required for task {self.task!r}: name a held-out evaluation set "
+                "rollout.light_temperature = 0 with m trained: greedy answers are not samples of the policy "
+                "whose log-probs are trained (and GRPO's groups would hold copies); sample at T > 0 (e.g. 1.0), "
+                "or set models.train_light = false"
+            )
+        data = self.data
+        if data.eval_task is None and data.task != "builtin":
+            raise ValueError(
+                f"data.eval_task is required for task {data.task!r}: name a held-out evaluation set "
                 "(e.g. task = 'math_train', eval_task = 'math500')"
             )
         if self.evaluation_source == self.training_source:
             raise ValueError(
-                f"training and evaluation read the same data ({self.task}, split {self.split or 'default'}, "
-                f"data {self.data}): evaluate on a held-out set (eval_task / eval_split / eval_data)"
+                f"training and evaluation read the same data ({data.task}, split {data.split or 'default'}, "
+                f"data {data.data}): evaluate on a held-out set (data.eval_task / eval_split / eval_data)"
             )
-        if self.questions_per_step % self.mini_batches:
+        per_step, mini = self.objective.questions_per_step, self.optimizer.mini_batches
+        if per_step % mini:
             raise ValueError(
-                f"mini_batches = {self.mini_batches} must divide questions_per_step = {self.questions_per_step}"
+                f"optimizer.mini_batches = {mini} must divide objective.questions_per_step = {per_step}"
             )
         return self
 
     @property
+    def trains_light(self) -> bool:
+        return self.models.train_light and not self.models.single_model
+
+    @property
     def training_source(self) -> tuple:
-        split = self.split or ("train" if self.task == "builtin" else None)
-        return (self.task, split, self.data)
+        data = self.data
+        split = data.split or ("train" if data.task == "builtin" else None)
+        return (data.task, split, data.data)
 
     @property
     def evaluation_source(self) -> tuple:
-        task = self.eval_task or self.task
-        split = self.eval_split or ("test" if task == "builtin" else None)
-        return (task, split, self.eval_data)
+        data = self.data
+        task = data.eval_task or data.task
+        split = data.eval_split or ("test" if task == "builtin" else None)
+        return (task, split, data.eval_data)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         return load_model_file(cls, path)
+
+
+RENAMED = {
+    "eval_every": "evaluation.every",
+    "eval_questions": "evaluation.questions",
+    "warm_start_epochs": "warm_start.epochs",
+    "warm_start_lr": "warm_start.lr",
+    "warm_start_batch": "warm_start.batch",
+}
+"""Knobs of the flat layout whose name changed with their section."""
+
+
+def field_paths() -> dict[str, str]:
+    """Every section knob's name -> its dotted path (`kl_beta` -> `objective.kl_beta`)."""
+    return {name: f"{section}.{name}" for section, model in SECTIONS.items() for name in model.model_fields}
+
+
+def resumable_paths() -> frozenset[str]:
+    """Dotted paths of the knobs a resumed run may change (marked `resumable`)."""
+    paths = {name for name, f in TrainConfig.model_fields.items() if _resumable(f)}
+    for section, model in SECTIONS.items():
+        paths |= {f"{section}.{name}" for name, f in model.model_fields.items() if _resumable(f)}
+    return frozenset(paths)
+
+
+def _resumable(field) -> bool:
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("resumable"))
+
+
+def with_settings(config: TrainConfig, settings: dict[str, Any], source: str = "config") -> TrainConfig:
+    """`config` with `settings` ({"objective.kl_beta": 0.0, "steps": 3}) applied and checked
+    again, as `duet train --set` applies them (a ConfigError names what is wrong)."""
+    from duetlm.errors import ConfigError
+
+    data = config.model_dump()
+    for path, value in settings.items():
+        *sections, name = path.split(".")
+        target = data
+        for section in sections:
+            if not isinstance(target.get(section), dict):
+                known = ", ".join(SECTIONS)
+                raise ConfigError(f"{source}: {path}: no section {section!r} here (sections: {known})")
+            target = target[section]
+        target[name] = value
+    return validate_config(TrainConfig, data, source=f"{source} with {', '.join(settings)}")

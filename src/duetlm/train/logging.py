@@ -29,7 +29,7 @@ class MetricsLog:
                 if isinstance(row, dict) and row.get("step", 0) <= keep_until
             ]
         self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        if config.tensorboard:
+        if config.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -39,7 +39,7 @@ class MetricsLog:
                     "tensorboard is not installed: metrics go to metrics.jsonl only "
                     "(pip install 'duetlm[train]', or tensorboard = false in the config)"
                 )
-        if config.wandb:
+        if config.logging.wandb:
             try:
                 import wandb
 

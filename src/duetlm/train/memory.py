@@ -1,13 +1,17 @@
 """`duet train --dry-run`: what a training config needs on each device, before anything loads.
 
-DDP gives every device whole models and a share of the questions, so the plan is the same on
-each device. It counts, per model: weights (fp32 master copies of what is trained, bf16 for
-what is frozen under bf16-mixed), gradients, AdamW's two moments, the reference model, the
-activations of one micro-batch (checkpointed or not), the fp32 logits of one log-prob chunk,
-and the rollout engine (vLLM's reserved share, or the hf engine's KV cache). Rollouts and the
-update do not overlap: gradients are freed after every optimizer step, and a sleeping vLLM
-engine gives its memory back during the update, so the peak is the larger of the two phases.
-Estimates, not measurements: activations vary with the attention kernel; allow 10-20%.
+Every device gets a share of the questions and the same plan. It counts, per model: weights
+(fp32 master copies of what is trained, bf16 for what is frozen under bf16-mixed), gradients,
+AdamW's two moments, the reference model (all whole under ddp, 1/N each under fsdp, plus the
+layers FSDP gathers while they compute), the activations of one micro-batch (checkpointed or
+not), the fp32 logits of one log-prob chunk, the rollout engine (vLLM's reserved share, or the
+hf engine's KV cache, over an unsharded replica under fsdp) and the weight push (the largest
+tensor gathered whole, and a node leader's bucket). Rollouts, the update and the push do not
+overlap: gradients are freed after every optimizer step, a sleeping vLLM engine gives its
+memory back during the update, and the push follows the update; the peak is the largest of
+the three phases. Host memory is reported beside it: the staged copy per node, and what a save
+gathers on the main process. Estimates, not measurements: activations vary with the attention
+kernel; allow 10-20%.
 
 Model shapes come from a local folder's config.json, or for the Qwen3 models the recipe uses
 from the table below (their published configs), so the plan runs offline.
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duetlm.errors import ConfigError
-from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.config import LoraSettings, TrainConfig, with_settings
 
 GB = 1e9
 
@@ -40,13 +44,16 @@ class Shape:
 
     @property
     def params(self) -> int:
+        """All weights, a tied output layer once (what a checkpoint and a push hold)."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.layer_params + embeddings + self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer: q, k, v, o (and Qwen3's per-head norms), the SwiGLU MLP, two norms."""
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attention = (
-            h * q + 2 * h * kv + q * h + (2 * self.head_dim if self.qk_norm else 0)
-        )  # q, k, v, o; norms
-        layer = attention + 3 * h * self.intermediate + 2 * h  # SwiGLU MLP; two norms
-        embeddings = self.vocab * h * (1 if self.tied else 2)
-        return self.layers * layer + embeddings + h
+        attention = h * q + 2 * h * kv + q * h + (2 * self.head_dim if self.qk_norm else 0)
+        return attention + 3 * h * self.intermediate + 2 * h
 
     def lora_params(self, lora: LoraSettings) -> int:
         h, q, kv, i = (
@@ -138,7 +145,10 @@ def parse_size(text: str) -> float:
     return float(match.group(1)) * scale
 
 
-TRANSIENT = ("gradients", "activations", "logits chunk", "rollout engine")
+UPDATE_ROWS = ("gradients", "activations", "logits chunk", "FSDP gathered weights")
+ROLLOUT_ROWS = ("rollout engine",)
+PUSH_ROWS = ("weight push",)
+TRANSIENT = UPDATE_ROWS + ROLLOUT_ROWS + PUSH_ROWS
 
 
 @dataclass
@@ -146,14 +156,23 @@ class ModelPlan:
     name: str
     params: int
     trainable: int
-    rows: dict[str, float]  # what -> bytes
-    rollout: float  # bytes alive only while rolling out (the engine)
-    update: float  # bytes alive only while updating (gradients, activations, logits)
+    rows: dict[str, float]  # what -> bytes on one device
     engine: str  # what the rollout engine row is
+    host_rows: dict[str, float]  # what -> bytes of host memory (per node, or on the main process)
 
     @property
     def resident(self) -> float:
         return sum(v for k, v in self.rows.items() if k not in TRANSIENT)
+
+    def phase(self, names: tuple[str, ...]) -> float:
+        return sum(self.rows.get(k, 0.0) for k in names)
+
+
+def _sequence(role: str, cfg: TrainConfig) -> int:
+    """Tokens of one training row: M's prompt and signal; m's prompt holds the signal too."""
+    if role == "M":
+        return cfg.rollout.signal_max_tokens + 512
+    return cfg.rollout.signal_max_tokens + cfg.rollout.answer_max_tokens + 512
 
 
 def model_plan(
@@ -165,67 +184,113 @@ def model_plan(
     device_memory: float,
     devices: int,
 ) -> ModelPlan:
+    """One model's bytes per device. Under fsdp a trained model and M's reference are sharded
+    over the `devices` (1/N each), and a layer is gathered whole in the compute dtype while it
+    computes (the root, embedding and head, stays gathered through a pass: FSDP2 keeps the root
+    unsharded after its forward)."""
     shape = shape_of(spec)
-    bf16 = cfg.precision == "bf16-mixed"
+    parallel, rollout = cfg.parallel, cfg.rollout
+    bf16 = parallel.precision == "bf16-mixed"
+    compute = 2 if bf16 else 4
     n = shape.params
+    sharded = trained and parallel.strategy == "fsdp" and lora is None
+    share = devices if sharded else 1
     trainable = (shape.lora_params(lora) if lora is not None else n) if trained else 0
     if not trained:
-        weights = n * (2 if bf16 else 4)
+        weights = n * compute
     elif lora is not None:
-        weights = n * (2 if bf16 else 4) + trainable * 4
+        weights = n * compute + trainable * 4
     else:
-        weights = n * 4
-    rows = {"weights": weights, "gradients": trainable * 4, "AdamW state": trainable * 8}
-    if role == "M" and cfg.kl_beta > 0 and lora is None and not cfg.single_model:
-        rows["reference model"] = n * (2 if bf16 else 4)
-    questions = cfg.questions_per_step // devices
-    sequence = (
-        cfg.signal_max_tokens + 512 if role == "M" else cfg.signal_max_tokens + cfg.answer_max_tokens + 512
-    )
-    rows["activations"] = (
-        cfg.micro_batch * sequence * shape.activation_bytes_per_token(cfg.gradient_checkpointing)
-        if trained
-        else 0
-    )
-    rows["logits chunk"] = cfg.logprob_chunk * shape.vocab * (2 + 4 + 4) if trained else 0  # bf16, fp32, grad
-    if role == "M" and spec.startswith("vllm:"):
-        share = cfg.vllm_gpu_memory_utilization or 0.3  # the GPU default
-        rows["rollout engine"] = share * device_memory
-        asleep = ", asleep in updates" if cfg.vllm_sleep else ""
-        label = f"vLLM engine ({share:.0%} of the device reserved{asleep})"
+        weights = n * 4 / share
+    rows = {"weights": weights, "gradients": trainable * 4 / share, "AdamW state": trainable * 8 / share}
+    if role == "M" and cfg.objective.kl_beta > 0 and lora is None:
+        rows["reference model"] = n * compute / (devices if parallel.strategy == "fsdp" else 1)
+    if trained:
+        tokens = parallel.micro_batch * _sequence(role, cfg)
+        rows["activations"] = tokens * shape.activation_bytes_per_token(parallel.gradient_checkpointing)
+        rows["logits chunk"] = parallel.logprob_chunk * shape.vocab * (2 + 4 + 4)  # bf16, fp32, grad
+    if sharded:
+        root = shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden
+        rows["FSDP gathered weights"] = (
+            root + 2 * shape.layer_params
+        ) * compute  # root + a layer and the next
+    vllm = spec.startswith("vllm:")
+    engine_dtype = 2 if bf16 else 4
+    if vllm:
+        share_of_device = rollout.vllm_gpu_memory_utilization or (
+            0.3 if role == "M" else 0.15
+        )  # GPU defaults
+        rows["rollout engine"] = share_of_device * device_memory
+        asleep = ", asleep in updates" if rollout.vllm_sleep else ""
+        label = f"vLLM engine ({share_of_device:.0%} of the device reserved{asleep})"
     else:
-        rows_per_call = questions * (cfg.n_capable if role == "M" else cfg.n_capable * cfg.n_light)
-        tokens = min(cfg.rollout_batch_tokens, rows_per_call * sequence)  # m's prompt holds the signal
+        questions = cfg.objective.questions_per_step // devices
+        per_question = (
+            cfg.objective.n_capable if role == "M" else cfg.objective.n_capable * cfg.objective.n_light
+        )
+        tokens = min(rollout.rollout_batch_tokens, questions * per_question * _sequence(role, cfg))
         rows["rollout engine"] = tokens * shape.kv_bytes_per_token()
         label = f"hf engine KV cache ({tokens:,} tokens)"
-    rollout = rows["rollout engine"]
-    if role == "M" and spec.startswith("vllm:") and not cfg.vllm_sleep:
-        rows.pop("rollout engine")
-        rows["vLLM engine (always resident)"] = rollout
-        rollout = 0.0
-    update = rows["gradients"] + rows["activations"] + rows["logits chunk"]
-    return ModelPlan(f"{role} {re.sub(r'^(hf|vllm):', '', spec)}", n, trainable, rows, rollout, update, label)
+        if sharded:
+            rows["hf replica (unsharded)"] = n * 4
+            label += " over an unsharded replica"
+    if vllm and not rollout.vllm_sleep:
+        rows["vLLM engine (always resident)"] = rows.pop("rollout engine")
+    host: dict[str, float] = {}
+    if trained and (vllm or sharded):
+        # a push gathers one tensor at a time (the largest: the embedding), in the engine's dtype;
+        # a node leader holds a bucket of them before writing the node's staged copy
+        largest = shape.vocab * shape.hidden * engine_dtype
+        bucket = parallel.push_bucket_mb * 2**20 if vllm else 0.0
+        rows["weight push"] = largest + bucket
+        if vllm:
+            host["staged copy per node (/dev/shm)"] = shape.params * engine_dtype
+    if trained:
+        host["save: whole model + AdamW state on the main process"] = trainable * 12 + (n - trainable) * 4
+    name = f"{role} {re.sub(r'^(hf|vllm):', '', spec)}"
+    return ModelPlan(name, n, trainable, rows, label, host)
 
 
 def plan(cfg: TrainConfig, device_memory: float, devices: int) -> tuple[list[ModelPlan], float]:
-    """(per-model plans, peak bytes per device)."""
-    plans = [model_plan("M", cfg.capable, cfg, cfg.lora_capable, True, device_memory, devices)]
-    if not cfg.single_model:
-        plans.append(model_plan("m", cfg.light, cfg, cfg.lora_light, cfg.train_light, device_memory, devices))
+    """(per-model plans, peak bytes per device). Rollouts, updates and pushes do not overlap:
+    gradients are freed after every optimizer step, sleeping vLLM engines give their memory
+    back during updates, and a push runs after the update."""
+    plans = [model_plan("M", cfg.models.capable, cfg, cfg.models.lora_capable, True, device_memory, devices)]
+    if not cfg.models.single_model:
+        plans.append(
+            model_plan(
+                "m", cfg.models.light, cfg, cfg.models.lora_light, cfg.trains_light, device_memory, devices
+            )
+        )
+    return plans, max(phases(plans).values())
+
+
+def phases(plans: list[ModelPlan]) -> dict[str, float]:
     resident = sum(p.resident for p in plans)
-    rollout_phase = resident + sum(p.rollout for p in plans)
-    update_phase = resident + max(p.update for p in plans)  # M and m update one after the other
-    return plans, max(rollout_phase, update_phase)
+    engines = sum(p.phase(ROLLOUT_ROWS) for p in plans)
+    return {
+        "rollout": resident + engines,
+        "update": resident + max(p.phase(UPDATE_ROWS) for p in plans),  # M and m update one after the other
+        "push": resident + engines + max(p.phase(PUSH_ROWS) for p in plans),  # engines awake to take weights
+    }
 
 
-def render(cfg: TrainConfig, device_memory: float, devices: int) -> tuple[str, bool]:
+def render(cfg: TrainConfig, device_memory: float, devices: int, nodes: int = 1) -> tuple[str, bool]:
     """The plan as text, and whether it fits; when it does not, the changes that would."""
+    if devices % nodes:
+        raise ConfigError(f"--devices {devices} do not split evenly over --nodes {nodes}")
     plans, peak = plan(cfg, device_memory, devices)
+    strategy = cfg.parallel.strategy
+    layout = (
+        "FSDP2 (trained models and the reference sharded over all devices)"
+        if strategy == "fsdp"
+        else "DDP (whole models on each)"
+    )
     width = 34
     lines = [
-        f"memory plan per device: {devices} device(s) of {device_memory / GB:.0f} GB, DDP (whole models on each),",
-        f"{cfg.questions_per_step // devices} question(s) per device per step, precision {cfg.precision}, "
-        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+        f"memory plan per device: {devices} device(s) of {device_memory / GB:.0f} GB on {nodes} node(s), {layout},",
+        f"{cfg.objective.questions_per_step // devices} question(s) per device per step, precision "
+        f"{cfg.parallel.precision}, gradient checkpointing {'on' if cfg.parallel.gradient_checkpointing else 'off'}",
         "",
         f"{'':<{width}}" + "".join(f"{p.name:>22}" for p in plans),
         f"{'parameters (trained)':<{width}}"
@@ -236,14 +301,22 @@ def render(cfg: TrainConfig, device_memory: float, devices: int) -> tuple[str, b
         lines.append(f"{key:<{width}}" + "".join(f"{p.rows.get(key, 0) / GB:>19.1f} GB" for p in plans))
     for p in plans:
         lines.append(f"  {p.name}: {p.engine}")
+    by_phase = phases(plans)
     resident = sum(p.resident for p in plans)
     lines += [
         "",
         f"resident (weights, optimizer, reference): {resident / GB:.1f} GB",
-        f"rollout phase: {(resident + sum(p.rollout for p in plans)) / GB:.1f} GB; "
-        f"update phase: {(resident + max(p.update for p in plans)) / GB:.1f} GB",
+        "; ".join(f"{name} phase: {value / GB:.1f} GB" for name, value in by_phase.items()),
         f"peak: {peak / GB:.1f} GB of {device_memory / GB:.0f} GB",
     ]
+    host = {}
+    for p in plans:
+        for key, value in p.host_rows.items():
+            host[key] = host.get(key, 0.0) + value
+    if host:
+        lines.append(
+            "host memory: " + "; ".join(f"{key}: {value / GB:.1f} GB" for key, value in host.items())
+        )
     fits = peak <= device_memory
     if fits:
         lines.append(f"verdict: fits ({(device_memory - peak) / GB:.1f} GB to spare)")
@@ -252,23 +325,39 @@ def render(cfg: TrainConfig, device_memory: float, devices: int) -> tuple[str, b
     for change, changed in _remedies(cfg):
         _, new_peak = plan(changed, device_memory, devices)
         verdict = "fits" if new_peak <= device_memory else "still does not fit"
-        lines.append(f"  with {change}: peak {new_peak / GB:.1f} GB, {verdict}")
+        lines.append(f"  {change}: peak {new_peak / GB:.1f} GB, {verdict}")
     return "\n".join(lines), False
 
 
 def _remedies(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
-    lora = LoraSettings(r=64, alpha=128)
-    steps = []
-    if cfg.lora_capable is None:
-        steps.append(("lora_capable = { r = 64, alpha = 128 }", {"lora_capable": lora}))
-    if cfg.precision != "bf16-mixed":
-        steps.append(("precision = 'bf16-mixed'", {"precision": "bf16-mixed"}))
-    if not cfg.gradient_checkpointing:
-        steps.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
-    if cfg.lora_light is None and cfg.train_light:
-        steps.append(("lora_light = { r = 64, alpha = 128 }", {"lora_light": lora}))
+    """Changes that shrink the plan, each adding to the ones before: sharding, bf16 compute,
+    checkpointing, then LoRA (which trains under ddp: its trained weights are small already)."""
+    lora = {"r": 64, "alpha": 128}
+    full = cfg.models.lora_capable is None and cfg.models.lora_light is None
+    steps: list[tuple[str, dict]] = []
+    if cfg.parallel.strategy == "ddp" and full:
+        steps.append(("parallel.strategy = 'fsdp'", {"parallel.strategy": "fsdp"}))
+    if cfg.parallel.precision != "bf16-mixed":
+        steps.append(("parallel.precision = 'bf16-mixed'", {"parallel.precision": "bf16-mixed"}))
+    if not cfg.parallel.gradient_checkpointing:
+        steps.append(("parallel.gradient_checkpointing = true", {"parallel.gradient_checkpointing": True}))
+    lora_steps = []
+    if cfg.models.lora_capable is None:
+        lora_steps.append(("models.lora_capable = { r = 64, alpha = 128 }", {"models.lora_capable": lora}))
+    if cfg.models.lora_light is None and cfg.trains_light:
+        lora_steps.append(("models.lora_light = { r = 64, alpha = 128 }", {"models.lora_light": lora}))
     out, update = [], {}
     for label, change in steps:  # cumulative: each line adds to the ones above it
         update |= change
-        out.append((("... and " if out else "") + label, cfg.model_copy(update=dict(update))))
+        out.append((("... and " if out else "with ") + label, with_settings(cfg, update)))
+    sharded = update.pop("parallel.strategy", None) is not None  # LoRA instead of sharding, from here on
+    for index, (label, change) in enumerate(lora_steps):
+        update |= change
+        if index == 0 and cfg.parallel.strategy == "fsdp":
+            update["parallel.strategy"] = "ddp"
+            label = f"parallel.strategy = 'ddp' and {label}"
+        prefix = "... and " if out else "with "
+        if index == 0 and sharded:
+            prefix = "or, under ddp, with "
+        out.append((prefix + label, with_settings(cfg, update)))
     return out

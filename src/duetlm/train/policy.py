@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from duetlm.train.config import LoraSettings
 from duetlm.train.grpo import token_logps
+
+if TYPE_CHECKING:
+    from duetlm.train.engines import RolloutEngine
 
 
 class LogprobNet(torch.nn.Module):
@@ -35,13 +39,14 @@ class LogprobNet(torch.nn.Module):
 class Policy:
     """A trainable model with its tokenizer, optimizer and the engine that samples from it."""
 
-    lm: torch.nn.Module  # the causal LM (peft-wrapped with LoRA); what rollouts and saving use
-    net: torch.nn.Module  # LogprobNet around `lm`, DDP-wrapped under several processes
+    lm: torch.nn.Module  # the causal LM (peft-wrapped with LoRA; sharded in place under FSDP)
+    net: torch.nn.Module  # LogprobNet around `lm`: sharded, DDP-wrapped, or itself
     tokenizer: object
     optimizer: torch.optim.Optimizer | None
-    engine: object  # a Backend: the hf backend over `lm`, or a vLLM rollout engine
+    engine: RolloutEngine  # what samples this model's rollouts
     temperature: float = 1.0  # the rollout temperature: log-probs are those of what was sampled
     lora: bool = False
+    name: str = "capable"  # the role: capable (M) or light (m)
 
 
 def autocast(device: torch.device, precision: str):
@@ -96,23 +101,8 @@ def load_lm(
 
 
 def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights as a plain Hugging Face checkpoint names them, LoRA deltas merged in, without
-    touching the model (merging in place and back would round the base weights each step)."""
-    if not hasattr(lm, "get_base_model"):
-        return {name: p.detach() for name, p in lm.state_dict().items()}
-    from peft.tuners.lora import LoraLayer
+    """The weights as a plain Hugging Face checkpoint names them, LoRA deltas merged in (the
+    whole model at once: for saving; pushes go tensor by tensor, `parallel.full_tensors`)."""
+    from duetlm.train.parallel import full_tensors
 
-    base = lm.get_base_model()
-    merged = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            weight = module.get_base_layer().weight
-            merged[f"{name}.weight"] = (weight.float() + delta.float()).to(weight.dtype).detach()
-    out = {}
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name:
-            continue
-        plain = name.replace(".base_layer.", ".")
-        out[plain] = merged.get(plain, tensor.detach())
-    return out
+    return dict(full_tensors(lm, tied=False))

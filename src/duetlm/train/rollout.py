@@ -9,7 +9,7 @@ scores (correctness, lengths) and the sequences the update trains on.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from duetlm.protocol import (
     user_prompt,
 )
 from duetlm.tasks import Example, grade
+from duetlm.train.batch import RolloutBatch, StepQuestions, sample_seed
 from duetlm.train.config import TrainConfig
 from duetlm.train.policy import Policy, autocast
 from duetlm.train.sequences import Sequences, force_early_stop, pack
@@ -39,7 +40,7 @@ class Signal:
 @dataclass
 class CapableRollout:
     signals: list[list[Signal]]  # (Q, S)
-    seqs: Sequences  # Q*S rows, question-major
+    batch: RolloutBatch  # one row per signal
 
     @property
     def lengths(self) -> torch.Tensor:  # (Q, S) L(y) in tokens
@@ -49,12 +50,19 @@ class CapableRollout:
     def forced(self) -> torch.Tensor:  # (Q, S) 1 where the trainer cut the signal
         return torch.tensor([[float(s.forced) for s in group] for group in self.signals])
 
+    def signal_of_row(self, row: int) -> Signal:
+        return self.signals[int(self.batch.question[row])][int(self.batch.signal[row])]
+
 
 class Rollouts:
+    """The step's three rollouts. Every request is seeded from what it is (`sample_seed`:
+    the run's seed, the step, the role, the question's place in the step's batch, the signal
+    and answer index), so the samples do not depend on how the batch is sharded or grouped."""
+
     def __init__(self, cfg: TrainConfig, capable: Policy, light: Policy, device: torch.device) -> None:
         self.cfg, self.capable, self.light, self.device = cfg, capable, light, device
         self.duet_config = cfg.duet.model_copy(
-            update={"seed": None, "answer_max_tokens": cfg.answer_max_tokens}
+            update={"seed": None, "answer_max_tokens": cfg.rollout.answer_max_tokens}
         )
         self.close_ids = capable.tokenizer(cfg.duet.prompts.think_close, add_special_tokens=False)[
             "input_ids"
@@ -63,114 +71,137 @@ class Rollouts:
     def _sampling(self, temperature: float):
         return self.duet_config.model_copy(update={"temperature": temperature, "top_p": 1.0, "top_k": 0})
 
+    def _seeded(self, request: GenerationRequest, seed: int) -> GenerationRequest:
+        sampling = replace(request.sampling, seed=seed, logprobs=self.cfg.rollout.check_rollout_logprobs)
+        return replace(request, sampling=sampling)
+
     def _generate(self, policy: Policy, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        if self.cfg.check_rollout_logprobs:
-            requests = [
-                GenerationRequest(r.messages, _with_logprobs(r.sampling), r.prefill, r.chat_template_kwargs)
-                for r in requests
-            ]
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.cfg.parallel.precision):
             return policy.engine.generate(requests)
 
-    def capable_signals(self, questions: list[Example], step: int) -> CapableRollout:
+    def _seed(self, questions: StepQuestions, role: str, key: tuple[int, int, int]) -> int:
+        question, signal, answer = key
+        return sample_seed(self.cfg.seed, questions.step, role, questions.positions[question], signal, answer)
+
+    def capable_signals(self, questions: StepQuestions) -> CapableRollout:
         """n_M signals per question, some cut short by forced early stops (exploration)."""
         cfg, tokenizer = self.cfg, self.capable.tokenizer
-        config = self._sampling(cfg.capable_temperature)
+        config = self._sampling(cfg.rollout.capable_temperature)
+        keys = [(q, s, 0) for q in range(len(questions)) for s in range(cfg.objective.n_capable)]
         requests = [
-            capable_request(q.problem, config, cfg.signal_max_tokens)
-            for q in questions
-            for _ in range(cfg.n_capable)
+            self._seeded(
+                capable_request(questions.examples[q].problem, config, cfg.rollout.signal_max_tokens),
+                self._seed(questions, "capable", (q, s, a)),
+            )
+            for q, s, a in keys
         ]
         results = self._generate(self.capable, requests)
-        groups = []
-        for qi, question in enumerate(questions):
-            group = []
-            for si in range(cfg.n_capable):
-                result = results[qi * cfg.n_capable + si]
-                signal = Signal(
-                    list(result.token_ids or []), signal_of(result, config), False, result.logprobs
-                )
-                rng = random.Random(f"{cfg.seed}:{step}:{question.id}:{si}")
-                if cfg.forced_stop_prob > 0 and rng.random() < cfg.forced_stop_prob:
-                    cut = force_early_stop(signal.ids, tokenizer, self.close_ids, rng)
-                    if cut is not None:
-                        body = tokenizer.decode(cut[: -len(self.close_ids)], skip_special_tokens=False)
-                        signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True)
-                group.append(signal)
-            groups.append(group)
+        signals: list[list[Signal]] = [[] for _ in range(len(questions))]
+        for (q, s, _), result in zip(keys, results, strict=True):
+            signal = Signal(list(result.token_ids or []), signal_of(result, config), False, result.logprobs)
+            rng = random.Random(f"{cfg.seed}:{questions.step}:{questions.positions[q]}:{s}")
+            if cfg.rollout.forced_stop_prob > 0 and rng.random() < cfg.rollout.forced_stop_prob:
+                cut = force_early_stop(signal.ids, tokenizer, self.close_ids, rng)
+                if cut is not None:
+                    body = tokenizer.decode(cut[: -len(self.close_ids)], skip_special_tokens=False)
+                    signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True)
+            signals[q].append(signal)
         seqs = pack(
-            prompt_ids(tokenizer, requests), [s.ids for g in groups for s in g], tokenizer.pad_token_id
+            prompt_ids(tokenizer, requests),
+            [signals[q][s].ids for q, s, _ in keys],
+            tokenizer.pad_token_id,
         )
-        return CapableRollout(groups, seqs)
+        sampled = [None if signals[q][s].forced else signals[q][s].sampled_logprobs for q, s, _ in keys]
+        return CapableRollout(signals, RolloutBatch.of(seqs, keys, sampled))
 
-    def light_alone(self, questions: list[Example]) -> torch.Tensor:
+    def light_alone(self, questions: StepQuestions) -> torch.Tensor:
         """r(m)(x): n_m standalone answers per question, drawn once per question. (Q, A)"""
         cfg = self.cfg
-        requests = self._alone_requests(questions, cfg.light_temperature, cfg.answer_max_tokens, cfg.n_light)
+        keys = [(q, 0, a) for q in range(len(questions)) for a in range(cfg.objective.n_light)]
+        requests = self._alone_requests(
+            questions, "light-alone", keys, cfg.rollout.light_temperature, cfg.rollout.answer_max_tokens
+        )
         results = self._generate(self.light, requests)
-        correct = [_final_correct(r.text, questions[i // cfg.n_light], cfg) for i, r in enumerate(results)]
-        return torch.tensor(correct).reshape(len(questions), cfg.n_light)
+        correct = torch.zeros(len(questions), cfg.objective.n_light)
+        for (q, _, a), result in zip(keys, results, strict=True):
+            correct[q, a] = _final_correct(result.text, questions.examples[q], cfg)
+        return correct
 
     def light_guided(
-        self, questions: list[Example], signals: list[list[Signal]]
-    ) -> tuple[Sequences, torch.Tensor]:
-        """n_m answers of m for every signal: m's sequences and their correctness (Q, S, A)."""
+        self, questions: StepQuestions, signals: list[list[Signal]]
+    ) -> tuple[RolloutBatch, torch.Tensor]:
+        """n_m answers of m for every signal: m's rows and their correctness (Q, S, A)."""
         cfg = self.cfg
-        config = self._sampling(cfg.light_temperature)
+        config = self._sampling(cfg.rollout.light_temperature)
+        keys = [
+            (q, s, a)
+            for q in range(len(questions))
+            for s in range(cfg.objective.n_capable)
+            for a in range(cfg.objective.n_light)
+        ]
         requests = [
-            light_request(q.problem, s.text, config, config.light_template_kwargs)
-            for q, group in zip(questions, signals, strict=True)
-            for s in group
-            for _ in range(cfg.n_light)
+            self._seeded(
+                light_request(
+                    questions.examples[q].problem, signals[q][s].text, config, config.light_template_kwargs
+                ),
+                self._seed(questions, "light", (q, s, a)),
+            )
+            for q, s, a in keys
         ]
         results = self._generate(self.light, requests)
-        per_question = cfg.n_capable * cfg.n_light
-        correct = [float(grade(r.text, questions[i // per_question]).correct) for i, r in enumerate(results)]
-        seqs = self._sequences(self.light, requests, results)
-        return seqs, torch.tensor(correct).reshape(len(questions), cfg.n_capable, cfg.n_light)
+        correct = torch.zeros(len(questions), cfg.objective.n_capable, cfg.objective.n_light)
+        for (q, s, a), result in zip(keys, results, strict=True):
+            correct[q, s, a] = float(grade(result.text, questions.examples[q]).correct)
+        batch = RolloutBatch.of(
+            self._sequences(self.light, requests, results), keys, [r.logprobs for r in results]
+        )
+        return batch, correct
 
-    def capable_alone(self, questions: list[Example]) -> tuple[Sequences, torch.Tensor, torch.Tensor]:
-        """The single-model baseline: n_M whole answers of M per question; (seqs, correct (Q, S),
+    def capable_alone(self, questions: StepQuestions) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor]:
+        """The single-model baseline: n_M whole answers of M per question; (rows, correct (Q, S),
         output tokens (Q, S))."""
         cfg = self.cfg
-        budget = cfg.signal_max_tokens + cfg.answer_max_tokens
+        keys = [(q, s, 0) for q in range(len(questions)) for s in range(cfg.objective.n_capable)]
+        budget = cfg.rollout.signal_max_tokens + cfg.rollout.answer_max_tokens
         requests = self._alone_requests(
-            questions, cfg.capable_temperature, budget, cfg.n_capable, capable=True
+            questions, "capable-alone", keys, cfg.rollout.capable_temperature, budget, capable=True
         )
         results = self._generate(self.capable, requests)
-        shape = (len(questions), cfg.n_capable)
-        correct = [
-            _final_correct(r.text, questions[i // cfg.n_capable], cfg, must_think=True)
-            for i, r in enumerate(results)
-        ]
-        lengths = [float(r.output_tokens) for r in results]
-        seqs = self._sequences(self.capable, requests, results)
-        return seqs, torch.tensor(correct).reshape(shape), torch.tensor(lengths).reshape(shape)
+        correct = torch.zeros(len(questions), cfg.objective.n_capable)
+        lengths = torch.zeros(len(questions), cfg.objective.n_capable)
+        for (q, s, _), result in zip(keys, results, strict=True):
+            correct[q, s] = _final_correct(result.text, questions.examples[q], cfg, must_think=True)
+            lengths[q, s] = float(result.output_tokens)
+        batch = RolloutBatch.of(
+            self._sequences(self.capable, requests, results), keys, [r.logprobs for r in results]
+        )
+        return batch, correct, lengths
 
     def _alone_requests(
-        self, questions: list[Example], temperature: float, budget: int, n: int, capable: bool = False
+        self,
+        questions: StepQuestions,
+        role: str,
+        keys: list[tuple[int, int, int]],
+        temperature: float,
+        budget: int,
+        capable: bool = False,
     ) -> list[GenerationRequest]:
-        """n requests per question for a model answering alone (the question, no prefill)."""
+        """One request per key for a model answering alone (the question, no prefill)."""
         config = self._sampling(temperature)
         kwargs = config.capable_template_kwargs if capable else config.light_template_kwargs
         sampling = SamplingParams(budget, temperature, 1.0, None, ())
-        return [
-            GenerationRequest.chat(user_prompt(q.problem, config), sampling, chat_template_kwargs=kwargs)
-            for q in questions
-            for _ in range(n)
-        ]
+        requests = []
+        for key in keys:
+            problem = questions.examples[key[0]].problem
+            chat = GenerationRequest.chat(user_prompt(problem, config), sampling, chat_template_kwargs=kwargs)
+            requests.append(self._seeded(chat, self._seed(questions, role, key)))
+        return requests
 
     @staticmethod
     def _sequences(policy: Policy, requests, results) -> Sequences:
         tokenizer = policy.tokenizer
         completions = [r.token_ids or [] for r in results]
         return pack(prompt_ids(tokenizer, requests), completions, tokenizer.pad_token_id)
-
-
-def _with_logprobs(sampling: SamplingParams) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sampling, logprobs=True)
 
 
 def _final_correct(text: str, example: Example, cfg: TrainConfig, must_think: bool = False) -> float:

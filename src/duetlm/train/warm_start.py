@@ -24,6 +24,8 @@ from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError
 from duetlm.evaluate.store import read_rows
 from duetlm.protocol import Problem, capable_request
+from duetlm.train.distributed import Runtime
+from duetlm.train.parallel import clip_grad_norm
 from duetlm.train.policy import Policy, autocast
 from duetlm.train.rollout import prompt_ids
 from duetlm.train.sequences import pack
@@ -97,14 +99,15 @@ def fine_tune(
     config: DuetConfig,
     signal_max_tokens: int,
     settings: WarmStartSettings,
-    device: torch.device,
+    runtime: Runtime,
     precision: str,
-    backward,
     max_grad_norm: float = 1.0,
 ) -> dict:
     """Supervised epochs on the cuts (mean token negative log-likelihood of M's completion
-    only); `backward` is the accelerator's, so DDP averages the gradients. A fresh AdamW:
-    GRPO's optimizer starts clean after it. Returns the losses per epoch and the time."""
+    only). Every process trains on all of them (the gradients it averages are the same), so
+    every process makes the same forward calls. A fresh AdamW: GRPO's optimizer starts clean
+    after it. Returns the losses per epoch and the time."""
+    device = runtime.device
     tokenizer = policy.tokenizer
     requests = [capable_request(problem, config, signal_max_tokens) for problem, _ in targets]
     prompts = prompt_ids(tokenizer, requests)
@@ -128,8 +131,8 @@ def fine_tune(
                 logps = policy.net(seqs.input_ids.to(device), seqs.attention_mask.to(device), mask, 1.0)
             loss = -(logps.float() * mask).sum() / mask.sum()
             optimizer.zero_grad(set_to_none=True)
-            backward(loss)
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            loss.backward()
+            clip_grad_norm(policy.net, max_grad_norm)
             optimizer.step()
             total += float(loss.detach()) * len(rows)
             count += len(rows)

@@ -365,9 +365,8 @@ class HFBackend:
         encoded = encoded.to(self.device)
         sampler = None
         if sampling.temperature > 0:
-            sampler = RowSampler(
-                [dataclasses.replace(sampling, seed=seed) for seed in seeds], sampling.logprobs
-            )
+            settings = [dataclasses.replace(sampling, seed=seed) for seed in seeds]
+            sampler = RowSampler(settings, self.device, sampling.logprobs)
         config = exact_generation_config(
             dataclasses.replace(
                 sampling, max_tokens=max(budgets), temperature=0.0 if sampler else sampling.temperature

@@ -1,0 +1,135 @@
+"""Each role's model as training needs it: weights in their dtypes, spread over the processes
+by the strategy, its optimizer built over what this process holds, and its rollout engine.
+
+Order matters under FSDP: the engine (an hf replica, or a vLLM engine that loads the folder
+itself) is made from the whole model before it is sharded, and the optimizer after, over
+the shards. A spec the trainer cannot honour is refused here, before any rollout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from duetlm.backends import parse_spec
+from duetlm.backends.hf import resolve_model_location
+from duetlm.errors import ConfigError
+from duetlm.train.config import LoraSettings, TrainConfig
+from duetlm.train.distributed import Runtime
+from duetlm.train.engines import LiveEngine, ReplicaEngine, RolloutEngine
+from duetlm.train.parallel import wrap
+from duetlm.train.policy import LogprobNet, Policy, load_lm
+
+ROLES = {"capable": "M", "light": "m"}
+
+
+def model_location(spec: str) -> str:
+    parsed = parse_spec(spec)
+    if parsed.kind not in ("hf", "vllm"):
+        raise ConfigError(
+            f"training needs local weights (hf: or vllm: spec or an embedded name), got {spec!r}"
+        )
+    return resolve_model_location(parsed.model)[0]
+
+
+def build_policy(
+    name: str,
+    spec: str,
+    lora: LoraSettings | None,
+    lr: float,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    checkpoint: Path | None,
+    trainable: bool = True,
+) -> Policy:
+    """One role's model, resumed from `checkpoint` when given."""
+    parallel = cfg.parallel
+    location, adapter = model_location(spec), None
+    if checkpoint is not None and (checkpoint / name).is_dir():
+        if lora is not None and (checkpoint / f"{name}_adapter").is_dir():
+            adapter = str(checkpoint / f"{name}_adapter")
+        else:
+            location = str(checkpoint / name)
+    lm, tokenizer = load_lm(
+        location,
+        runtime.device,
+        parallel.precision,
+        lora if trainable else None,
+        adapter,
+        trainable,
+        parallel.gradient_checkpointing,
+    )
+    sharded = trainable and parallel.strategy == "fsdp"
+    if sharded and lora is not None:
+        raise ConfigError(
+            f"strategy = 'fsdp' with LoRA on {ROLES[name]} ({'lora_' + name}): not supported. FSDP shards a "
+            "model's weights so that full fine-tuning fits; LoRA's trained weights are small already, and its "
+            "frozen base would be merged from gathered shards at every push. Use strategy = 'ddp' with LoRA, "
+            "or full fine-tuning under fsdp"
+        )
+    engine = rollout_engine(name, spec, location, lm, tokenizer, cfg, runtime, sharded)
+    net = wrap(
+        LogprobNet(lm, parallel.logprob_chunk),
+        parallel.strategy if sharded else "ddp",
+        runtime,
+        parallel.precision,
+        trainable,
+    )
+    optimizer = None
+    if trainable:
+        parameters = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=cfg.optimizer.weight_decay)
+    temperature = cfg.rollout.capable_temperature if name == "capable" else cfg.rollout.light_temperature
+    return Policy(lm, net, tokenizer, optimizer, engine, temperature, lora is not None and trainable, name)
+
+
+def rollout_engine(
+    name: str,
+    spec: str,
+    location: str,
+    lm: torch.nn.Module,
+    tokenizer,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    sharded: bool,
+) -> RolloutEngine:
+    """The engine of a role (see `engines`): vLLM for a vllm: spec, else the hf backend over
+    the trained module itself, or over an unsharded replica when the module is sharded."""
+    label = f"train:{name}"
+    if parse_spec(spec).kind == "vllm":
+        from duetlm.train.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(
+            location,
+            settings=rollout_engine_settings(cfg, name),
+            sleep=cfg.rollout.vllm_sleep,
+            spec=label,
+            device=runtime.device,
+        )
+    kind = ReplicaEngine if sharded else LiveEngine
+    return kind(lm, tokenizer, label, cfg.rollout.rollout_batch_tokens)
+
+
+def reference_model(cfg: TrainConfig, runtime: Runtime) -> LogprobNet | None:
+    """The initial M, frozen, for the KL term (None without one: β = 0, or LoRA, where the base
+    with adapters off plays the part). Sharded like M under FSDP."""
+    if cfg.objective.kl_beta == 0 or cfg.models.lora_capable is not None:
+        return None
+    parallel = cfg.parallel
+    lm, _ = load_lm(model_location(cfg.models.capable), runtime.device, parallel.precision, trainable=False)
+    return wrap(LogprobNet(lm, parallel.logprob_chunk), parallel.strategy, runtime, parallel.precision, False)
+
+
+def rollout_engine_settings(cfg: TrainConfig, name: str):
+    """A vLLM rollout engine computes in the trainer's dtype (bf16 under bf16-mixed: the fp32
+    masters are cast when pushed), so that both score the same numbers. Sampling seeds are
+    per request (`batch.sample_seed`); the engine's own seed only covers what has none."""
+    from duetlm.backends.vllm_start import VLLMSettings, on_cpu, require_vllm
+
+    require_vllm()
+    share = cfg.rollout.vllm_gpu_memory_utilization
+    if share is None and not on_cpu():
+        share = 0.3 if name == "capable" else 0.15
+    dtype = "bfloat16" if cfg.parallel.precision == "bf16-mixed" else "float32"
+    return VLLMSettings(gpu_memory_utilization=share, dtype=dtype, seed=cfg.seed)

@@ -28,7 +28,10 @@ GUARDS = [
     "tests/test_objective.py",
     "tests/test_objective_rollouts.py",
     "tests/test_train_math.py",
+    "tests/test_prefix_sharing.py",
     "tests/test_train_qwen3.py::test_old_and_recomputed_logprobs_agree_at_step_0",
+    "tests/test_train_qwen3.py::test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on",
+    "tests/test_train_qwen3.py::test_the_kl_in_the_loss_draws_the_capable_model_back_to_its_reference",
 ]
 
 # (name, file under src/duetlm, text to find, replacement)
@@ -36,34 +39,34 @@ MUTATIONS = [
     (
         "KL added with the wrong sign",
         "train/reward.py",
-        'reward = parts["reward"] - kl_beta * kl',
-        'reward = parts["reward"] + kl_beta * kl',
+        'reward = parts["reward"] if kl is None else parts["reward"] - kl_beta * kl',
+        'reward = parts["reward"] if kl is None else parts["reward"] + kl_beta * kl',
     ),
     (
         "m's group reduced to one signal's n_m answers",
         "train/grpo.py",
-        "group_advantages(pair_correct.float().reshape(q, s * a), eps).reshape(q, s, a)",
-        "group_advantages(pair_correct.float().reshape(q * s, a), eps).reshape(q, s, a)",
+        "flat = pair_correct.float().reshape(q, s * a)",
+        "flat = pair_correct.float().reshape(q * s, a)",
     ),
     (
         "M's group taken over the whole batch",
         "train/reward.py",
-        'reward, parts["r_pair"], parts["r_light"], group_advantages(reward), light_advantages(pair_correct)',
-        'reward, parts["r_pair"], parts["r_light"], group_advantages(reward.reshape(1, -1)).reshape(reward.shape), '
-        "light_advantages(pair_correct)",
+        "group_advantages(reward, scale=scale_rewards, batch_std=capable_std)",
+        "group_advantages(reward.reshape(1, -1), scale=scale_rewards, batch_std=capable_std).reshape(reward.shape)",
     ),
     (
         "λ updated before the rewards",
-        "train/trainer.py",
-        "            kl,\n            self.lam,\n",
-        "            kl,\n            update_lambda(self.lam, self._global_masked_mean(lengths, 1.0 - forced), "
-        "cfg.length_bound, cfg.lambda_lr, cfg.lambda_schedule),\n",
+        "train/objectives.py",
+        "            lam,\n            objective.length_bound,\n            objective.kl_beta,\n",
+        "            update_lambda(lam, parts.masked_mean(lengths, 1.0 - forced), objective.length_bound, "
+        "objective.lambda_lr, objective.lambda_schedule),\n            objective.length_bound,\n"
+        "            objective.kl_beta,\n",
     ),
     (
         "λ driven by forced cuts too",
-        "train/trainer.py",
-        "mean_length = self._global_masked_mean(lengths, 1.0 - forced)",
-        "mean_length = self._global_mean(lengths)",
+        "train/objectives.py",
+        "mean_length = parts.masked_mean(lengths, 1.0 - forced)",
+        "mean_length = parts.mean(lengths)",
     ),
     (
         "log-probs at temperature 1 instead of the rollout temperature",
@@ -74,20 +77,8 @@ MUTATIONS = [
     (
         "m graded against the next question's gold",
         "train/rollout.py",
-        "grade(r.text, questions[i // per_question])",
-        "grade(r.text, questions[(i // per_question + 1) % len(questions)])",
-    ),
-    (
-        "r(m) drawn from the next question's standalone answers",
-        "train/rollout.py",
-        "_final_correct(r.text, questions[i // cfg.n_light], cfg)",
-        "_final_correct(r.text, questions[(i // cfg.n_light + 1) % len(questions)], cfg)",
-    ),
-    (
-        "r(m) of the next question subtracted in R_M",
-        "train/reward.py",
-        "reward = reward - r_light[:, None]",
-        "reward = reward - r_light.roll(-1)[:, None]",
+        "grade(result.text, questions.examples[q])",
+        "grade(result.text, questions.examples[(q + 1) % len(questions)])",
     ),
     (
         "PPO clip bounded above only",
@@ -105,26 +96,80 @@ MUTATIONS = [
     (
         "after a forced cut, m reads the uncut signal",
         "train/rollout.py",
-        "signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True)",
-        "signal = Signal(cut, signal.text, True)",
+        "signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True, engine)",
+        "signal = Signal(cut, signal.text, True, engine)",
     ),
     (
         "the single-model baseline without its KL term",
-        "train/trainer.py",
-        "single_model_rewards(correct, lengths, self.lam, cfg.length_bound) - cfg.kl_beta * kl",
-        "single_model_rewards(correct, lengths, self.lam, cfg.length_bound)",
+        "train/objectives.py",
+        "reward = reward - objective.kl_beta * kl",
+        "reward = reward",
     ),
     (
-        "m's answers filed under the wrong signal (n_M, n_m axes swapped)",
-        "train/rollout.py",
-        "torch.tensor(correct).reshape(len(questions), cfg.n_capable, cfg.n_light)",
-        "torch.tensor(correct).reshape(len(questions), cfg.n_light, cfg.n_capable).transpose(1, 2)",
+        "m's advantages read with the n_M and n_m axes swapped",
+        "train/batch.py",
+        "return table[self.question, self.signal, self.answer]",
+        "return table.flatten(1)[self.question, self.answer * table.shape[1] + self.signal]",
     ),
     (
-        "advantages indexed by position in the micro-batch, not by row",
+        "a micro-batch's advantages taken by position, not by row",
+        "train/batch.py",
+        "None if self.advantages is None else self.advantages[rows],",
+        "None if self.advantages is None else self.advantages[: len(rows)],",
+    ),
+    (
+        "rollout correction: the IS weight not applied",
         "train/update.py",
-        "advantages[rows[part_rows]].to(device)",
-        "advantages[part_rows].to(device)",
+        "weights = None if part.is_weights is None else part.is_weights.to(device)",
+        "weights = None",
+    ),
+    (
+        "rollout correction: the threshold ignored",
+        "train/correction.py",
+        "weights = raw.clamp(max=threshold)",
+        "weights = raw",
+    ),
+    (
+        "rollout correction: a sequence's weight from its mean log-ratio",
+        "train/correction.py",
+        "raw_rows = torch.exp(log_ratio.sum(dim=1))",
+        "raw_rows = torch.exp(log_ratio.mean(dim=1))",
+    ),
+    (
+        "KL counted twice (in the reward and in the loss)",
+        "train/objectives.py",
+        'kl if objective.kl_placement == "reward" else None,',
+        "kl,",
+    ),
+    (
+        "k3 with the log-ratio reversed",
+        "train/grpo.py",
+        "log_ratio = ref_logps - logps",
+        "log_ratio = logps - ref_logps",
+    ),
+    (
+        "batch scaling by the group's std",
+        "train/grpo.py",
+        "return centered / (batch_std + eps)",
+        "return centered / (rewards.std(dim=-1, keepdim=True) + eps)",
+    ),
+    (
+        "a shared prefix's rows misaligned by one position",
+        "train/sequences.py",
+        "positions.append(start + j)",
+        "positions.append(start + j + 1)",
+    ),
+    (
+        "a packed row sees its sibling rows",
+        "train/sequences.py",
+        "visible = (who[None, :] == -1) | (who[None, :] == who[:, None])",
+        "visible = who[None, :] == who[None, :]",
+    ),
+    (
+        "soft-capping left out of the scored logits",
+        "train/grpo.py",
+        "logits = torch.tanh(logits / cap) * cap",
+        "logits = logits",
     ),
 ]
 

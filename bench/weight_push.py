@@ -1,7 +1,7 @@
 """The weight push after an update: time and peak extra memory, at 1 and 2 processes.
 
     python bench/weight_push.py                  # the Qwen3 test bed's shape, 1 and 2 processes
-    python bench/weight_push.py --hidden 256     # a wider model
+    python bench/weight_push.py --hidden 256 --layers 16 --bucket-mb 8   # layers outweigh a bucket
 
 A tiny random Qwen3 of the test bed's shape (151,936-token vocabulary, tied embeddings),
 trained weights in fp32, pushed as the trainer pushes them: whole tensors gathered one at a
@@ -9,7 +9,7 @@ time (`parallel.full_tensors`, FSDP2 over gloo at 2 processes) and staged once p
 bf16 safetensors buckets, then read back by every process as an engine reads its node's copy
 (vLLM's workers do exactly this read, `staged_weights`). Also the in-memory push an hf
 replica takes. Prints the median over the pushes, and each process's peak resident memory
-above what it held before the first push (sampled every millisecond).
+above what it held after a warm-up push (sampled every millisecond).
 """
 
 from __future__ import annotations
@@ -67,9 +67,12 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     runtime = start_runtime(torch.device("cpu"), timeout_s=300, need_group=True)
-    lm = tiny_qwen3(seed=0, hidden=args.hidden, head_dim=32)
+    lm = tiny_qwen3(seed=0, hidden=args.hidden, layers=args.layers, head_dim=32)
     wrap(LogprobNet(lm, 1024), "fsdp", runtime, "fp32", trainable=True)
     stager = Stager(runtime, Path(args.staging), "bench", int(args.bucket_mb * 2**20))
+    with WeightPush("capable", lm, stager).staged(torch.bfloat16) as folder:  # warm-up: one-time allocations
+        sum(1 for _ in staged_weights(folder))
+    stager.copies = 0
     base = resident_bytes()
     staged, in_memory, peaks = [], [], []
     for _ in range(args.pushes):
@@ -123,6 +126,8 @@ def measure(processes: int, args) -> list[dict]:
             staging,
             "--hidden",
             str(args.hidden),
+            "--layers",
+            str(args.layers),
             "--pushes",
             str(args.pushes),
             "--bucket-mb",
@@ -140,6 +145,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--hidden", type=int, default=64, help="hidden size (the vLLM test bed's: 64)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (the test bed's: 2)")
     parser.add_argument("--pushes", type=int, default=5)
     parser.add_argument("--bucket-mb", type=float, default=512.0)
     parser.add_argument("--staging-root", default="/dev/shm" if os.path.isdir("/dev/shm") else None)

@@ -225,7 +225,12 @@ def small_config(model_dirs, task_path, out, **overrides):
 
 @pytest.fixture(scope="session")
 def qwen3_task(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3-task")
+    return qwen3_task_folder(tmp_path_factory.mktemp("qwen3-task"))
+
+
+def qwen3_task_folder(folder: Path) -> Path:
+    """Eight training questions and the three held out, all with the answer 14."""
+    folder.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"q{i}", "question": f"{QUESTIONS[i % 3]} (#{i})", "answer": "14"} for i in range(8)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     held_out = [{"id": f"e{i}", "question": q, "answer": "14"} for i, q in enumerate(QUESTIONS)]

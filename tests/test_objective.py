@@ -4,7 +4,8 @@ Rollouts are fixed (which answers were right, how long each signal is, which one
 and so are the log-probs (policy −0.1 and initial M −0.3 per sampled token, so each signal's
 KL is 0.2·L); everything else runs as in training. The expected numbers are worked out here
 from the formulas, without the project's code, so that a wrong sign, a wrong group or a λ
-updated at the wrong time changes at least one of them.
+updated at the wrong time changes at least one of them: first the reference's choices (KL
+in the reward, each group's std), then the defaults (KL in the loss, the batch's std).
 """
 
 from __future__ import annotations
@@ -25,25 +26,31 @@ from duetlm.train.update import UpdateStats
 LENGTHS = [[4, 8, 2], [6, 12, 3]]  # L(y), Q = 2 questions x S = 3 signals
 FORCED = [[0, 0, 0], [0, 1, 0]]  # the second signal of question 2 was cut by the trainer
 PAIR = [[[1, 1], [1, 0], [0, 0]], [[0, 1], [1, 1], [1, 0]]]  # m's A = 2 answers per signal
-ALONE = [[1, 0], [0, 0]]  # m alone
 LAMBDA, ETA, BOUND, BETA = 0.3, 0.1, 10.0, 0.5
+REFERENCE = {"kl_placement": "reward", "scale_rewards": "group"}
+DEFAULTS = {"kl_placement": "loss", "scale_rewards": "batch"}
 
 
-def expected():
+def expected(kl_in_reward: bool = True, scale: str = "group"):
     rewards = []
     for q in range(2):
-        r_light = statistics.mean(ALONE[q])
         row = []
         for s in range(3):
             r_pair = statistics.mean(PAIR[q][s])
             kl = 0.2 * LENGTHS[q][s]
-            row.append(r_pair - r_light - LAMBDA * LENGTHS[q][s] / BOUND - BETA * kl)
+            row.append(r_pair - LAMBDA * LENGTHS[q][s] / BOUND - (BETA * kl if kl_in_reward else 0.0))
         rewards.append(row)
-    capable = [[(r - statistics.mean(row)) / (statistics.stdev(row) + 1e-6) for r in row] for row in rewards]
-    light = []
-    for q in range(2):
-        flat = [a for answers in PAIR[q] for a in answers]
-        light.append([(a - statistics.mean(flat)) / (statistics.stdev(flat) + 1e-6) for a in flat])
+
+    def normalized(groups):
+        every = [v for group in groups for v in group]
+        out = []
+        for group in groups:
+            spread = statistics.stdev(group) if scale == "group" else statistics.stdev(every)
+            out.append([(v - statistics.mean(group)) / (spread + 1e-6) for v in group])
+        return out
+
+    capable = normalized(rewards)
+    light = normalized([[a for answers in PAIR[q] for a in answers] for q in range(2)])
     unforced = [LENGTHS[q][s] for q in range(2) for s in range(3) if not FORCED[q][s]]
     next_lambda = min(1.0, max(0.0, LAMBDA + ETA * (statistics.mean(unforced) / BOUND - 1)))
     return rewards, capable, light, next_lambda
@@ -51,14 +58,16 @@ def expected():
 
 def test_expected_numbers_are_what_the_formulas_say():
     rewards, capable, _, next_lambda = expected()
-    assert rewards[0] == pytest.approx([-0.02, -1.04, -0.76])
-    assert rewards[1] == pytest.approx([-0.28, -0.56, 0.11])
+    assert rewards[0] == pytest.approx([1.0 - 0.12 - 0.4, 0.5 - 0.24 - 0.8, -0.06 - 0.2])
     assert next_lambda == pytest.approx(0.3 + 0.1 * (23 / 5 / 10 - 1))
     assert capable[0][0] > 0 > capable[0][1]
+    plain, _, _, _ = expected(kl_in_reward=False, scale="batch")
+    assert plain[0] == pytest.approx([1.0 - 0.12, 0.5 - 0.24, -0.06])
 
 
-@pytest.fixture
-def stubbed(model_dirs, task_path, tmp_path, monkeypatch):
+@pytest.fixture(params=["reference", "defaults"])
+def stubbed(request, model_dirs, task_path, tmp_path, monkeypatch):
+    choices = REFERENCE if request.param == "reference" else DEFAULTS
     config = small_config(
         model_dirs,
         task_path,
@@ -71,6 +80,7 @@ def stubbed(model_dirs, task_path, tmp_path, monkeypatch):
         lambda_lr=ETA,
         length_bound=BOUND,
         forced_stop_prob=0.0,
+        **choices,
     )
     trainer = DuetTrainer(config)
     pad = trainer.capable.tokenizer.pad_token_id
@@ -86,7 +96,6 @@ def stubbed(model_dirs, task_path, tmp_path, monkeypatch):
     )
     rollouts = trainer.rollouts
     monkeypatch.setattr(rollouts, "capable_signals", lambda questions: CapableRollout(signals, capable_batch))
-    monkeypatch.setattr(rollouts, "light_alone", lambda questions: torch.tensor(ALONE, dtype=torch.float32))
     monkeypatch.setattr(
         rollouts,
         "light_guided",
@@ -105,12 +114,15 @@ def stubbed(model_dirs, task_path, tmp_path, monkeypatch):
 
     monkeypatch.setattr(update_module, "logps_of", fixed_logps)
     monkeypatch.setattr(update_module, "ppo_update", record)
-    return trainer, updates, capable_seqs
+    return trainer, updates, capable_seqs, choices
 
 
 def test_a_joint_step_row_by_row(stubbed):
-    trainer, updates, capable_seqs = stubbed
-    rewards, capable_advantages, light_advantages, next_lambda = expected()
+    trainer, updates, capable_seqs, choices = stubbed
+    kl_in_reward = choices["kl_placement"] == "reward"
+    rewards, capable_advantages, light_advantages, next_lambda = expected(
+        kl_in_reward, choices["scale_rewards"]
+    )
     metrics = trainer.train_step()
 
     assert [u[0] for u in updates] == [trainer.light, trainer.capable]  # m first, then M
@@ -122,7 +134,14 @@ def test_a_joint_step_row_by_row(stubbed):
     )
     assert [len(g) for g in capable.question_rows()] == [3] * 2  # M's group: the n_M signals of a question
     assert torch.equal(capable.old_logps, -0.1 * capable_seqs.completion_mask)  # old = the sampling policy's
+    if kl_in_reward:  # the KL acts once: in the reward, or in M's loss against the initial M's log-probs
+        assert capable.ref_logps is None
+    else:
+        assert torch.equal(capable.ref_logps, -0.3 * capable_seqs.completion_mask)
+    assert light.ref_logps is None  # m has no KL term
     assert metrics["reward"] == pytest.approx(statistics.mean(r for row in rewards for r in row), abs=1e-6)
+    assert metrics["kl"] == pytest.approx(statistics.mean(0.2 * n for row in LENGTHS for n in row))
+    assert "r_light" not in metrics  # no standalone answers of m in the step
     assert metrics["signal_tokens"] == pytest.approx(23 / 5)  # forced cuts are not the policy's samples
     assert trainer.lam == pytest.approx(next_lambda)
     # a cut signal trains only the inserted close tag; the others every sampled token

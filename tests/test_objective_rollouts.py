@@ -8,7 +8,8 @@ n_m = 4 answers per signal (3 and 4 differ from each other and from 2). M is tra
 end its thinking with "answer 14" or "answer 9" about half the time each; m answers what
 the signal says, answers 7 to a signal cut after its first line, and alone always says 14.
 So the same answer is right for one question and wrong for the other, correctness differs
-between a question's signals, and r(m) is 1 for one question and 0 for the other.
+between a question's signals, and r(m), measured at evaluation, is 1 for one question and 0
+for the other.
 
 Every expected value is worked out here from what the engines returned (read through
 wrappers that call the real `generate`), with a grader, a chat rendering and the formulas
@@ -90,6 +91,8 @@ def make_trainer(pair, tmp_path, **overrides) -> DuetTrainer:
         "light_temperature": 1.0,
         "forced_stop_prob": 0.0,
         "kl_beta": 0.0,
+        "kl_placement": "reward",
+        "scale_rewards": "group",
         "lambda_init": LAMBDA,
         "length_bound": BOUND,
         "eval_questions": 1,
@@ -173,7 +176,8 @@ def test_every_guided_answer_is_graded_against_its_own_question_under_its_own_si
     assert [question_of(r) for r in stage1_requests] == [q for q in questions for _ in range(S)]
     signals = [[signal_text(stage1[qi * S + si].text + "</think>") for si in range(S)] for qi in range(2)]
 
-    (guided_requests,), guided = spies["light"].calls[1]
+    assert len(spies["light"].calls) == 1  # m's guided answers only: no standalone answers in a step
+    (guided_requests,), guided = spies["light"].calls[0]
     expected = torch.zeros(2, S, A)
     for i, (request, result) in enumerate(zip(guided_requests, guided, strict=True)):
         qi, si, ai = i // (S * A), i // A % S, i % A
@@ -187,31 +191,49 @@ def test_every_guided_answer_is_graded_against_its_own_question_under_its_own_si
     assert torch.equal(pair_correct, expected)
 
 
-def test_r_m_is_each_questions_own_and_enters_its_own_rewards(pair, tmp_path, monkeypatch):
+def test_rewards_and_advantages_follow_each_questions_own_signals(pair, tmp_path, monkeypatch):
     _, spies = joint_step(pair, tmp_path, monkeypatch)
-    ((stage1_requests,), stage1) = spies["capable"].calls[0]
-    questions = [question_of(r) for r in stage1_requests[::S]]
-    (alone_requests,), alone = spies["light"].calls[0]
-    assert [question_of(r) for r in alone_requests] == [q for q in questions for _ in range(A)]
-    assert all(r.prefill == "" for r in alone_requests)
-    r_light = [
-        statistics.mean(float(answer_of(alone[qi * A + ai].text) == GOLDS[q]) for ai in range(A))
-        for qi, q in enumerate(questions)
-    ]
-    assert r_light[0] != r_light[1]  # m alone says 14: right for one question only
-
+    (_, stage1) = spies["capable"].calls[0]
     (pair_correct, *_), scores = spies["score"].calls[0]
-    assert scores.r_light.tolist() == pytest.approx(r_light)
     for qi in range(2):
         for si in range(S):
             length = len(stage1[qi * S + si].token_ids)
             r_pair = pair_correct[qi, si].mean().item()
             assert scores.reward[qi, si].item() == pytest.approx(
-                r_pair - r_light[qi] - LAMBDA * length / BOUND, abs=1e-6
+                r_pair - LAMBDA * length / BOUND, abs=1e-6
             ), (qi, si)
         assert scores.capable_advantages[qi].tolist() == pytest.approx(
             grpo(scores.reward[qi].tolist()), abs=1e-5
         )
+
+
+def test_r_m_is_measured_at_evaluation_with_the_whole_budget(pair, tmp_path, monkeypatch):
+    # m alone on the evaluation questions, greedy, with signal + answer budget (enough to close
+    # its thinking): each question graded against its own gold, so r(m) = 1/2 here (m says 14)
+    dirs, _ = pair
+    held_out, training = tmp_path / "eval.jsonl", tmp_path / "train.jsonl"
+    rows = [{"id": f"e{i}", "question": q, "answer": a} for i, (q, a) in enumerate(GOLDS.items())]
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    training.write_text(json.dumps({"id": "t0", "question": "What is 1+1?", "answer": "2"}) + "\n")
+    config = small_config(
+        dirs,
+        training,
+        tmp_path / "run",
+        eval_task=f"jsonl:{held_out}",
+        eval_questions=2,
+        questions_per_step=1,
+    )
+    trainer = DuetTrainer(config)
+    alone = Recorder(monkeypatch, trainer.light.engine, "generate")
+    metrics = trainer.evaluate()
+    (requests,), results = next(call for call in alone.calls if all(r.prefill == "" for r in call[0][0]))
+    budget = trainer.cfg.rollout.signal_max_tokens + trainer.cfg.rollout.answer_max_tokens
+    assert all(r.sampling.max_tokens == budget and r.sampling.temperature == 0 for r in requests)
+    right = [answer_of(r.text) == GOLDS[question_of(q)] for q, r in zip(requests, results, strict=True)]
+    assert metrics["eval_r_light"] == pytest.approx(sum(right) / len(right)) == 0.5
+    assert trainer.objective.r_light == 0.5
+    step = trainer.train_step()
+    assert step["marginal_reward"] == pytest.approx(step["reward"] - 0.5)
 
 
 def test_after_a_forced_cut_m_reads_exactly_the_cut_text(pair, tmp_path, monkeypatch):
@@ -220,7 +242,7 @@ def test_after_a_forced_cut_m_reads_exactly_the_cut_text(pair, tmp_path, monkeyp
     close = tokenizer("</think>", add_special_tokens=False)["input_ids"]
     stage1 = spies["capable"].calls[0][1]
     rollout = spies["signals"].calls[0][1]
-    (guided_requests,), _ = spies["light"].calls[1]
+    (guided_requests,), _ = spies["light"].calls[0]
     cuts = 0
     for qi, group in enumerate(rollout.signals):
         for si, signal in enumerate(group):
@@ -245,7 +267,7 @@ def test_loss_masks_cover_each_models_own_tokens_and_nothing_else(pair, tmp_path
     (light_call, _), (capable_call, _) = spies["update"].calls
     assert light_call[0] is trainer.light and capable_call[0] is trainer.capable
     (stage1_requests,), stage1 = spies["capable"].calls[0]
-    (guided_requests,), guided = spies["light"].calls[1]
+    (guided_requests,), guided = spies["light"].calls[0]
     for seqs, requests, results in (
         (light_call[1].seqs, guided_requests, guided),
         (capable_call[1].seqs, stage1_requests, stage1),
@@ -270,7 +292,15 @@ def test_loss_masks_cover_each_models_own_tokens_and_nothing_else(pair, tmp_path
 
 def test_the_single_model_baseline_pays_its_kl(pair, tmp_path, monkeypatch):
     beta = 1.0
-    trainer = make_trainer(pair, tmp_path, single_model=True, train_light=False, kl_beta=beta)
+    trainer = make_trainer(
+        pair,
+        tmp_path,
+        single_model=True,
+        train_light=False,
+        kl_beta=beta,
+        kl_placement="reward",
+        scale_rewards="group",
+    )
     trainer.train_step()  # the policy moves away from the initial M: KL is 0 only at step 0
     generated = Recorder(monkeypatch, trainer.capable.engine, "generate")
     kls = Recorder(monkeypatch, trainer.passes, "kl")
@@ -293,8 +323,9 @@ def test_the_single_model_baseline_pays_its_kl(pair, tmp_path, monkeypatch):
 
 
 def test_each_micro_batch_row_is_trained_with_its_own_advantage():
-    # One process, several micro-batches sorted by length, questions shuffled over the step:
-    # the update must equal the gradient of the whole batch's token-mean loss, computed here.
+    # One process, several micro-batches sorted by length, questions shuffled over the step, and
+    # a rollout correction's weight on every token: the update must equal the gradient of the
+    # whole batch's weighted token-mean loss, computed here.
     from duetlm.train.batch import RolloutBatch
     from duetlm.train.distributed import Runtime
     from duetlm.train.policy import LogprobNet, Policy
@@ -308,13 +339,16 @@ def test_each_micro_batch_row_is_trained_with_its_own_advantage():
     completions = [[rng.randrange(5, 200) for _ in range(n)] for n in lengths]
     seqs = pack([[1, 2, 3]] * 6, completions, tokenizer.pad_token_id)
     advantages = torch.tensor([1.5, -0.5, 0.25, -2.0, 0.75, -1.0])
+    weights = 0.5 + 1.5 * torch.rand(seqs.completion_mask.shape, generator=torch.Generator().manual_seed(2))
 
     def reference_gradients() -> list[torch.Tensor]:
         model.zero_grad()
         logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits[:, :-1]
         logps = torch.log_softmax(logits.float(), dim=-1).gather(2, seqs.input_ids[:, 1:, None]).squeeze(2)
         # at ratio 1 both PPO branches have the gradient of -A * log p
-        loss = -(advantages[:, None] * logps * seqs.completion_mask).sum() / seqs.completion_mask.sum()
+        loss = (
+            -(advantages[:, None] * weights * logps * seqs.completion_mask).sum() / seqs.completion_mask.sum()
+        )
         loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -328,7 +362,7 @@ def test_each_micro_batch_row_is_trained_with_its_own_advantage():
         epochs=1, mini_batches=1, micro_batch=2, clip_eps=0.2, max_grad_norm=1e9, precision="fp32", seed=5
     )
     # the step's shuffle of the six one-row groups moves rows: position in a micro-batch is not row
-    batch = RolloutBatch.of(seqs, [(q, 0, 0) for q in range(6)]).with_scores(advantages, None)
+    batch = RolloutBatch.of(seqs, [(q, 0, 0) for q in range(6)]).with_scores(advantages, None, None, weights)
     order = mini_batch_rows(batch.question_rows(), 1, random.Random(settings.seed))[0].tolist()
     assert order != sorted(order)
     ppo_update(policy, batch, settings, Runtime())

@@ -7,21 +7,118 @@ import math
 import pytest
 import torch
 
-from duetlm.train.grpo import group_advantages, kl_sum, light_advantages, ppo_clip_loss, token_logps
+from duetlm.train.correction import importance_weights
+from duetlm.train.grpo import group_advantages, k3_kl, kl_sum, light_advantages, ppo_clip_loss, token_logps
 from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
 from duetlm.train.sequences import credit_only_tail, pack
 
 
 def test_capable_rewards_by_hand():
     pair = torch.tensor([[[1, 1, 0, 0], [1, 1, 1, 1]]])  # (Q=1, S=2, A=4)
-    alone = torch.tensor([[1, 0, 0, 0]])  # r(m) = 0.25
     lengths = torch.tensor([[32.0, 96.0]])
-    parts = capable_rewards(pair, alone, lengths, lam=0.5, length_bound=64, marginal_utility=True)
-    # R = r_pair - r_m - λ L / B
-    assert parts["reward"][0].tolist() == pytest.approx([0.5 - 0.25 - 0.25, 1.0 - 0.25 - 0.75])
-    assert parts["r_light"].tolist() == [0.25]
-    plain = capable_rewards(pair, alone, lengths, lam=0.5, length_bound=64, marginal_utility=False)
-    assert plain["reward"][0].tolist() == pytest.approx([0.25, 0.25])
+    parts = capable_rewards(pair, lengths, lam=0.5, length_bound=64)
+    # R = r_pair - λ L / B
+    assert parts["reward"][0].tolist() == pytest.approx([0.5 - 0.25, 1.0 - 0.75])
+    assert parts["r_pair"][0].tolist() == [0.5, 1.0]
+
+
+def test_r_m_cancels_exactly_from_every_advantage():
+    # r(m)(x) is one number per question: subtracting it moves a group's rewards and its mean
+    # alike, so no advantage changes (under every scale), and the step need not draw it
+    rewards = torch.tensor([[0.5, 0.25, 1.0, 0.0], [0.75, 0.75, 0.5, 1.0]])
+    r_light = torch.tensor([[1.0], [0.0]])
+    for scale in ("group", "batch", "none"):
+        plain = group_advantages(rewards, scale=scale, batch_std=0.3)
+        marginal = group_advantages(rewards - r_light, scale=scale, batch_std=0.3)
+        assert (plain - marginal).abs().max() < 1e-6, scale
+
+
+# The worked example of docs/design.md: an all-correct group, L = [900, 1000, 1100, 1200],
+# KL = [2, 0.5, 1.5, 0], B = 2048, β = 0.001.
+LENGTHS, KL, BOUND, BETA = (
+    torch.tensor([[900.0, 1000, 1100, 1200]]),
+    torch.tensor([[2.0, 0.5, 1.5, 0.0]]),
+    2048,
+    1e-3,
+)
+
+
+def worked_rewards(lam: float, kl_in_reward: bool) -> torch.Tensor:
+    reward = 1.0 - lam * LENGTHS / BOUND
+    return reward - BETA * KL if kl_in_reward else reward
+
+
+def test_the_worked_example_kl_in_the_reward_and_the_groups_std():
+    # at λ = 1e-4 the KL noise decides, and makes the longest signal the best; at λ = 0.5 length does
+    small = group_advantages(worked_rewards(1e-4, True))[0].tolist()
+    assert small == pytest.approx([-1.09, 0.55, -0.55, 1.09], abs=0.01)
+    large = group_advantages(worked_rewards(0.5, True))[0].tolist()
+    assert large[0] > large[1] > large[2] > large[3]
+
+
+def test_the_worked_example_kl_in_the_loss_under_each_scale():
+    # without the KL in the reward the order is length's at any λ > 0; the group's std makes the
+    # advantages about as large at λ = 1e-4 as at 0.5 (λ's size stops mattering; only the 1e-6 of
+    # the denominator tells them apart), while batch and none keep it
+    tiny, half = worked_rewards(1e-4, False), worked_rewards(0.5, False)
+    group = [group_advantages(r)[0] for r in (tiny, half)]
+    unit = [1.1619, 0.3873, -0.3873, -1.1619]  # (L̄ − L) / its sample std
+    assert group[1].tolist() == pytest.approx(unit, abs=1e-3)
+    std = 1e-4 * math.sqrt(50_000 / 3) / BOUND
+    assert group[0].tolist() == pytest.approx([u * std / (std + 1e-6) for u in unit], rel=1e-3)
+    none = [group_advantages(r, scale="none")[0] for r in (tiny, half)]
+    assert none[0].tolist() == pytest.approx(
+        [1e-4 * 150 / BOUND * k for k in (1, 1 / 3, -1 / 3, -1)], rel=1e-3
+    )
+    assert none[1][0] / none[0][0] == pytest.approx(0.5 / 1e-4, rel=1e-3)  # proportional to λ
+    # a batch whose other groups differ in correctness: the std of the batch's rewards sets the scale
+    batch = group_advantages(tiny, scale="batch", batch_std=0.5)[0]
+    assert batch.tolist() == pytest.approx((none[0] / 0.5).tolist(), rel=1e-4)
+
+
+def test_k3_is_the_low_variance_kl_estimate():
+    logps, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.0, -1.0, -1.5]])
+    expected = [math.exp(r - lp) - (r - lp) - 1 for lp, r in zip(logps[0].tolist(), ref[0].tolist())]
+    assert k3_kl(logps, ref)[0].tolist() == pytest.approx(expected)
+    assert k3_kl(logps, ref)[0, 0] == 0 and (k3_kl(logps, ref) >= 0).all()
+
+
+def test_importance_weights_by_hand():
+    # log π_old − log μ per token: row 0 [ln 3, 0, ln 0.25], row 1 [ln 1.5, NaN (not sampled by the engine)]
+    old = torch.tensor([[math.log(0.6), math.log(0.5), math.log(0.1)], [math.log(0.3), math.log(0.2), 0.0]])
+    engine = torch.tensor([[math.log(0.2), math.log(0.5), math.log(0.4)], [math.log(0.2), float("nan"), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    tis, stats = importance_weights(old, engine, mask, "token_tis", 2.0)
+    assert tis[0].tolist() == pytest.approx([2.0, 1.0, 0.25]) and tis[1, :2].tolist() == pytest.approx(
+        [1.5, 1.0]
+    )
+    assert stats.corrected == 1 and stats.tokens == 4 and stats.weight_max == pytest.approx(3.0)
+    # the KL of the engine to the trainer: Σ (engine − old) = −ln(3 · 0.25 · 1.5); k3 Σ (w − 1 − ln w)
+    assert stats.log_ratio == pytest.approx(-math.log(3 * 0.25 * 1.5))
+    assert stats.k3 == pytest.approx(sum(w - 1 - math.log(w) for w in (3.0, 1.0, 0.25, 1.5)))
+    mis, stats = importance_weights(old, engine, mask, "token_mis", 2.0)
+    assert mis[0].tolist() == pytest.approx([0.0, 1.0, 0.0]) and mis[1, :2].tolist() == pytest.approx(
+        [1.5, 1.0]
+    )
+    assert stats.corrected == 2
+    # sequences: row 0's weight is 3 * 1 * 0.25 = 0.75, row 1's 1.5 (the unsampled token left out)
+    seq, _ = importance_weights(old, engine, mask, "sequence_tis", 2.0)
+    assert seq[0].tolist() == pytest.approx([0.75] * 3) and seq[1, :2].tolist() == pytest.approx([1.5, 1.0])
+    masked, stats = importance_weights(old, engine, mask, "sequence_mis", 1.4)
+    assert masked[0].tolist() == pytest.approx([0.75] * 3) and masked[1, :2].tolist() == pytest.approx(
+        [0.0, 1.0]
+    )
+    assert stats.corrected == 1 and stats.units == 2
+
+
+def test_importance_weights_scale_the_policy_term():
+    logps = torch.log(torch.tensor([[0.5, 0.5]]))
+    mask, advantages = torch.ones(1, 2), torch.tensor([1.0])
+    plain = ppo_clip_loss(logps, logps, advantages, mask, 0.2)
+    weighted = ppo_clip_loss(logps, logps, advantages, mask, 0.2, weights=torch.tensor([[2.0, 0.0]]))
+    assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-1.0)  # (2 + 0) / 2
+    weighted = ppo_clip_loss(logps, logps, advantages, mask, 0.2, weights=torch.tensor([[0.5, 0.5]]))
+    assert weighted.item() == pytest.approx(-0.5)
 
 
 def test_single_model_rewards_by_hand():

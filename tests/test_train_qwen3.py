@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import QUESTIONS, UNCLOSED_QUESTION, qwen3_config
 from duetlm.tasks import Example
 from duetlm.train.batch import StepQuestions
 from duetlm.train.config import LoraSettings
+from duetlm.train.grpo import k3_kl
 from duetlm.train.policy import load_lm, merged_state_dict
 from duetlm.train.trainer import DuetTrainer, train
 
@@ -200,3 +202,80 @@ def test_warm_start_on_the_qwen3_template_trains_the_close_token(qwen3_dirs, qwe
     report = trainer.warm_start()
     assert report["examples"] == sum(r["oracle_lines"] is not None for r in rows)
     assert any((p != before[n]).any() for n, p in trainer.capable.lm.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "none"])
+def test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on(
+    qwen3_dirs, qwen3_task, tmp_path, monkeypatch, mode
+):
+    # the engine samples M at 1.6 while the trainer's policy is at 1.0: μ is not π_old, and the
+    # engine's log-probs (what it sampled with) say so; the correction weighs each token by
+    # π_old / μ truncated at the threshold (1.02 here: random weights are nearly flat, so the
+    # weights stay near 1), and without it nothing does
+    from duetlm.train import update
+
+    config = qwen3_config(
+        qwen3_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        capable=f"hf:{qwen3_dirs['random']}",
+        capable_temperature=1.0,
+        rollout_correction=mode,
+        rollout_correction_threshold=1.02,
+        signal_max_tokens=12,
+    )
+    trainer = DuetTrainer(config)
+    rollouts = trainer.rollouts
+    sampling = rollouts._sampling
+    monkeypatch.setattr(rollouts, "_sampling", lambda t: sampling(1.6 if t == 1.0 else t))
+    seen = []
+    real = update.ppo_update
+    monkeypatch.setattr(update, "ppo_update", lambda p, b, s, r: (seen.append((p, b)), real(p, b, s, r))[1])
+    metrics = trainer.train_step()
+    [capable] = [b for p, b in seen if p is trainer.capable]
+    if mode == "none":
+        assert capable.is_weights is None and "rollout_kl_capable" not in metrics
+        return
+    known = ~torch.isnan(capable.engine_logps) & capable.seqs.completion_mask.bool()
+    by_hand = torch.exp(capable.old_logps - capable.engine_logps).clamp(max=1.02)
+    assert known.sum() > 10
+    assert torch.allclose(capable.is_weights[known], by_hand[known], atol=1e-5)
+    assert (capable.is_weights[~known] == 1).all()
+    assert metrics["rollout_kl_capable"] > 1e-3  # the mismatch shows (an engine in sync: about 1e-6)
+    assert 0 < metrics["is_corrected_fraction_capable"] < 1 and metrics["is_weight_max_capable"] > 1.02
+
+
+def test_the_kl_in_the_loss_draws_the_capable_model_back_to_its_reference(qwen3_dirs, qwen3_task, tmp_path):
+    # M moved away from the initial M (noise on its weights); with a β in the loss large enough to
+    # outweigh the policy term, three steps bring its KL to the reference (k3, what the loss
+    # minimizes) down, measured on fixed rollouts
+    config = qwen3_config(
+        qwen3_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        capable=f"hf:{qwen3_dirs['random']}",
+        kl_placement="loss",
+        kl_beta=50.0,
+        capable_lr=1e-3,
+        signal_max_tokens=12,
+    )
+    trainer = DuetTrainer(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainer.capable.lm.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    batch = trainer.rollouts.capable_signals(
+        StepQuestions(0, [Example("a", QUESTIONS[0], "14")] * 2, [0, 1])
+    ).batch
+    passes, capable = trainer.passes, trainer.capable
+
+    def kl() -> float:
+        k3 = k3_kl(passes.logps(capable, batch), passes.reference_logps(capable, batch))
+        mask = batch.seqs.completion_mask
+        return float((k3 * mask).sum() / mask.sum())
+
+    before = kl()
+    metrics = [trainer.train_step() for _ in range(3)]
+    assert all("kl_loss_capable" in m for m in metrics)
+    print("k3 before, after; kl_loss per step:", before, kl(), [m["kl_loss_capable"] for m in metrics])
+    assert kl() < 0.7 * before, (before, kl())

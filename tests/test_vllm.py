@@ -112,6 +112,27 @@ def test_sampled_logprobs_are_those_of_the_sampled_tokens(engines):
     assert all(lp <= 0 for lp in result.logprobs)
 
 
+def test_seeded_requests_that_overflow_a_scheduler_step_sample_as_alone(engines):
+    # 48 seeded prompts of ~170 tokens, none sharing a cached prefix: more than one scheduler step's
+    # default token budget (4,096), so a chunked prefill would split one of them, and vLLM's CPU
+    # sampler cannot rewind a generator
+    words = ["seven", "apples", "river", "blue", "count", "stone", "light", "paper"]
+    requests = [
+        GenerationRequest.chat(
+            " ".join(words[(i * 7 + j * (i % 5 + 1)) % len(words)] for j in range(150)) + f" {i}",
+            SamplingParams(6, temperature=1.0, seed=i),
+        )
+        for i in range(48)
+    ]
+    engine = engines["capable"]
+    scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert sum(r.prompt_tokens for r in engine.generate(requests[:1])) * len(requests) > 2048
+    assert not scheduler.enable_chunked_prefill
+    together = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests[::12]]
+    assert [r.token_ids for r in together[::12]] == [r.token_ids for r in alone]
+
+
 def test_a_model_vllms_cpu_attention_cannot_run_is_refused_in_one_line():
     # the embedded tiny-M has a head size of 48, which vLLM's CPU kernels do not cover
     from duetlm.models import EMBEDDED

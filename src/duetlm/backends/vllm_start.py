@@ -100,6 +100,11 @@ def engine_arguments(location: str, settings: VLLMSettings, spec: str) -> dict:
         if settings.dtype == "auto":
             args["dtype"] = "bfloat16" if cpu_has_bf16() else "float32"
         args["enforce_eager"] = True if settings.enforce_eager is None else settings.enforce_eager
+        # A prefill split over scheduler steps throws its sampled token away and rewinds the
+        # request's generator, which a CPU generator cannot do: any seeded request (every
+        # training rollout) whose batch overflows a step would kill the engine. Whole prefills
+        # only (vLLM then raises the step's token budget to the model's context).
+        args["enable_chunked_prefill"] = False
         if settings.gpu_memory_utilization is None:
             args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes()
         else:

@@ -46,7 +46,9 @@ class RolloutBatch:
     read), `answer` m's answers to that signal (0 on M's rows). `engine_logps` (B, T-1) holds
     the log-probs the rollout engine sampled each token with, aligned with the completion mask
     (NaN where the engine gave none: tokens the trainer inserted, or when not asked for).
-    `advantages` (B,) and `old_logps` (B, T-1) are set once the step has scored the rows."""
+    `advantages` (B,) and `old_logps` (B, T-1) are set once the step has scored the rows, and
+    with them, when the step uses them, `ref_logps` (B, T-1: the initial M's, for a KL term in
+    the loss) and `is_weights` (B, T-1: the rollout correction's)."""
 
     seqs: Sequences
     question: torch.Tensor  # (B,) long
@@ -55,6 +57,8 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None
     old_logps: torch.Tensor | None = None
     engine_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
 
     @staticmethod
     def of(
@@ -77,8 +81,16 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def with_scores(self, advantages: torch.Tensor, old_logps: torch.Tensor | None) -> RolloutBatch:
-        return replace(self, advantages=advantages, old_logps=old_logps)
+    def with_scores(
+        self,
+        advantages: torch.Tensor,
+        old_logps: torch.Tensor | None,
+        ref_logps: torch.Tensor | None = None,
+        is_weights: torch.Tensor | None = None,
+    ) -> RolloutBatch:
+        return replace(
+            self, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, is_weights=is_weights
+        )
 
     def with_seqs(self, seqs: Sequences) -> RolloutBatch:
         return replace(self, seqs=seqs)
@@ -87,14 +99,20 @@ class RolloutBatch:
         """The given rows, padding columns none of them uses cut off (`Sequences.take`)."""
         seqs = self.seqs.take(rows)
         width = seqs.completion_mask.shape[1]
+
+        def cut(table: torch.Tensor | None) -> torch.Tensor | None:
+            return None if table is None else table[rows, :width]
+
         return RolloutBatch(
             seqs,
             self.question[rows],
             self.signal[rows],
             self.answer[rows],
             None if self.advantages is None else self.advantages[rows],
-            None if self.old_logps is None else self.old_logps[rows, :width],
-            None if self.engine_logps is None else self.engine_logps[rows, :width],
+            cut(self.old_logps),
+            cut(self.engine_logps),
+            cut(self.ref_logps),
+            cut(self.is_weights),
         )
 
     def logprob_gap(self, trainer_logps: torch.Tensor) -> float:

@@ -97,8 +97,28 @@ class ObjectiveConfig(Section):
     lambda_schedule: Literal["adaptive", "constant"] = knob("adaptive", "λ by dual ascent or fixed.")
     lambda_init: float = knob(0.0, "λ_0 (reference 0).", ge=0, le=1)
     lambda_lr: float = knob(0.01, "η of the dual ascent (reference 0.01).", ge=0)
-    use_marginal_utility: bool = knob(True, "Subtract r(m)(x) in R_M.")
-    kl_beta: float = knob(0.001, "β of the KL to the initial M in M's reward (reference).", ge=0)
+    use_marginal_utility: bool = knob(
+        True,
+        "Report R_M with r(m)(x) subtracted (`marginal_reward`, from the latest evaluation's r(m)). Logging "
+        "only: r(m)(x) is one number per question, so it cancels exactly from every advantage once the "
+        "group's mean is subtracted, and no step draws m's standalone answers for it (the reference "
+        "subtracted it in the reward).",
+    )
+    kl_beta: float = knob(0.001, "β of the KL to the initial M (reference 0.001).", ge=0)
+    kl_placement: Literal["reward", "loss"] = knob(
+        "loss",
+        "Where the KL to the initial M acts. reward: β·(summed log-ratio) subtracted from R_M before the "
+        "group normalization (the reference's; its noise can outweigh λ·L/B while λ is small, "
+        "docs/design.md). loss: β·k3 added to M's loss per token, token-mean like the policy loss, "
+        "outside the advantages.",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = knob(
+        "batch",
+        "What a group's centered rewards are divided by: group, the group's standard deviation (the "
+        "reference's; it stretches ties in correctness to unit variance, so λ's size stops mattering); "
+        "batch, the standard deviation over the whole batch (λ keeps its size relative to correctness); "
+        "none, nothing (Dr. GRPO). For M's and m's advantages alike.",
+    )
     clip_eps: float = knob(0.2, "PPO clip ε (reference 0.2).", gt=0, lt=1)
 
 
@@ -147,6 +167,20 @@ class RolloutConfig(Section):
         "What a forced stop's advantage trains: 'stop' only the inserted close tag (the prefix was sampled "
         "under a continuation that was thrown away, so its tokens get no credit for what the cut did), "
         "'sequence' every token of the cut signal.",
+    )
+    rollout_correction: Literal["auto", "none", "token_tis", "token_mis", "sequence_tis", "sequence_mis"] = (
+        knob(
+            "auto",
+            "Importance weights π_old/μ for the gap between what the engine sampled with (μ, its own "
+            "log-probs) and the trainer's sampling-time log-probs (π_old) (train/correction.py): token_tis "
+            "truncates each token's weight at the threshold, token_mis masks tokens whose weight leaves "
+            "[1/threshold, threshold], sequence_* do the same per sequence. auto: token_tis for a model "
+            "rolled out on vLLM (docs/training.md), none for hf (which samples from the trained module "
+            "itself).",
+        )
+    )
+    rollout_correction_threshold: float = knob(
+        2.0, "The truncation or masking bound of the rollout correction (verl's and ms-swift's 2.0).", gt=1
     )
     check_rollout_logprobs: bool = knob(
         False,
@@ -208,6 +242,13 @@ class ParallelConfig(Section):
         ge=1,
         resumable=True,
     )
+    share_prefixes: bool = knob(
+        True,
+        "m's update packs the n_m answers to each signal behind one copy of their shared prefix (question "
+        "and signal), each answer attending to the prefix and itself only: the prefix, most of m's tokens, "
+        "runs once instead of n_m times. Needs the sdpa or eager attention (not flash attention's).",
+        resumable=True,
+    )
     device: str = knob(
         "auto", "hf device: auto, cpu, cuda (each process takes its local rank's GPU).", resumable=True
     )
@@ -241,6 +282,13 @@ class EvaluationConfig(Section):
     every: int = knob(10, "Greedy pair evaluation every N steps (0 = never).", ge=0, resumable=True)
     questions: int = knob(
         100, "Questions in that evaluation (the evaluation task's first ones).", ge=1, resumable=True
+    )
+    light_alone: bool = knob(
+        True,
+        "Also measure r(m) there: m alone, greedy, with the whole answer budget it has in inference "
+        "(signal_max_tokens + answer_max_tokens, so that it can close its thinking); logged as "
+        "eval_r_light.",
+        resumable=True,
     )
 
 
@@ -359,6 +407,14 @@ class TrainConfig(BaseModel):
     @property
     def trains_light(self) -> bool:
         return self.models.train_light and not self.models.single_model
+
+    def correction_for(self, role: str) -> str:
+        """The rollout correction a role's update applies (`auto` resolved by its engine)."""
+        mode = self.rollout.rollout_correction
+        if mode != "auto":
+            return mode
+        spec = self.models.capable if role == "capable" else self.models.light
+        return "token_tis" if spec.strip().startswith("vllm:") else "none"
 
     @property
     def training_source(self) -> tuple:

@@ -19,7 +19,7 @@ from duetlm.train.config import LoraSettings, TrainConfig
 from duetlm.train.distributed import Runtime
 from duetlm.train.engines import LiveEngine, ReplicaEngine, RolloutEngine
 from duetlm.train.parallel import wrap
-from duetlm.train.policy import LogprobNet, Policy, load_lm
+from duetlm.train.policy import LogprobNet, Policy, check_output_layer, load_lm
 
 ROLES = {"capable": "M", "light": "m"}
 
@@ -60,6 +60,15 @@ def build_policy(
         trainable,
         parallel.gradient_checkpointing,
     )
+    if trainable:
+        check_output_layer(lm, spec)
+        attention = getattr(lm.config, "_attn_implementation", "sdpa")
+        if name == "light" and parallel.share_prefixes and attention not in ("sdpa", "eager"):
+            raise ConfigError(
+                f"parallel.share_prefixes packs m's answers behind their shared prefix with an attention mask "
+                f"of its own, which {attention!r} attention cannot take; load m with sdpa attention, or set "
+                "parallel.share_prefixes = false"
+            )
     sharded = trainable and parallel.strategy == "fsdp"
     if sharded and lora is not None:
         raise ConfigError(
@@ -118,6 +127,7 @@ def reference_model(cfg: TrainConfig, runtime: Runtime) -> LogprobNet | None:
         return None
     parallel = cfg.parallel
     lm, _ = load_lm(model_location(cfg.models.capable), runtime.device, parallel.precision, trainable=False)
+    check_output_layer(lm, f"the reference ({cfg.models.capable})")
     return wrap(LogprobNet(lm, parallel.logprob_chunk), parallel.strategy, runtime, parallel.precision, False)
 
 

@@ -1,9 +1,10 @@
 """What one training step computes (docs/design.md section 2), for each objective.
 
-`JointObjective` is DUET's, in the reference order:
-    M rollout -> standalone m (once per question) -> guided m -> rewards -> λ update
-    -> update m -> update M
-`SingleModelObjective` is the length-penalty GRPO baseline: M alone, reward acc − λL/B − βKL.
+`JointObjective` is DUET's, in the reference order less the standalone rollouts of m (r(m)
+cancels exactly from every advantage, so the step does not draw them; the evaluation
+schedule measures r(m) instead):
+    M rollout -> guided m -> rewards -> λ update -> update m -> update M
+`SingleModelObjective` is the length-penalty GRPO baseline: M alone, reward acc − λL/B (− βKL).
 
 Both read their rollouts through `RolloutBatch` indices and reduce every number they log
 over all processes, so N processes log what one would.
@@ -11,12 +12,14 @@ over all processes, so N processes log what one would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from duetlm.train.batch import StepQuestions
+from duetlm.train.batch import RolloutBatch, StepQuestions
 from duetlm.train.config import TrainConfig
+from duetlm.train.correction import importance_weights
 from duetlm.train.distributed import Runtime
 from duetlm.train.grpo import group_advantages
 from duetlm.train.policy import Policy
@@ -49,36 +52,60 @@ class StepParts:
             return self.mean(values)
         return self.runtime.sum((values * weights).sum()) / count
 
+    def batch_std(self, values: torch.Tensor) -> float:
+        """Sample standard deviation of the values over all processes (`scale_rewards = batch`)."""
+        values = values.detach().double()
+        n = self.runtime.sum(values.numel())
+        total, squares = self.runtime.sum(values.sum()), self.runtime.sum((values**2).sum())
+        if n < 2:
+            return 0.0
+        return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
+
     def sleep_engines(self) -> None:
         for policy in (self.capable, self.light):
             policy.engine.sleep()
+
+    def corrected(
+        self, role: str, batch: RolloutBatch, old: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict]:
+        """The rollout correction's weights of a role's rows against the engine's log-probs,
+        and its metrics (None and {} without a correction)."""
+        mode = self.cfg.correction_for(role)
+        if mode == "none" or batch.engine_logps is None:
+            return None, {}
+        threshold = self.cfg.rollout.rollout_correction_threshold
+        weights, stats = importance_weights(
+            old, batch.engine_logps, batch.seqs.completion_mask, mode, threshold
+        )
+        return weights, stats.metrics(self.runtime, role)
 
 
 class JointObjective:
     def __init__(self, parts: StepParts) -> None:
         self.parts = parts
+        self.r_light: float | None = None  # m's accuracy alone, from the latest evaluation
 
     def step(self, questions: StepQuestions, lam: float) -> tuple[dict, float]:
         """(metrics, λ for the next step)."""
         parts, cfg = self.parts, self.parts.cfg
-        objective = cfg.objective
+        objective, passes = cfg.objective, parts.passes
         capable = parts.rollouts.capable_signals(questions)  # n_M signals per question
-        alone = parts.rollouts.light_alone(questions)  # (Q, A)
         light_batch, pair_correct = parts.rollouts.light_guided(questions, capable.signals)  # (Q, S, A)
         parts.sleep_engines()
         batch = capable.batch
-        old = parts.passes.logps(parts.capable, batch)  # the sampling policy's log-probs
+        old = passes.logps(parts.capable, batch)  # the sampling policy's log-probs
+        ref = passes.reference_logps(parts.capable, batch)
         lengths, forced = capable.lengths, capable.forced  # (Q, S)
-        kl = batch.grid(parts.passes.kl(parts.capable, batch, old), tuple(lengths.shape))  # (Q, S)
+        kl = batch.grid(passes.kl(batch, old, ref), tuple(lengths.shape))  # (Q, S)
         scores = score_joint(
             pair_correct,
-            alone,
             lengths,
-            kl,
+            kl if objective.kl_placement == "reward" else None,
             lam,
             objective.length_bound,
             objective.kl_beta,
-            objective.use_marginal_utility,
+            objective.scale_rewards,
+            parts.batch_std,
         )
         # λ is the dual variable of the policy's constraint E[L] <= B, updated after the rewards:
         # forced cuts are not samples of the policy, so they stay out of the mean that drives it.
@@ -89,42 +116,57 @@ class JointObjective:
         metrics = {
             "reward": parts.mean(scores.reward),
             "r_pair": parts.mean(scores.r_pair),
-            "r_light": parts.mean(scores.r_light),
             "signal_tokens": mean_length,
             "signal_tokens_with_cuts": parts.mean(lengths),
             "pair_accuracy": parts.mean(pair_correct),
             "kl": parts.mean(kl),
             "forced_stops": parts.mean(forced),
         }
-        light_old = None
+        if objective.use_marginal_utility and self.r_light is not None:
+            metrics["marginal_reward"] = metrics["reward"] - self.r_light
+        if cfg.trains_light:
+            metrics |= self._update_light(light_batch, scores.light_advantages, questions.step)
+        weights, correction = parts.corrected("capable", batch, old)
+        metrics |= correction
         if cfg.rollout.check_rollout_logprobs:
             metrics["rollout_logprob_gap"] = parts.runtime.max(batch.logprob_gap(old))
-            if cfg.trains_light:  # m's sampling policy, scored by the trainer (a diagnostic's pass)
-                light_old = parts.passes.logps(parts.light, light_batch)
-                metrics["rollout_logprob_gap_light"] = parts.runtime.max(light_batch.logprob_gap(light_old))
-        if cfg.trains_light:
-            scored = light_batch.with_scores(light_batch.per_row(scores.light_advantages), light_old)
-            metrics |= parts.passes.update(parts.light, scored, questions.step)
         trained = batch
         if cfg.rollout.forced_stop_credit == "stop":  # a cut's advantage trains only the inserted close tag
             cut_rows = [row for row in range(len(batch)) if capable.signal_of_row(row).forced]
             trained = batch.with_seqs(credit_only_tail(batch.seqs, cut_rows, len(parts.rollouts.close_ids)))
-        scored = trained.with_scores(batch.per_row(scores.capable_advantages), old)
-        metrics |= parts.passes.update(parts.capable, scored, questions.step)
+        in_loss = ref if objective.kl_placement == "loss" else None
+        scored = trained.with_scores(batch.per_row(scores.capable_advantages), old, in_loss, weights)
+        metrics |= passes.update(parts.capable, scored, questions.step)
         return metrics, next_lam
+
+    def _update_light(self, batch: RolloutBatch, advantages: torch.Tensor, step: int) -> dict:
+        parts, cfg = self.parts, self.parts.cfg
+        metrics: dict = {}
+        old, weights = None, None
+        if cfg.rollout.check_rollout_logprobs or cfg.correction_for("light") != "none":
+            old = parts.passes.logps(parts.light, batch)  # m's sampling policy, as the trainer scores it
+            weights, metrics = parts.corrected("light", batch, old)
+            if cfg.rollout.check_rollout_logprobs:
+                metrics["rollout_logprob_gap_light"] = parts.runtime.max(batch.logprob_gap(old))
+        scored = batch.with_scores(batch.per_row(advantages), old, None, weights)
+        return metrics | parts.passes.update(parts.light, scored, step)
 
 
 class SingleModelObjective:
     def __init__(self, parts: StepParts) -> None:
         self.parts = parts
+        self.r_light: float | None = None
 
     def step(self, questions: StepQuestions, lam: float) -> tuple[dict, float]:
-        parts, objective = self.parts, self.parts.cfg.objective
+        parts, objective, passes = self.parts, self.parts.cfg.objective, self.parts.passes
         batch, correct, lengths = parts.rollouts.capable_alone(questions)  # (Q, S) each
         parts.sleep_engines()
-        old = parts.passes.logps(parts.capable, batch)
-        kl = batch.grid(parts.passes.kl(parts.capable, batch, old), tuple(lengths.shape))
-        reward = single_model_rewards(correct, lengths, lam, objective.length_bound) - objective.kl_beta * kl
+        old = passes.logps(parts.capable, batch)
+        ref = passes.reference_logps(parts.capable, batch)
+        kl = batch.grid(passes.kl(batch, old, ref), tuple(lengths.shape))
+        reward = single_model_rewards(correct, lengths, lam, objective.length_bound)
+        if objective.kl_placement == "reward":
+            reward = reward - objective.kl_beta * kl
         mean_length = parts.mean(lengths)
         next_lam = update_lambda(
             lam, mean_length, objective.length_bound, objective.lambda_lr, objective.lambda_schedule
@@ -135,8 +177,13 @@ class SingleModelObjective:
             "output_tokens": mean_length,
             "kl": parts.mean(kl),
         }
+        weights, correction = parts.corrected("capable", batch, old)
+        metrics |= correction
         if parts.cfg.rollout.check_rollout_logprobs:
             metrics["rollout_logprob_gap"] = parts.runtime.max(batch.logprob_gap(old))
-        scored = batch.with_scores(batch.per_row(group_advantages(reward)), old)
-        metrics |= parts.passes.update(parts.capable, scored, questions.step)
+        std = parts.batch_std(reward) if objective.scale_rewards == "batch" else None
+        advantages = group_advantages(reward, scale=objective.scale_rewards, batch_std=std)
+        in_loss = ref if objective.kl_placement == "loss" else None
+        scored = batch.with_scores(batch.per_row(advantages), old, in_loss, weights)
+        metrics |= passes.update(parts.capable, scored, questions.step)
         return metrics, next_lam

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from duetlm.train.config import LoraSettings
-from duetlm.train.grpo import token_logps
+from duetlm.train.grpo import packed_token_logps, token_logps
 
 if TYPE_CHECKING:
     from duetlm.train.engines import RolloutEngine
@@ -25,14 +25,49 @@ if TYPE_CHECKING:
 
 class LogprobNet(torch.nn.Module):
     """The policy as the loss sees it: token log-probs at a temperature over completion
-    positions. DDP wraps this module, so its forward is the one whose gradients are reduced."""
+    positions. DDP and FSDP wrap this module, so its forward is the one whose gradients are
+    reduced. With `packed` (rows packed by shared prefix) the other inputs are not read."""
 
     def __init__(self, lm: torch.nn.Module, chunk: int) -> None:
         super().__init__()
         self.lm, self.chunk = lm, chunk
 
-    def forward(self, input_ids, attention_mask, completion_mask, temperature: float) -> torch.Tensor:
+    def forward(
+        self, input_ids, attention_mask, completion_mask, temperature: float, packed=None
+    ) -> torch.Tensor:
+        if packed is not None:
+            return packed_token_logps(self.lm, packed, temperature, self.chunk, tuple(completion_mask.shape))
         return token_logps(self.lm, input_ids, attention_mask, temperature, completion_mask, self.chunk)
+
+
+def check_output_layer(model: torch.nn.Module, name: str) -> None:
+    """The trainer scores tokens with the output layer applied to the decoder's last hidden
+    states (`grpo.head_logps`), never the whole vocabulary's logits; that must be what the
+    model's own forward computes. Compared once, on a few tokens: a model whose logits are
+    something else (a transform `grpo.output_logits` does not know) is refused, not trained
+    on the wrong log-probs."""
+    from torch.nn import functional as F
+
+    from duetlm.errors import ConfigError
+    from duetlm.train.grpo import output_logits
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    ids = torch.arange(3, 11, device=device)[None] % base.config.get_text_config().vocab_size
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        expected = base(input_ids=ids).logits.float()
+        hidden = base.get_decoder()(input_ids=ids).last_hidden_state
+        head = base.get_output_embeddings()
+        bias = None if getattr(head, "bias", None) is None else head.bias
+        ours = output_logits(base.config, F.linear(hidden, head.weight, bias)).float()
+    gap = float((expected - ours).abs().max())
+    if gap > 1e-3 * max(1.0, float(expected.abs().max())):
+        raise ConfigError(
+            f"{name}: {type(base).__name__}'s logits are not its output layer applied to its last hidden states "
+            f"(they differ by {gap:.3g} on a few tokens), and the trainer knows no transform that explains it: "
+            "its log-probs would be wrong. Soft-capping (Gemma 2/3), a logit scale (Cohere) and a logits "
+            "divisor (Granite) are handled; this model is not supported for training"
+        )
 
 
 @dataclass

@@ -1,15 +1,18 @@
 """Rewards and the length-penalty weight λ (docs/design.md section 2).
 
     r(M,m)(y) = mean correctness of m's n_m answers given (x, signal y)
-    r(m)(x)   = mean correctness of m answering x alone (drawn once per question)
-    R_M(y)    = r(M,m)(y) − r(m)(x) − λ_t · L(y) / B          (marginal utility on)
+    R_M(y)    = r(M,m)(y) − λ_t · L(y) / B  [− β · KL(y) with kl_placement = "reward"]
     λ_{t+1}   = clip(λ_t + η · (mean_batch L / B − 1), 0, 1)   (adaptive: dual ascent on E[L] ≤ B)
 
+The paper's R_M also subtracts r(m)(x), m's accuracy on x alone. It is one number per
+question, so it cancels exactly from every advantage once the group's mean is subtracted: the
+step neither draws nor subtracts it (r(m) is measured on the evaluation schedule instead).
 Pure tensor functions; shapes in comments: Q questions, S = n_M signals, A = n_m answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,20 +21,14 @@ import torch
 
 def capable_rewards(
     pair_correct: torch.Tensor,  # (Q, S, A) 0/1: m's answers given each signal
-    light_alone_correct: torch.Tensor,  # (Q, A) 0/1: m's standalone answers
     signal_tokens: torch.Tensor,  # (Q, S) L(y)
     lam: float,
     length_bound: float,
-    marginal_utility: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """R_M for every signal, with its parts for logging."""
+    """R_M without its KL term for every signal, with its parts for logging."""
     r_pair = pair_correct.float().mean(dim=-1)  # (Q, S)
-    r_light = light_alone_correct.float().mean(dim=-1)  # (Q,)
     penalty = lam * signal_tokens.float() / length_bound  # (Q, S)
-    reward = r_pair - penalty
-    if marginal_utility:
-        reward = reward - r_light[:, None]
-    return {"reward": reward, "r_pair": r_pair, "r_light": r_light, "penalty": penalty}
+    return {"reward": r_pair - penalty, "r_pair": r_pair, "penalty": penalty}
 
 
 def single_model_rewards(
@@ -57,35 +54,42 @@ def update_lambda(
     return float(min(1.0, max(0.0, lam + eta * (mean_length / length_bound - 1.0))))
 
 
+BatchStd = Callable[[torch.Tensor], float]
+"""The standard deviation of a tensor's values over the whole batch, every process's included."""
+
+
 @dataclass
 class JointScores:
     """Everything a joint step computes from its rollouts before updating (shapes: Q questions,
     S = n_M signals, A = n_m answers)."""
 
-    reward: torch.Tensor  # (Q, S) R_M, KL included
+    reward: torch.Tensor  # (Q, S) R_M (its KL term included when kl_placement = "reward")
     r_pair: torch.Tensor  # (Q, S)
-    r_light: torch.Tensor  # (Q,)
-    capable_advantages: torch.Tensor  # (Q, S) normalized within each question's signals
-    light_advantages: torch.Tensor  # (Q, S, A) normalized over each question's S*A guided answers
+    capable_advantages: torch.Tensor  # (Q, S) centered within each question's signals, then scaled
+    light_advantages: torch.Tensor  # (Q, S, A) centered over each question's S*A guided answers, then scaled
 
 
 def score_joint(
     pair_correct: torch.Tensor,  # (Q, S, A)
-    light_alone_correct: torch.Tensor,  # (Q, A)
     signal_tokens: torch.Tensor,  # (Q, S)
-    kl: torch.Tensor,  # (Q, S) summed log-ratio of each signal to the initial M
+    kl: torch.Tensor | None,  # (Q, S) summed log-ratio to the initial M, when it goes in the reward
     lam: float,
     length_bound: float,
     kl_beta: float,
-    marginal_utility: bool = True,
+    scale_rewards: str = "group",
+    batch_std: BatchStd | None = None,
 ) -> JointScores:
-    """R_M = r(M,m) − r(m) − λ·L/B − β·KL, and both models' GRPO advantages (docs/design.md section 2)."""
+    """R_M = r(M,m) − λ·L/B (− β·KL), and both models' GRPO advantages (docs/design.md section 2)."""
     from duetlm.train.grpo import group_advantages, light_advantages
 
-    parts = capable_rewards(
-        pair_correct, light_alone_correct, signal_tokens, lam, length_bound, marginal_utility
-    )
-    reward = parts["reward"] - kl_beta * kl  # (Q, S)
+    parts = capable_rewards(pair_correct, signal_tokens, lam, length_bound)
+    reward = parts["reward"] if kl is None else parts["reward"] - kl_beta * kl  # (Q, S)
+    std_of = batch_std or (lambda values: float(values.float().std()))
+    capable_std = std_of(reward) if scale_rewards == "batch" else None
+    light_std = std_of(pair_correct.float()) if scale_rewards == "batch" else None
     return JointScores(
-        reward, parts["r_pair"], parts["r_light"], group_advantages(reward), light_advantages(pair_correct)
+        reward,
+        parts["r_pair"],
+        group_advantages(reward, scale=scale_rewards, batch_std=capable_std),
+        light_advantages(pair_correct, scale=scale_rewards, batch_std=light_std),
     )

@@ -1,4 +1,5 @@
-"""The rollouts of a training step (docs/design.md section 2): M's signals, m alone, m guided.
+"""The rollouts of a training step (docs/design.md section 2): M's signals and m's answers to
+them (and, for the single-model baseline, M's whole answers).
 
 They go through the same backends and the same protocol functions as inference, so the
 signal m reads in training is exactly the one it reads when serving (`protocol.signal_of`:
@@ -71,9 +72,11 @@ class Rollouts:
     def _sampling(self, temperature: float):
         return self.duet_config.model_copy(update={"temperature": temperature, "top_p": 1.0, "top_k": 0})
 
-    def _seeded(self, request: GenerationRequest, seed: int) -> GenerationRequest:
-        sampling = replace(request.sampling, seed=seed, logprobs=self.cfg.rollout.check_rollout_logprobs)
-        return replace(request, sampling=sampling)
+    def _seeded(self, request: GenerationRequest, seed: int, role: str) -> GenerationRequest:
+        """The request with its own seed, asking for the engine's log-probs when the step uses
+        them (the rollout correction, or the gap diagnostic)."""
+        wants = self.cfg.rollout.check_rollout_logprobs or self.cfg.correction_for(role) != "none"
+        return replace(request, sampling=replace(request.sampling, seed=seed, logprobs=wants))
 
     def _generate(self, policy: Policy, requests: list[GenerationRequest]) -> list[GenerationResult]:
         with autocast(self.device, self.cfg.parallel.precision):
@@ -92,6 +95,7 @@ class Rollouts:
             self._seeded(
                 capable_request(questions.examples[q].problem, config, cfg.rollout.signal_max_tokens),
                 self._seed(questions, "capable", (q, s, a)),
+                "capable",
             )
             for q, s, a in keys
         ]
@@ -103,29 +107,18 @@ class Rollouts:
             if cfg.rollout.forced_stop_prob > 0 and rng.random() < cfg.rollout.forced_stop_prob:
                 cut = force_early_stop(signal.ids, tokenizer, self.close_ids, rng)
                 if cut is not None:
-                    body = tokenizer.decode(cut[: -len(self.close_ids)], skip_special_tokens=False)
-                    signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True)
+                    kept = len(cut) - len(self.close_ids)  # the engine sampled these; not the close tag
+                    body = tokenizer.decode(cut[:kept], skip_special_tokens=False)
+                    engine = signal.sampled_logprobs[:kept] if signal.sampled_logprobs else None
+                    signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True, engine)
             signals[q].append(signal)
         seqs = pack(
             prompt_ids(tokenizer, requests),
             [signals[q][s].ids for q, s, _ in keys],
             tokenizer.pad_token_id,
         )
-        sampled = [None if signals[q][s].forced else signals[q][s].sampled_logprobs for q, s, _ in keys]
+        sampled = [signals[q][s].sampled_logprobs for q, s, _ in keys]
         return CapableRollout(signals, RolloutBatch.of(seqs, keys, sampled))
-
-    def light_alone(self, questions: StepQuestions) -> torch.Tensor:
-        """r(m)(x): n_m standalone answers per question, drawn once per question. (Q, A)"""
-        cfg = self.cfg
-        keys = [(q, 0, a) for q in range(len(questions)) for a in range(cfg.objective.n_light)]
-        requests = self._alone_requests(
-            questions, "light-alone", keys, cfg.rollout.light_temperature, cfg.rollout.answer_max_tokens
-        )
-        results = self._generate(self.light, requests)
-        correct = torch.zeros(len(questions), cfg.objective.n_light)
-        for (q, _, a), result in zip(keys, results, strict=True):
-            correct[q, a] = _final_correct(result.text, questions.examples[q], cfg)
-        return correct
 
     def light_guided(
         self, questions: StepQuestions, signals: list[list[Signal]]
@@ -145,6 +138,7 @@ class Rollouts:
                     questions.examples[q].problem, signals[q][s].text, config, config.light_template_kwargs
                 ),
                 self._seed(questions, "light", (q, s, a)),
+                "light",
             )
             for q, s, a in keys
         ]
@@ -194,7 +188,9 @@ class Rollouts:
         for key in keys:
             problem = questions.examples[key[0]].problem
             chat = GenerationRequest.chat(user_prompt(problem, config), sampling, chat_template_kwargs=kwargs)
-            requests.append(self._seeded(chat, self._seed(questions, role, key)))
+            requests.append(
+                self._seeded(chat, self._seed(questions, role, key), "capable" if capable else "light")
+            )
         return requests
 
     @staticmethod

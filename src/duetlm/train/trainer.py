@@ -1,7 +1,7 @@
 """The joint DUET training loop (docs/design.md section 2): what ties the parts together.
 
 A step takes this process's share of the batch's questions (`data`), runs the objective on
-them (`objectives`: rollouts, scores, λ, updates), then pushes the trained weights to the
+them (`objectives`: rollouts, scores, λ, the rollout correction, updates), then pushes the trained weights to the
 engines that need them (`weight_push`). Under `torchrun` each process takes a shard of the
 batch's questions; λ, token counts and metrics are reduced over all processes, and gradients
 are averaged (DDP) or reduce-scattered (FSDP), so N processes compute the update of one. The
@@ -147,30 +147,41 @@ class DuetTrainer:
 
     def evaluate(self) -> dict:
         """Greedy accuracy and M tokens on the eval questions (the pair, or M alone in the
-        single-model baseline), each process answering its share."""
+        single-model baseline), each process answering its share; and r(m), m alone with the
+        whole budget it has in inference (`evaluation.light_alone`)."""
         cfg, runtime = self.cfg, self.runtime
+        budget = cfg.rollout.signal_max_tokens + cfg.rollout.answer_max_tokens
         config = cfg.duet.model_copy(
             update={
                 "temperature": 0.0,
                 "signal_max_tokens": cfg.rollout.signal_max_tokens,
                 "answer_max_tokens": cfg.rollout.answer_max_tokens,
-                "alone_max_tokens": cfg.rollout.signal_max_tokens + cfg.rollout.answer_max_tokens,
+                "alone_max_tokens": budget,
             }
         )
         duet = Duet(self.capable.engine, self.light.engine, config)
-        mode = "M-alone" if cfg.models.single_model else "duet"
         examples = self.data.evaluation[runtime.rank :: runtime.world]
-        with autocast(runtime.device, cfg.parallel.precision):
-            results = duet.solve_batch([e.problem for e in examples], mode)
-        correct = sum(
-            r.answer is not None and grade(r.text, e).correct for r, e in zip(results, examples, strict=True)
-        )
-        tokens = sum(r.usage.capable.output_tokens for r in results)
         total = max(runtime.sum(len(examples)), 1.0)
-        return {
-            "eval_accuracy": runtime.sum(correct) / total,
-            "eval_capable_tokens": runtime.sum(tokens) / total,
-        }
+
+        def accuracy(mode: str):
+            with autocast(runtime.device, cfg.parallel.precision):
+                results = duet.solve_batch([e.problem for e in examples], mode)
+            right = sum(
+                r.answer is not None and grade(r.text, e).correct
+                for r, e in zip(results, examples, strict=True)
+            )
+            return runtime.sum(right) / total, results
+
+        metrics = {}
+        eval_accuracy, results = accuracy("M-alone" if cfg.models.single_model else "duet")
+        metrics["eval_accuracy"] = eval_accuracy
+        metrics["eval_capable_tokens"] = (
+            runtime.sum(sum(r.usage.capable.output_tokens for r in results)) / total
+        )
+        if cfg.evaluation.light_alone and not cfg.models.single_model:
+            metrics["eval_r_light"], _ = accuracy("m-alone")
+            self.objective.r_light = metrics["eval_r_light"]
+        return metrics
 
     # --- warm start ----------------------------------------------------------------------
 

@@ -115,7 +115,7 @@ def test_extract_math_and_its_rule(text, answer, rule):
         ("1,-2", "1,-2"),
         ("(6,31,-1)", "(6,31,-1)"),
         ("e^{2}", "e^{2}"),
-        ("x_1e3", "x_1e3"),
+        ("x_1e3", "x_{1}e3"),
     ],
 )
 def test_normalize_answer(answer, normalized):

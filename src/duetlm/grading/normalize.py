@@ -6,6 +6,10 @@ harnesses leave them; equations.
 - `111,\\! 111,\\! 111` (MATH writes thousands so) parses as the set {111}, which a wrong
   `\\boxed{111}` then equals: `\\!` and `\\,` go, and a whole answer that is one number with
   thousands separators loses them. A comma with a space and no `\\!` stays a list (`1, 234`).
+- `18 dollars` is read by sympy as 18 times a product of letters: a number followed by unit
+  words (`without_unit`) stands for the number.
+- `52_8` is read as 52: a subscript on a number or a letter is part of what the answer is
+  (`subscripts`), so that a base or an index cannot change unseen.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import NamedTuple
 _SCIENTIFIC = re.compile(r"(?<![\w\\.])(\d+(?:\.\d+)?)[eE]\+?(-?\d+)(?![\w.])")
 _THIN_SPACE_IN_NUMBER = re.compile(r"(?<=\d)\s*\\,\s*(?=\d{3}(?!\d))")
 _THOUSANDS_MARKED = re.compile(r"^(\\?\$)?\s*(-?\d{1,3}(?:\s*,\s*(?:\\!)?\s*\d{3})+(?:\.\d+)?)\s*(\\?\$)?$")
+_BARE_SUBSCRIPT = re.compile(r"_\s*([A-Za-z0-9])")  # x_1 is x_{1}: one form for both sides
 _THOUSANDS_PLAIN = re.compile(r"^(\\?\$)?(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?)(\\?\$)?$")
 
 
@@ -29,7 +34,7 @@ def normalize_answer(answer: str) -> str:
     if match:
         number = re.sub(r"[\s,]|\\!", "", match.group(2))
         return f"{match.group(1) or ''}{number}{match.group(3) or ''}"
-    text = text.replace("\\!", "")
+    text = _BARE_SUBSCRIPT.sub(r"_{\1}", text.replace("\\!", ""))
     return _SCIENTIFIC.sub(lambda m: f"{m.group(1)}\\times10^{{{m.group(2)}}}", text)
 
 
@@ -73,3 +78,40 @@ def split_equation(answer: str) -> Equation | None:
         return None
     left, right = answer[:index].strip(), answer[index + 1 :].strip()
     return Equation(left, right) if left and right else None
+
+
+_LEADING_NUMBER = re.compile(
+    r"\s*(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=\s|\\(?:text|mbox|mathrm|textrm)\b)"
+)
+# one character or one \text{...} group per step: linear on any input, no backtracking
+_UNIT_TAIL = re.compile(r"(?:\\(?:text|mbox|mathrm|textrm)\s*\{[^{}\d]*\}|[A-Za-z]|\s|\.|/|\^\s*\{?[23]\}?)*")
+MAX_UNIT_CHARS = 60
+
+
+def without_unit(answer: str) -> str:
+    """The number of an answer that is a number and unit words after it (`18 dollars`,
+    `18 \\text{dollars}`, `5 m/s`, `10 \\text{ cm}^2`), else the answer as it is. The unit must
+    stand apart from the number (a space or `\\text`), so `5x` stays an expression, and hold no
+    digit but a square or cube, so `2 apples and 3` is no number."""
+    match = _LEADING_NUMBER.match(answer)
+    if match is None:
+        return answer
+    tail = answer[match.end() :]
+    if not tail.strip() or len(tail) > MAX_UNIT_CHARS or not re.search(r"[A-Za-z]", tail):
+        return answer
+    return match.group("number").replace(",", "") if _UNIT_TAIL.fullmatch(tail) else answer
+
+
+# a subscript on a digit run (a base: 52_8) or on a lone letter (E_2, x_{10}); not on a command
+# (\log_2, \sum_{i}), whose subscript is an argument sympy reads
+_SUBSCRIPT = re.compile(
+    r"(?:(?<!\d)\d+|(?<![\\A-Za-z])[A-Za-z])\s*_\s*(?:\{(?P<group>[^{}]*)\}|(?P<char>[A-Za-z0-9]))"
+)
+
+
+def subscripts(answer: str) -> list[str]:
+    """The subscripts on numbers and single-letter symbols, in order, spaces removed."""
+    return sorted(
+        re.sub(r"\s+", "", m.group("group") if m.group("group") is not None else m.group("char"))
+        for m in _SUBSCRIPT.finditer(answer)
+    )

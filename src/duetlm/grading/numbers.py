@@ -1,10 +1,15 @@
-"""Answers that are numbers, compared as numbers: exactly when the gold is an integer, to a
-relative tolerance otherwise.
+"""Answers that are numbers, compared as numbers: exactly when the gold is an integer, and
+otherwise to the precision the gold states.
 
 math-verify rounds plain decimals to 6 places before it compares them, so `0.0` equals a gold
 of 3.509e-07 and 2.88e-19 equals 1.325e-27: every answer at the scale of physics and
-chemistry constants is accepted. Here two numbers are equal when they agree to `RTOL` relative
-to the gold (an absolute floor, `ZERO_ATOL`, only for a gold of exactly 0). A gold written as
+chemistry constants is accepted. Here a number equals a gold written as a decimal when it
+differs from it by no more than the smaller of `RTOL` relative to the gold and half a unit in
+the gold's last written digit: 3244048.1 is not 3244047.1 (a relative 1e-4 would allow 324),
+and 0.5 still needs the relative 1e-4 (half its last digit would allow 0.54). A gold that is
+exact but not an integer (a fraction) keeps the relative tolerance, so a decimal approximation
+of enough digits (`0.3333` for 1/3) is accepted. An absolute floor, `ZERO_ATOL`, applies only
+to a gold of exactly 0. A gold written as
 an integer (counts, AIME answers, GSM8K totals) must be matched exactly: a relative tolerance
 would accept 12,346 for 12,345. Numbers are read as `Decimal`s, which have no length limit,
 so a 5,000-digit answer is compared and never raises (Python's int refuses strings of more
@@ -46,6 +51,14 @@ _DIGIT_RUN = re.compile(r"\d+")
 class Number:
     value: Decimal
     integer: bool  # written as an integer: no point, exponent or fraction
+    written: bool = True  # its digits are as written (a decimal), not a fraction's quotient
+
+    @property
+    def half_last_digit(self) -> Decimal | None:
+        """Half a unit in the last written digit (0.05 for 3244047.1, 5e-11 for 3.509e-7)."""
+        if not self.written:
+            return None
+        return Decimal(5).scaleb(self.value.as_tuple().exponent - 1)
 
 
 def parse_number(text: str) -> Number | None:
@@ -73,7 +86,7 @@ def parse_number(text: str) -> Number | None:
                 return None
             with localcontext() as context:
                 context.prec = 60
-                return Number(_signed(numerator / denominator, match), False)
+                return Number(_signed(numerator / denominator, match), False, written=False)
     except (InvalidOperation, ValueError, OverflowError):
         return None
     return None
@@ -84,14 +97,18 @@ def _signed(value: Decimal, match: re.Match) -> Decimal:
 
 
 def numbers_equal(predicted: Number, gold: Number, rtol: Decimal = RTOL) -> bool:
-    """Exactly equal for an integer gold; within `rtol` of the gold otherwise."""
+    """Exactly equal for an integer gold; otherwise within `rtol` of the gold and, for a gold
+    written as a decimal, within half a unit of its last written digit (the module says why)."""
     if gold.integer:
         return predicted.value == gold.value
     with localcontext() as context:
         context.prec = 60
         if gold.value == 0:
             return abs(predicted.value) <= ZERO_ATOL
-        return abs(predicted.value - gold.value) <= rtol * abs(gold.value)
+        tolerance = rtol * abs(gold.value)
+        if gold.half_last_digit is not None:
+            tolerance = min(tolerance, gold.half_last_digit)
+        return abs(predicted.value - gold.value) <= tolerance
 
 
 def close_floats(predicted: complex, gold: complex, rtol: float = float(RTOL)) -> bool:

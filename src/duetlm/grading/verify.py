@@ -12,7 +12,10 @@ Before math-verify:
 - an equation stands for a value only as `VAR = value` (`x = 5` equals `5`); any other
   equation (`5x - 7y + 11z + 4 = 0`) equals only an equation, never its right-hand side;
 - answers that are both plain numbers are compared as numbers (`grading.numbers`: exactly
-  for an integer gold, to a relative tolerance otherwise), in any thread, without sympy;
+  for an integer gold, to the precision a decimal gold states), in any thread, without sympy,
+  a number with unit words after it (`18 dollars`) as its number;
+- a subscript on a number or a letter (`52_8`, `E_2`) is part of the answer: sides whose
+  subscripts differ are not equal, whatever sympy makes of them;
 - a digit run too long for Python's int is never handed to sympy: such an answer is equal
   only as a number.
 After it, when both sides evaluate to numbers, the relative tolerance decides: an accepted
@@ -30,7 +33,7 @@ import signal
 import threading
 import time
 
-from duetlm.grading.normalize import clean_gold, normalize_answer, split_equation
+from duetlm.grading.normalize import clean_gold, normalize_answer, split_equation, subscripts, without_unit
 from duetlm.grading.numbers import close_floats, has_long_digits, numbers_equal, parse_number
 from duetlm.grading.workers import compare_in_worker
 
@@ -147,10 +150,15 @@ def equivalent(predicted: str, gold: str, timeout_s: float = TIMEOUT_S) -> bool 
         if predicted == gold:
             return True
     gold_number, predicted_number = parse_number(gold), parse_number(predicted)
+    if gold_number is None or predicted_number is None:  # a unit after a number: the number
+        gold_number = gold_number or parse_number(without_unit(gold))
+        predicted_number = predicted_number or parse_number(without_unit(predicted))
     if gold_number is not None and predicted_number is not None:
         return numbers_equal(predicted_number, gold_number)
     if has_long_digits(predicted) or has_long_digits(gold):
         return False  # a number too long for sympy is equal only as a number (above)
+    if subscripts(predicted) != subscripts(gold):
+        return False
     if timeout_s <= 0:
         return None
     if threading.current_thread() is threading.main_thread():

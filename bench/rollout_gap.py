@@ -1,8 +1,8 @@
 """The engine-trainer log-prob gap under bf16-mixed, with the output layer in bf16 and in fp32,
 and what the rollout correction sees of it. Run in the vLLM environment:
 
-    .venv-vllm/bin/python bench/rollout_gap.py              # one step per head precision
-    .venv-vllm/bin/python bench/rollout_gap.py --steps 3
+    .venv-vllm/bin/python bench/rollout_gap.py              # 3 steps per head precision
+    .venv-vllm/bin/python bench/rollout_gap.py --steps 1
 
 The Qwen3 test bed (151,936-token vocabulary, tied embeddings, scripted as the tests script
 it), both models full and rolled out on vLLM's CPU build in bf16, trained with `precision =
@@ -73,7 +73,7 @@ def run(dirs, task: Path, out: Path, steps: int, head: str) -> list[dict]:
         rollout_correction="token_tis",
         capable_temperature=1.0,
         light_temperature=1.0,
-        questions_per_step=8,
+        questions_per_step=4,
         n_capable=4,
         n_light=4,
         forced_stop_prob=0.5,
@@ -93,7 +93,7 @@ def run(dirs, task: Path, out: Path, steps: int, head: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     from conftest import _scripted_qwen3, qwen3_task_folder
 

@@ -5,7 +5,8 @@ accepted, and a one-digit change of it refused (docs/evaluation.md#grading).
    number gold (how models write word-problem answers).
 2. A gold written as a decimal: the tolerance follows the digits it shows, so a large gold
    does not accept a neighbour that a relative 1e-4 would.
-3. A subscript on a number or a letter (a base, an index) is part of the answer."""
+3. A subscript on a number or a letter (a base, an index) is part of the answer, and so is a
+   digit inside an expression or an equation."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ SUBSCRIPTS = [
     (r"\boxed{E_3}", r"\boxed{E_2}", "E_3"),
     (r"\boxed{x_{10}}", r"\boxed{x_{11}}", "x_{10}"),
     (r"\boxed{a_1 + a_2}", r"\boxed{a_1 + a_3}", "a_2 + a_1"),
+    # a digit inside an expression or an equation: a coefficient, an index in a term
+    (r"\boxed{3y + 2x = 6}", r"\boxed{2x + 3y = 7}", "2x + 3y = 6"),
+    (r"\boxed{y = 3 + 2x_1}", r"\boxed{y = 2x_2 + 3}", "y = 2x_1 + 3"),
+    (r"\boxed{2\sqrt{3}}", r"\boxed{2\sqrt{5}}", r"2\sqrt{3}"),
 ]
 
 

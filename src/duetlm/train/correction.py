@@ -92,7 +92,7 @@ def importance_weights(
     stats = CorrectionStats(
         tokens=float(known.sum()),
         log_ratio=float(-log_ratio[known].sum()),  # Σ (engine − old)
-        k3=float((torch.exp(log_ratio[known]) - 1.0 - log_ratio[known]).sum()),
+        k3=_k3_sum(log_ratio[known]),
         weight=float(weights[known].sum()),
         weight_max=float(seen.max()) if seen.numel() else 0.0,
         weight_min=float(seen.min()) if seen.numel() else float("inf"),
@@ -100,3 +100,10 @@ def importance_weights(
         corrected=float(corrected.sum()),
     )
     return weights, stats
+
+
+def _k3_sum(log_ratio: torch.Tensor) -> float:
+    """Σ (w − 1 − log w) for w = exp(log_ratio): in float64 and through expm1, since each term is
+    about log_ratio²/2, which fp32's w − 1 rounds below 0 when w is within 1e-4 of 1."""
+    values = log_ratio.double()
+    return float((torch.expm1(values) - values).clamp(min=0.0).sum())

@@ -56,6 +56,39 @@ class PromptConfig(BaseModel):
     think_close: str = Field("</think>", description="Tag that closes it; M's generation stops here.")
 
 
+class SettleConfig(BaseModel):
+    """When M is stopped in the `settle` and `M-settle` modes (docs/settle.md): M thinks, and at
+    the first line end after every `probe_every` of its tokens the prober (m, or M itself)
+    answers greedily from the thinking so far, closed with the think tag. Once `agree`
+    probes in a row give the same answer, M is stopped and that probe's answer is the result.
+    Defaults were measured on the embedded base pair (docs/settle.md#choosing-the-settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe_every: int = Field(
+        16, ge=1, description="M tokens between two probes (a probe waits for the next line end)."
+    )
+    agree: int = Field(
+        2, ge=1, description="Consecutive probes that must give the same answer before M is stopped."
+    )
+    min_prob: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Also require the prober's probability of its answer's tokens to reach this in "
+        "each agreeing probe; None: agreement alone. Needs per-token log-probs (hf, vllm).",
+    )
+    probe_max_tokens: int = Field(
+        48, ge=1, description="The prober's budget per probe (its answer after the closed thinking)."
+    )
+    line_max_tokens: int = Field(
+        32,
+        ge=1,
+        description="How far past probe_every M may write to finish its line; a line still open "
+        "then is probed where it stands.",
+    )
+
+
 class DuetConfig(BaseModel):
     """How a question is solved: budgets, sampling, templates, prices."""
 
@@ -101,6 +134,9 @@ class DuetConfig(BaseModel):
         default_factory=lambda: {"enable_thinking": True},
         description="Extra chat-template arguments for m. Thinking stays on: with it off, Qwen3's "
         "template writes an empty <think></think> that would precede the pre-filled signal.",
+    )
+    settle: SettleConfig = Field(
+        default_factory=SettleConfig, description="When M is stopped in the settle modes."
     )
     capable_price: Price = Field(default_factory=Price, description="M's price per 1M tokens.")
     light_price: Price = Field(default_factory=Price, description="m's price per 1M tokens.")

@@ -34,15 +34,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODE_KINDS = ("duet", "M-alone", "m-alone", "duet@B", "M@B")
+MODE_KINDS = ("duet", "M-alone", "m-alone", "duet@B", "M@B", "settle", "M-settle")
 _BUDGETED = re.compile(r"^(duet|M)@(\d+)$")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How to answer: `duet`, `M-alone`, `m-alone`, `duet@B` (signal cut at B tokens) or `M@B`
+    """How to answer: `duet`, `M-alone`, `m-alone`, `duet@B` (signal cut at B tokens), `M@B`
     (M alone with a thinking budget of B: a thinking cut at B is closed with an instruction to
-    answer now, and M answers within `forced_answer_max_tokens`)."""
+    answer now, and M answers within `forced_answer_max_tokens`), `settle` (m probes M's
+    thinking as it grows and takes over once its answer has settled; `duetlm.settle`) or
+    `M-settle` (the same with M probing itself)."""
 
     kind: str
     budget: int | None = None
@@ -54,13 +56,14 @@ class Mode:
 def parse_mode(text: str | Mode) -> Mode:
     if isinstance(text, Mode):
         return text
-    if text in ("duet", "M-alone", "m-alone"):
+    if text in ("duet", "M-alone", "m-alone", "settle", "M-settle"):
         return Mode(text)
     match = _BUDGETED.match(text)
     if match and int(match.group(2)) > 0:
         return Mode(match.group(1), int(match.group(2)))
     raise InputError(
-        f"unknown mode {text!r}: use duet, M-alone, m-alone, duet@B or M@B with B a positive token budget"
+        f"unknown mode {text!r}: use duet, M-alone, m-alone, settle, M-settle, duet@B or M@B with B a "
+        "positive token budget"
     )
 
 
@@ -110,6 +113,7 @@ class SolveResult:
     retries: int = 0
     budget_clamped: bool = False  # a budget was cut to fit a model's context (see ContextGuard)
     empty_signal: bool = False  # M ended without thinking: m answered from nothing (two-stage modes)
+    handover: dict | None = None  # the settle modes: probes, their answers and costs (duetlm.settle)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -264,6 +268,12 @@ class Duet:
             return self._alone(problems, parsed, self.capable, self.config.capable_alone_budget, capable=True)
         if parsed.kind == "m-alone":
             return self._alone(problems, parsed, self.light, self.config.light_alone_budget, capable=False)
+        if parsed.kind in ("settle", "M-settle"):
+            from duetlm.settle import Settler
+
+            results = Settler(self, parsed).solve_batch(problems)
+            self.note_empty_signals(results)
+            return results
         return self._two_stage(problems, parsed)
 
     def _two_stage(self, problems: list[Problem], mode: Mode) -> list[SolveResult]:

@@ -44,11 +44,20 @@ class AnswerDelta:
 
 
 @dataclass(frozen=True)
+class Probing:
+    """The settle modes: M is paused at `at_tokens` of its output while probe number `index`
+    runs."""
+
+    at_tokens: int
+    index: int
+
+
+@dataclass(frozen=True)
 class Finished:
     result: SolveResult
 
 
-Event = SignalDelta | AnswerDelta | Finished
+Event = SignalDelta | AnswerDelta | Probing | Finished
 
 
 class ThinkingSplitter:
@@ -131,6 +140,14 @@ async def astream(duet: Duet, question: str | Problem, mode: str | Mode = "duet"
     (continuous batching on the hf backend), so a request moves on to m as soon as its own
     signal ends. Closing the iterator cancels the generation in flight."""
     parsed, problem, cfg = parse_mode(mode), as_problem(question), duet.config
+    if parsed.kind in ("settle", "M-settle"):
+        from duetlm.settle import Settler
+
+        async for event in Settler(duet, parsed).astream(problem):
+            if isinstance(event, Finished):
+                duet.note_empty_signals([event.result])
+            yield event
+        return
     if parsed.kind in ("M-alone", "m-alone"):
         capable = parsed.kind == "M-alone"
         backend = duet.capable if capable else duet.light

@@ -8,6 +8,7 @@ builds requests and reads results and never learns which backend answered (docs/
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "eos", "length", "cancelled"]
+FinishReason = Literal["stop", "eos", "length", "cancelled", "settled"]
 """`stop`: a stop string was produced; `eos`: the model ended its turn; `length`: max_tokens;
-`cancelled`: the caller gave up (a client that left), nothing is returned to anyone."""
+`cancelled`: the caller gave up (a client that left), nothing is returned to anyone;
+`settled`: M was not resumed because its prober's answer had settled (the settle modes)."""
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,18 @@ class GenerationRequest:
     `prefill` is text that already starts the assistant's turn (e.g. m's
     `<think>\\n{signal}\\n</think>\\n\\n`); the model continues it, and the result's text does
     not repeat it. `chat_template_kwargs` go to the model's chat template (e.g.
-    `{"enable_thinking": True}` for Qwen3)."""
+    `{"enable_thinking": True}` for Qwen3).
+
+    `continue_ids` resumes a turn this model was writing: the token ids it already produced,
+    appended to the rendered prompt as they are. Re-tokenizing generated text does not always
+    give back the sampled ids, so a backend with a local tokenizer (hf, vllm) takes the ids and
+    ignores `prefill`; one without (openai) continues `prefill`, which then holds their text."""
 
     messages: tuple[tuple[str, str], ...]
     sampling: SamplingParams
     prefill: str = ""
     chat_template_kwargs: tuple[tuple[str, object], ...] = ()
+    continue_ids: tuple[int, ...] = ()
 
     @staticmethod
     def chat(
@@ -199,6 +207,15 @@ def join_prefill(rendered_prompt: str, prefill: str, min_overlap: int = 3) -> st
         if rendered_prompt.endswith(prefill[:k]):
             return rendered_prompt + prefill[k:]
     return rendered_prompt + prefill
+
+
+def prompt_token_ids(tokenizer, request: GenerationRequest) -> list[int]:
+    """The ids a local model continues: the rendered prompt, then `continue_ids` when the
+    request resumes a turn (its prefill text is then not tokenized)."""
+    if request.continue_ids:
+        head = render_chat(tokenizer, dataclasses.replace(request, prefill=""))
+        return tokenizer(head, add_special_tokens=False)["input_ids"] + list(request.continue_ids)
+    return tokenizer(render_chat(tokenizer, request), add_special_tokens=False)["input_ids"]
 
 
 def render_chat(tokenizer, request: GenerationRequest) -> str:

@@ -21,7 +21,7 @@ from duetlm.backends.base import (
     GenerationResult,
     SamplingParams,
     cut_at_stop,
-    render_chat,
+    prompt_token_ids,
 )
 from duetlm.backends.vllm_start import VLLMSettings, engine_arguments, require_vllm, start
 
@@ -74,7 +74,7 @@ class VLLMTokenizing:
         return self.context.context_length
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return self.tokenizer(render_chat(self.tokenizer, request), add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(self.tokenizer, request)
 
     def prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_ids(request))

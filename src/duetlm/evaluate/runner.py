@@ -143,6 +143,7 @@ def result_row(task: str, method: str, sample: int, example: Example, result, co
         "text": result.text,
         "capable_text": result.capable_text,
         "retries": result.retries,
+        "handover": result.handover,
         "config_hash": config_hash,
     }
 

@@ -331,6 +331,8 @@ def duet_body(body: ChatCompletionRequest, result: SolveResult) -> dict:
         "truncated": result.truncated,
         "answer": result.answer,
     }
+    if result.handover is not None:
+        extra["handover"] = result.handover
     if body.duet.return_signal:
         extra["signal"] = result.signal
     return extra
@@ -400,7 +402,7 @@ async def sse(
                     "content", event.text
                 ):
                     yield line
-            else:
+            elif isinstance(event, Finished):
                 for key in ("reasoning_content", "content"):
                     for line in text_chunks(key, "", force=True):
                         yield line

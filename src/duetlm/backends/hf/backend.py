@@ -25,6 +25,7 @@ from duetlm.backends.base import (
     GenerationResult,
     SamplingParams,
     cut_at_stop,
+    prompt_token_ids,
     render_chat,
 )
 from duetlm.backends.handoff import Inbox
@@ -223,6 +224,8 @@ class HFBackend:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The rendered prompt as token ids, as the streaming engine reads it. The latest few
         are kept: a server counts a prompt's tokens before it streams the same prompt."""
+        if request.continue_ids:
+            return prompt_token_ids(self.tokenizer, request)
         text = render_chat(self.tokenizer, request)
         ids = self._prompt_ids.get(text)
         if ids is None:
@@ -313,6 +316,9 @@ class HFBackend:
         prompts = self.tokenizer(
             [render_chat(self.tokenizer, r) for r in requests], add_special_tokens=False
         )["input_ids"]
+        for index, request in enumerate(requests):
+            if request.continue_ids:
+                prompts[index] = prompt_token_ids(self.tokenizer, request)
         budgets = [self.context.fit(len(p), r.sampling.max_tokens) for p, r in zip(prompts, requests)]
         groups: dict[SamplingParams, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):

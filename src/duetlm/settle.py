@@ -1,0 +1,370 @@
+"""Settle: m watches M think and takes over once its answer has settled (docs/settle.md).
+
+No training. M thinks as in `duet`, but in steps: each step ends at the first line end after
+`probe_every` more of its tokens, and there M is paused while the prober answers greedily from
+the thinking so far, closed with the think tag, within `probe_max_tokens`. Once `agree`
+probes in a row extract the same answer, M is not resumed: the settling probe's write-up is
+the result, and M's tokens after that point are never generated. A question whose probes
+never settle runs to M's own end and is then answered as `duet` answers it.
+
+In `settle` the prober is m, so a probe costs m's tokens; in `M-settle` (the self-probe
+baseline, as single-model early-exit methods work) it is M itself, and every probe costs M.
+
+A step resumes M from the token ids it already wrote (`GenerationRequest.continue_ids`), so
+on hf and vLLM the thinking is token for token the one `duet` gets, only shorter; an
+OpenAI-compatible M resumes from the text. Every step re-sends the prompt and the thinking so
+far: the usage counts those tokens as sent, and `resent_prompt_tokens` says how many of them
+were M's own earlier output (a server with prefix caching, vLLM's, reads them from cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, stream
+from duetlm.errors import GenerationError, InputError
+from duetlm.grading import extract_answer
+from duetlm.usage import ModelUsage, Usage
+
+if TYPE_CHECKING:
+    from duetlm.protocol import Duet, Mode, Problem, SolveResult
+    from duetlm.streaming import Event
+
+SETTLE_KINDS = ("settle", "M-settle")
+
+
+@dataclass
+class Probe:
+    """One probe: where it was taken (M's output tokens so far) and what it gave."""
+
+    at_tokens: int
+    answer: str | None
+    prob: float | None
+    output_tokens: int
+
+
+def answer_key(answer: str | None) -> str | None:
+    """Answers agree when they are the same text up to whitespace."""
+    return None if answer is None else "".join(answer.split())
+
+
+def settled(probes: Sequence[Probe], agree: int, min_prob: float | None) -> bool:
+    """The stopping rule: the last `agree` probes gave one answer (and, with `min_prob`, each
+    was at least that sure of it). A probe without an answer breaks a run."""
+    if len(probes) < agree:
+        return False
+    last = probes[-agree:]
+    keys = {answer_key(p.answer) for p in last}
+    if len(keys) != 1 or None in keys:
+        return False
+    return min_prob is None or all(p.prob is not None and p.prob >= min_prob for p in last)
+
+
+def answer_probability(result: GenerationResult, answer: str | None, tokenizer) -> float | None:
+    """The prober's probability of the tokens that spell its answer (the last place the answer
+    appears in its text), or of its whole output when the extracted answer is not verbatim
+    there. None without log-probs."""
+    if result.logprobs is None or answer is None:
+        return None
+    logprobs = result.logprobs
+    start = result.text.rfind(answer)
+    if start < 0 or tokenizer is None or not result.token_ids:
+        return math.exp(sum(logprobs))
+    end = start + len(answer)
+    ids = result.token_ids[: len(logprobs)]
+    total, previous = 0.0, 0
+    for index in range(len(ids)):
+        reached = len(tokenizer.decode(ids[: index + 1], skip_special_tokens=False))
+        if reached > start and previous < end:
+            total += logprobs[index]
+        previous = reached
+        if reached >= end:
+            break
+    return math.exp(total)
+
+
+@dataclass
+class Watch:
+    """One question while M thinks: what M wrote so far, its usage, the probes."""
+
+    problem: Problem
+    budget: int
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # M's output so far
+    exact_ids: bool = True  # every step came back with its token ids
+    tokens: int = 0
+    since_probe: int = 0
+    steps: int = 0
+    resent: int = 0
+    capable: ModelUsage = field(default_factory=ModelUsage)
+    prober: ModelUsage = field(default_factory=ModelUsage)
+    probes: list[Probe] = field(default_factory=list)
+    ended: GenerationResult | None = None  # M's own end (close tag, end of turn or budget)
+    settled_by: GenerationResult | None = None
+    retries: int = 0
+    clamped: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.ended is None and self.settled_by is None
+
+    @property
+    def left(self) -> int:
+        return self.budget - self.tokens
+
+
+class Settler:
+    """Runs the settle modes for a `Duet`: batched (`solve_batch`) and streamed (`astream`)."""
+
+    def __init__(self, duet: Duet, mode: Mode) -> None:
+        from duetlm.protocol import usage_of
+
+        self.duet, self.mode, self.cfg = duet, mode, duet.config
+        self.rule = self.cfg.settle
+        self.self_probe = mode.kind == "M-settle"
+        self.prober: Backend = duet.capable if self.self_probe else duet.light
+        self.prober_price = self.cfg.capable_price if self.self_probe else self.cfg.light_price
+        self.tokenizer = getattr(duet.capable, "tokenizer", None)
+        self.usage_of = usage_of
+        if self.cfg.signal_style != "think":
+            raise InputError(f"{mode}: M must think with tags (signal_style = 'think'); a sketch has no thinking to watch")
+        if self.rule.min_prob is not None and not hasattr(self.prober, "tokenizer"):
+            raise InputError(
+                f"{mode}: settle.min_prob needs the prober's per-token log-probs, which "
+                f"{getattr(self.prober, 'spec', 'this backend')} does not give (use hf or vllm, or min_prob = None)"
+            )
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def step_request(self, watch: Watch, max_tokens: int, line_end: bool) -> GenerationRequest:
+        """M's next step: up to `max_tokens` more, ending at the close tag (or, `line_end`,
+        at the end of the current line)."""
+        from duetlm.protocol import sampling, user_prompt
+
+        cfg = self.cfg
+        stops = (cfg.prompts.think_close, "\n") if line_end else (cfg.prompts.think_close,)
+        params = sampling(cfg, max_tokens, stops)
+        if params.seed is not None:  # a fresh draw per step, the same on a rerun
+            params = dataclasses.replace(params, seed=params.seed + 1_000_003 * watch.steps)
+        request = GenerationRequest.chat(
+            user_prompt(watch.problem, cfg),
+            params,
+            prefill=watch.text,
+            chat_template_kwargs=cfg.capable_template_kwargs,
+            history=watch.problem.history,
+        )
+        if watch.exact_ids and watch.ids:
+            request = dataclasses.replace(request, continue_ids=tuple(watch.ids))
+        return request
+
+    def probe_request(self, watch: Watch) -> GenerationRequest:
+        """The prober's greedy answer from the thinking so far, closed with the think tag."""
+        from duetlm.protocol import light_request
+
+        cfg = self.cfg
+        kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
+        request = light_request(watch.problem, self.thinking(watch), cfg, kwargs)
+        greedy = dataclasses.replace(
+            request.sampling,
+            max_tokens=self.rule.probe_max_tokens,
+            temperature=0.0,
+            logprobs=self.rule.min_prob is not None,
+        )
+        return dataclasses.replace(request, sampling=greedy)
+
+    def final_request(self, watch: Watch) -> GenerationRequest:
+        """At M's own end: m answers from the whole thinking as in `duet`; in `M-settle`, M
+        writes its own answer after it as in M-alone."""
+        from duetlm.protocol import light_request
+
+        cfg = self.cfg
+        kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
+        return light_request(watch.problem, self.thinking(watch), cfg, kwargs)
+
+    def thinking(self, watch: Watch) -> str:
+        from duetlm.protocol import signal_from_stage1
+
+        text = watch.text.partition(self.cfg.prompts.think_close)[0]
+        return signal_from_stage1(text, self.cfg.prompts.think_open)
+
+    # --- taking results in --------------------------------------------------------------------
+
+    def absorb(self, watch: Watch, result: GenerationResult) -> None:
+        """Add M's step to the watch; decide whether M ended on its own."""
+        watch.resent += watch.tokens
+        watch.capable = watch.capable + self.usage_of(result, self.cfg.capable_price)
+        watch.retries += result.retries
+        watch.clamped = watch.clamped or result.budget_clamped
+        watch.steps += 1
+        watch.tokens += result.output_tokens
+        watch.since_probe += result.output_tokens
+        if "reasoning" in result.extra:
+            raise GenerationError(
+                f"{self.mode}: {getattr(self.duet.capable, 'spec', 'M')} returned its thinking parsed out of the "
+                "content; watching it needs the raw text (serve M without a reasoning parser)"
+            )
+        if result.token_ids is not None and self.tokenizer is not None and watch.exact_ids:
+            watch.ids += result.token_ids
+            shown = watch.ids[:-1] if result.finish_reason == "eos" and result.token_ids else watch.ids
+            watch.text = self.tokenizer.decode(shown, skip_special_tokens=False)
+        else:
+            watch.exact_ids = False
+            watch.text += result.text + (result.stop_string if result.stop_string == "\n" else "")
+        close = self.cfg.prompts.think_close
+        own_end = result.finish_reason == "eos" or result.stop_string == close
+        if own_end or watch.left <= 0 or (result.finish_reason == "length" and result.budget_clamped):
+            watch.ended = result
+
+    def at_line_end(self, watch: Watch) -> bool:
+        return watch.text.rstrip(" \t").endswith("\n")
+
+    def take_probe(self, watch: Watch, result: GenerationResult) -> None:
+        answer = extract_answer(result.text, choices=len(watch.problem.choices))
+        prob = answer_probability(result, answer, getattr(self.prober, "tokenizer", None))
+        watch.probes.append(Probe(watch.tokens, answer, prob, result.output_tokens))
+        watch.prober = watch.prober + self.usage_of(result, self.prober_price)
+        watch.since_probe = 0
+        if settled(watch.probes, self.rule.agree, self.rule.min_prob):
+            watch.settled_by = result
+
+    def result(self, watch: Watch, final: GenerationResult | None) -> SolveResult:
+        from duetlm.protocol import SolveResult, usage_of
+
+        written = watch.settled_by if watch.settled_by is not None else final
+        assert written is not None
+        probes = watch.prober
+        if self.self_probe:
+            capable = watch.capable + probes + (usage_of(final, self.cfg.capable_price) if final else ModelUsage())
+            usage = Usage(capable=capable)
+        else:
+            light = probes + (usage_of(final, self.cfg.light_price) if final else ModelUsage())
+            usage = Usage(watch.capable, light)
+        signal = self.thinking(watch)
+        ended = watch.ended
+        truncated = ended is not None and ended.finish_reason == "length"
+        capable_finish = "settled" if watch.settled_by is not None else (ended.finish_reason if ended else None)
+        return SolveResult(
+            question=watch.problem.question,
+            mode=str(self.mode),
+            text=written.text,
+            answer=extract_answer(written.text, choices=len(watch.problem.choices)),
+            signal=signal,
+            signal_tokens=watch.tokens,
+            truncated=truncated,
+            capable_finish=capable_finish,
+            light_finish=None if self.self_probe else written.finish_reason,
+            usage=usage,
+            capable_text=watch.text,
+            retries=watch.retries + written.retries,
+            budget_clamped=watch.clamped or written.budget_clamped,
+            empty_signal=not signal.strip(),
+            handover={
+                "settled": watch.settled_by is not None,
+                "probes": len(watch.probes),
+                "probe_answers": [p.answer for p in watch.probes],
+                "probe_at_tokens": [p.at_tokens for p in watch.probes],
+                "probe_probs": [p.prob for p in watch.probes] if self.rule.min_prob is not None else None,
+                "probe_output_tokens": probes.output_tokens,
+                "probe_prompt_tokens": probes.prompt_tokens,
+                "probe_wall_s": probes.wall_s,
+                "capable_steps": watch.steps,
+                "resent_prompt_tokens": watch.resent,
+                "prober": "M" if self.self_probe else "m",
+            },
+        )
+
+    def next_step(self, watch: Watch) -> GenerationRequest:
+        """M's next step: a new stretch of `probe_every`, or, after one that stopped mid-line,
+        the rest of that line."""
+        if watch.since_probe >= self.rule.probe_every:
+            return self.step_request(watch, min(self.rule.line_max_tokens, watch.left), line_end=True)
+        return self.step_request(watch, min(self.rule.probe_every - watch.since_probe, watch.left), line_end=False)
+
+    def wants_probe(self, watch: Watch) -> bool:
+        """After a step: probe now (a line has ended past `probe_every`, or the line ran past
+        `line_max_tokens`), or let M go on."""
+        if not watch.active or watch.since_probe < self.rule.probe_every:
+            return False
+        return self.at_line_end(watch) or watch.since_probe >= self.rule.probe_every + self.rule.line_max_tokens
+
+    # --- batched ------------------------------------------------------------------------------
+
+    def solve_batch(self, problems: Sequence[Problem]) -> list[SolveResult]:
+        """Every question's M step in one backend call, then every due probe in one call of
+        the prober, until each question has settled or M has ended."""
+        budget = self.mode.budget or self.cfg.signal_max_tokens
+        watches = [Watch(problem, budget) for problem in problems]
+        while active := [w for w in watches if w.active]:
+            steps = self.duet.capable.generate([self.next_step(w) for w in active])
+            for watch, result in zip(active, steps, strict=True):
+                self.absorb(watch, result)
+            due = [w for w in active if self.wants_probe(w)]
+            if due:
+                answers = self.prober.generate([self.probe_request(w) for w in due])
+                for watch, result in zip(due, answers, strict=True):
+                    self.take_probe(watch, result)
+        unsettled = [w for w in watches if w.settled_by is None]
+        finals = dict(zip(map(id, unsettled), self.prober.generate([self.final_request(w) for w in unsettled])))
+        return [self.result(w, finals.get(id(w))) for w in watches]
+
+    # --- streamed -----------------------------------------------------------------------------
+
+    async def astream(self, problem: Problem) -> AsyncIterator[Event]:
+        """One question as events: M's thinking as `SignalDelta`s while it writes, a `Probing`
+        event per probe, then the write-up and `Finished`. Closing the iterator cancels the
+        request in flight, M's step or the probe (M waits idle during a probe)."""
+        from duetlm.streaming import AnswerDelta, Finished, Probing, ThinkingSplitter
+
+        cfg = self.cfg
+        watch = Watch(problem, self.mode.budget or cfg.signal_max_tokens)
+        split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="thinking")
+        fed = ""
+        while watch.active:
+            result = None
+            async for item in stream(self.duet.capable, self.next_step(watch)):
+                if isinstance(item, GenerationResult):
+                    result = item
+                elif isinstance(item, str):
+                    fed += item
+                    for event in split.feed(item):
+                        yield event
+            assert result is not None
+            self.absorb(watch, result)
+            head = watch.text.partition(cfg.prompts.think_close)[0]
+            if head.startswith(fed) and len(head) > len(fed):  # what a stop cut from the stream
+                for event in split.feed(head[len(fed) :]):
+                    yield event
+                fed = head
+            if self.wants_probe(watch):
+                yield Probing(watch.tokens, len(watch.probes) + 1)
+                started, probe = time.perf_counter(), None
+                async for item in stream(self.prober, self.probe_request(watch)):
+                    if isinstance(item, GenerationResult):
+                        probe = item
+                assert probe is not None
+                probe.wall_s = probe.wall_s or time.perf_counter() - started
+                self.take_probe(watch, probe)
+        for event in split.close():
+            yield event
+        if watch.settled_by is not None:
+            final = None
+            text = watch.settled_by.text.strip()
+            if text:
+                yield AnswerDelta(text)
+        else:
+            final, leading = None, True
+            async for item in stream(self.prober, self.final_request(watch)):
+                if isinstance(item, GenerationResult):
+                    final = item
+                    continue
+                text = item if isinstance(item, str) else item.text
+                if leading:
+                    text, leading = text.lstrip(), not text.strip()
+                if text:
+                    yield AnswerDelta(text)
+        yield Finished(self.result(watch, final))

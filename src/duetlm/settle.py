@@ -132,7 +132,9 @@ class Settler:
         self.tokenizer = getattr(duet.capable, "tokenizer", None)
         self.usage_of = usage_of
         if self.cfg.signal_style != "think":
-            raise InputError(f"{mode}: M must think with tags (signal_style = 'think'); a sketch has no thinking to watch")
+            raise InputError(
+                f"{mode}: M must think with tags (signal_style = 'think'); a sketch has no thinking to watch"
+            )
         if self.rule.min_prob is not None and not hasattr(self.prober, "tokenizer"):
             raise InputError(
                 f"{mode}: settle.min_prob needs the prober's per-token log-probs, which "
@@ -239,7 +241,9 @@ class Settler:
         assert written is not None
         probes = watch.prober
         if self.self_probe:
-            capable = watch.capable + probes + (usage_of(final, self.cfg.capable_price) if final else ModelUsage())
+            capable = (
+                watch.capable + probes + (usage_of(final, self.cfg.capable_price) if final else ModelUsage())
+            )
             usage = Usage(capable=capable)
         else:
             light = probes + (usage_of(final, self.cfg.light_price) if final else ModelUsage())
@@ -247,7 +251,9 @@ class Settler:
         signal = self.thinking(watch)
         ended = watch.ended
         truncated = ended is not None and ended.finish_reason == "length"
-        capable_finish = "settled" if watch.settled_by is not None else (ended.finish_reason if ended else None)
+        capable_finish = (
+            "settled" if watch.settled_by is not None else (ended.finish_reason if ended else None)
+        )
         return SolveResult(
             question=watch.problem.question,
             mode=str(self.mode),
@@ -283,14 +289,18 @@ class Settler:
         the rest of that line."""
         if watch.since_probe >= self.rule.probe_every:
             return self.step_request(watch, min(self.rule.line_max_tokens, watch.left), line_end=True)
-        return self.step_request(watch, min(self.rule.probe_every - watch.since_probe, watch.left), line_end=False)
+        return self.step_request(
+            watch, min(self.rule.probe_every - watch.since_probe, watch.left), line_end=False
+        )
 
     def wants_probe(self, watch: Watch) -> bool:
         """After a step: probe now (a line has ended past `probe_every`, or the line ran past
         `line_max_tokens`), or let M go on."""
         if not watch.active or watch.since_probe < self.rule.probe_every:
             return False
-        return self.at_line_end(watch) or watch.since_probe >= self.rule.probe_every + self.rule.line_max_tokens
+        return (
+            self.at_line_end(watch) or watch.since_probe >= self.rule.probe_every + self.rule.line_max_tokens
+        )
 
     # --- batched ------------------------------------------------------------------------------
 
@@ -309,7 +319,9 @@ class Settler:
                 for watch, result in zip(due, answers, strict=True):
                     self.take_probe(watch, result)
         unsettled = [w for w in watches if w.settled_by is None]
-        finals = dict(zip(map(id, unsettled), self.prober.generate([self.final_request(w) for w in unsettled])))
+        finals = dict(
+            zip(map(id, unsettled), self.prober.generate([self.final_request(w) for w in unsettled]))
+        )
         return [self.result(w, finals.get(id(w))) for w in watches]
 
     # --- streamed -----------------------------------------------------------------------------

@@ -339,3 +339,75 @@ def test_plot_labels_stay_inside_the_frame():
         box = label.get_window_extent()
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, label
     assert max(figure.axes[0].get_yticks()) <= 100
+
+
+def _folder(path: Path, rows: list[dict], kind: str | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "run.json").write_text(json.dumps({"kind": kind} if kind else {}))
+    return path
+
+
+def _probe_row(qid: str, oracle_tokens: int | None, thinking: int = 100) -> dict:
+    return {
+        "task": "t",
+        "method": "probe",
+        "id": qid,
+        "capable_correct": True,
+        "capable_output_tokens": 120,
+        "light_alone_correct": False,
+        "thinking_tokens": thinking,
+        "oracle_tokens": oracle_tokens,
+        "light_calls": 4,
+    }
+
+
+def test_report_adds_other_runs_and_the_probe_oracle(tmp_path):
+    from duetlm.evaluate.compose import composed_summaries, pareto_front
+
+    base = _folder(
+        tmp_path / "base",
+        [_row(m, f"q{i}", 0, True, t) for i in range(4) for m, t in (("M-alone", 100), ("duet", 80))],
+    )
+    trained = _folder(tmp_path / "trained", [_row("duet", f"q{i}", 0, i > 0, 30) for i in range(4)])
+    probe = _folder(
+        tmp_path / "probe", [_probe_row(f"q{i}", [40, 50, 60, None][i]) for i in range(4)], "probe"
+    )
+    summaries = composed_summaries(base, {"trained DUET": str(trained), "probe oracle": str(probe)})
+    rows = {s["method"]: s for s in summaries}
+    assert list(rows) == ["trained DUET", "probe oracle", "duet", "M-alone"]  # by M tokens
+    # the added run is paired with the main run's M-alone on the same ids
+    assert rows["trained DUET"]["savings_pct"] == pytest.approx(70.0)
+    assert rows["trained DUET"]["accuracy_delta"] == pytest.approx(-0.25)
+    oracle = rows["probe oracle"]
+    assert oracle["accuracy"] == 0.75 and oracle["M_output_tokens_mean"] == pytest.approx(
+        (40 + 50 + 60 + 100) / 4
+    )
+    assert oracle["savings_pct"] == pytest.approx(100 * (1 - 62.5 / 120))
+    # the oracle is no more accurate than trained DUET at more tokens; M-alone no more than duet
+    assert [s["method"] for s in pareto_front(summaries)] == ["trained DUET", "duet"]
+    with pytest.raises(InputError, match="in the main run already"):
+        composed_summaries(base, {"duet": str(trained)})
+    shown = run_command(
+        [
+            DUET,
+            "report",
+            str(base),
+            "--add",
+            f"trained DUET={trained}",
+            "--add",
+            f"oracle={probe}",
+            "--format",
+            "markdown",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "| trained DUET |" in shown.stdout and "| oracle |" in shown.stdout
+    assert (base / "plot_t.png").stat().st_size > 1000
+    refused = run_command(
+        [DUET, "report", str(base), "--add", "nolabel"], capture_output=True, text=True, env=ENV
+    )
+    assert refused.returncode != 0 and "LABEL=DIR" in refused.stderr

@@ -289,3 +289,32 @@ def test_the_install_keeps_torchvision_out_and_qwen3_importable():
     for name in ("torchvision", "torchaudio", "torchcodec"):
         assert importlib.util.find_spec(name) is None, f"{name} is installed"
     from transformers import Qwen3ForCausalLM  # noqa: F401
+
+
+def test_settle_on_vllm_probes_and_stops_as_on_hf(engines):
+    # M resumed from its own token ids after every line, m probing at each line end: the same
+    # probes, the same stop and the same M tokens as on the hf backend, and with an m that never
+    # settles the result is duet's
+    from duetlm.config import SettleConfig
+
+    for agree in (2, 50):
+        config = CONFIG.model_copy(
+            update={
+                "temperature": 0.0,
+                "settle": SettleConfig(probe_every=3, agree=agree, probe_max_tokens=12),
+            }
+        )
+        ours = Duet(engines["capable"], engines["light"], config).solve_batch(QUESTIONS, "settle")
+        theirs = Duet(engines["hf_capable"], engines["hf_light"], config).solve_batch(QUESTIONS, "settle")
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.handover["probe_answers"] == b.handover["probe_answers"] != []
+            assert a.handover["probe_at_tokens"] == b.handover["probe_at_tokens"]
+            assert (a.signal, a.text, a.capable_finish) == (b.signal, b.text, b.capable_finish)
+            assert a.usage.capable.output_tokens == b.usage.capable.output_tokens
+            assert a.usage.light.output_tokens == b.usage.light.output_tokens
+        if agree == 50:
+            duet = Duet(engines["capable"], engines["light"], config).solve_batch(QUESTIONS)
+            assert [(r.signal, r.text) for r in ours] == [(r.signal, r.text) for r in duet]
+            assert [r.usage.capable.output_tokens for r in ours] == [
+                r.usage.capable.output_tokens for r in duet
+            ]

@@ -125,3 +125,43 @@ def test_a_client_that_leaves_aborts_its_vllm_request(served):
         line for line in metrics.splitlines() if line.startswith("duet_client_disconnects_total")
     ]
     assert float(disconnects.split()[-1]) >= 1
+
+
+def test_a_client_that_leaves_mid_probe_leaves_both_models_idle(served, qwen3_vllm_dirs):
+    # settle with M on vLLM's async engine: M is paused while m probes; leaving then cancels the
+    # probe on m, and M holds no request in vLLM
+    import asyncio
+
+    from duetlm.config import SettleConfig
+    from duetlm.streaming import Probing, astream
+
+    duet, _ = served
+    # the untrained model never ends its answer: the probe runs long enough to leave during it
+    light = HFBackend(str(qwen3_vllm_dirs["random"]), device="cpu")
+    config = DuetConfig(
+        **BUDGET, temperature=0.0, settle=SettleConfig(probe_every=3, agree=50, probe_max_tokens=400)
+    )
+    watcher = Duet(duet.capable, light, config)
+
+    async def leave():
+        events = astream(watcher, QUESTIONS[0], "settle")
+        async for event in events:
+            if isinstance(event, Probing):
+                break
+        pending = asyncio.ensure_future(events.__anext__())  # the probe, on m
+        for _ in range(1000):
+            if light.engine.rows:
+                break
+            await asyncio.sleep(0.005)
+        assert light.engine.rows, "the probe never reached m's engine"
+        assert duet.capable.running_requests == 0  # M waits, holding nothing in vLLM
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await events.aclose()
+
+    asyncio.run(leave())
+    deadline = time.time() + 10
+    while (light.engine.rows or duet.capable.running_requests) and time.time() < deadline:
+        time.sleep(0.05)
+    assert light.engine.rows == [] and duet.capable.running_requests == 0

@@ -85,6 +85,13 @@ CapableOpt = Annotated[
     ),
 ]
 LightOpt = Annotated[str, typer.Option("--light", "-m", help="Light model m, same spec forms as --capable.")]
+SettleOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="KEY=VALUE (repeatable): the settle modes' rule, e.g. probe_every=32, agree=3, "
+        "min_prob=0.9, probe_max_tokens=48 (docs/settle.md).",
+    ),
+]
 GpuMemoryOpt = Annotated[
     float | None,
     typer.Option(
@@ -150,12 +157,15 @@ def solve(
     ] = None,
     capable: CapableOpt = DEFAULT_CAPABLE,
     light: LightOpt = DEFAULT_LIGHT,
-    mode: Annotated[str, typer.Option(help="duet, M-alone, m-alone, duet@B or M@B.")] = "duet",
+    mode: Annotated[
+        str, typer.Option(help="duet, M-alone, m-alone, duet@B, M@B, settle or M-settle.")
+    ] = "duet",
     signal_max_tokens: Annotated[int | None, typer.Option(help="M's signal budget in tokens.")] = None,
     answer_max_tokens: Annotated[int | None, typer.Option(help="m's answer budget in tokens.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     config: Annotated[Path | None, typer.Option(help="DuetConfig as TOML/YAML/JSON.")] = None,
+    settle: SettleOpt = None,
     compare: Annotated[bool, typer.Option(help="Also run M-alone and report M-token savings.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per question.")] = False,
     device: Annotated[str, typer.Option(help="hf backend device: auto, cpu, cuda, mps.")] = "auto",
@@ -175,7 +185,7 @@ def solve(
     options = BackendOptions(device=device, api_key=api_key, gpu_memory_utilization=gpu_memory_utilization)
     # the settings are checked before any model loads: a bad value fails at once
     duet_config = build_config(
-        config, signal_max_tokens, answer_max_tokens, temperature, seed, (capable, light)
+        config, signal_max_tokens, answer_max_tokens, temperature, seed, (capable, light), settle
     )
     duet = Duet(
         load_backend(capable, options),
@@ -195,10 +205,16 @@ def solve(
 
 
 def build_config(
-    path, signal_max_tokens, answer_max_tokens, temperature, seed, specs: tuple[str, ...] = ()
+    path,
+    signal_max_tokens,
+    answer_max_tokens,
+    temperature,
+    seed,
+    specs: tuple[str, ...] = (),
+    settle: list[str] | None = None,
 ) -> DuetConfig:
     """The DuetConfig of a command: the file's, else the defaults (the embedded pair's budgets
-    when every model is embedded), with the flags on top."""
+    when every model is embedded), with the flags on top (`--settle KEY=VALUE` on its section)."""
     from duetlm.config import validate_config
     from duetlm.models import budget_defaults
 
@@ -213,7 +229,10 @@ def build_config(
         }.items()
         if v is not None
     }
-    return validate_config(DuetConfig, base.model_dump() | overrides, source="options")
+    values = base.model_dump() | overrides
+    if settle:
+        values["settle"] = values["settle"] | key_values(settle, "--settle", "KEY=VALUE")
+    return validate_config(DuetConfig, values, source="options")
 
 
 def render_results(results: list[SolveResult], baseline: list[SolveResult] | None) -> None:
@@ -295,9 +314,9 @@ def eval_command(
             "aime24, aime25, amc23, gpqa_diamond, builtin, jsonl:PATH.",
         ),
     ],
-    methods: Annotated[str, typer.Option(help="Comma-separated: duet, M-alone, m-alone, duet@B, M@B.")] = (
-        "M-alone,duet,m-alone"
-    ),
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: duet, M-alone, m-alone, duet@B, M@B, settle, M-settle.")
+    ] = ("M-alone,duet,m-alone"),
     capable: CapableOpt = DEFAULT_CAPABLE,
     light: LightOpt = DEFAULT_LIGHT,
     samples: Annotated[int, typer.Option(min=1, help="Samples per question.")] = 1,
@@ -309,6 +328,7 @@ def eval_command(
     data: Annotated[list[str] | None, typer.Option(help="TASK=PATH: read a task from a local file.")] = None,
     field: FieldOpt = None,
     config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
+    settle: SettleOpt = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy).")] = None,
     signal_max_tokens: Annotated[int | None, typer.Option(help="M's signal budget in duet mode.")] = None,
     answer_max_tokens: Annotated[int | None, typer.Option(help="m's answer budget.")] = None,
@@ -326,7 +346,7 @@ def eval_command(
 
     data_map = key_values(data, "--data", "TASK=PATH")
     duet_config = build_config(
-        config, signal_max_tokens, answer_max_tokens, temperature, None, (capable, light)
+        config, signal_max_tokens, answer_max_tokens, temperature, None, (capable, light), settle
     )
     eval_config = validate_config(
         EvalConfig,
@@ -373,6 +393,13 @@ def report(
         str | None,
         typer.Option(help="With --by on a numeric field: N buckets of about equal size, or edges '3,5,8'."),
     ] = None,
+    add: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LABEL=DIR (repeatable): another run's methods beside these, under LABEL (a trained "
+            "pair's eval run), or a probe run's oracle as one point."
+        ),
+    ] = None,
 ) -> None:
     """Tables (and plots) of accuracy against M tokens from a run folder.
 
@@ -390,11 +417,18 @@ def report(
         print_probe(directory, by, bins, format, plot)
         return
     if by is not None:
+        if add:
+            raise InputError("--add makes one report of several runs; it does not go with --by")
         report_by(directory, by, bins, format, plot, baseline)
         return
     if bins is not None:
         raise InputError("--bins goes with --by FIELD")
-    summaries = load_summaries(directory, baseline)
+    if add:
+        from duetlm.evaluate.compose import composed_summaries
+
+        summaries = composed_summaries(directory, key_values(add, "--add", "LABEL=DIR"), baseline)
+    else:
+        summaries = load_summaries(directory, baseline)
     if format == "json":
         sys.stdout.write(json.dumps(json_rows(summaries), indent=2) + "\n")
     elif format == "markdown":
@@ -683,6 +717,7 @@ def serve(
     ] = None,
     name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "duet",
     config: Annotated[Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON).")] = None,
+    settle: SettleOpt = None,
     scheduler: Annotated[
         str,
         typer.Option(help="continuous (stream, batch step by step) or batch (gather, then solve together)."),
@@ -742,7 +777,7 @@ def serve(
     duet = Duet(
         load_backend(capable, options),
         load_backend(light, options),
-        build_config(config, None, None, None, None, (capable, light)),
+        build_config(config, None, None, None, None, (capable, light), settle),
     )
     if streaming:  # engine processes load their models now, side by side, not at the first request
         with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -66,10 +66,10 @@ class SettleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     probe_every: int = Field(
-        16, ge=1, description="M tokens between two probes (a probe waits for the next line end)."
+        32, ge=1, description="M tokens between two probes (a probe waits for the next line end)."
     )
     agree: int = Field(
-        2, ge=1, description="Consecutive probes that must give the same answer before M is stopped."
+        3, ge=1, description="Consecutive probes that must give the same answer before M is stopped."
     )
     min_prob: float | None = Field(
         None,

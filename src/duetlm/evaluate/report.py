@@ -235,7 +235,21 @@ def task_figure(task: str, rows: list[dict]):
     their labels (a method at 100% would otherwise be labelled on the frame)."""
     import matplotlib.pyplot as plt
 
+    from duetlm.evaluate.compose import pareto_front
+
     figure, axes = plt.subplots(figsize=(6, 4.2))
+    front = pareto_front(rows)
+    if len(front) > 1:
+        axes.step(
+            [s["M_output_tokens_mean"] for s in front],
+            [100 * s["accuracy"] for s in front],
+            where="post",
+            color="0.6",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto front",
+        )
+        axes.legend(loc="lower right", fontsize=8)
     for s in rows:
         axes.errorbar(
             s["M_output_tokens_mean"], 100 * s["accuracy"], yerr=100 * s["stderr"], fmt="o", capsize=3

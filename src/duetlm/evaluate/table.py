@@ -30,6 +30,16 @@ def _cost(value: float | None) -> str:
     return f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"
 
 
+def _tokens(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:  # a point that was not timed (the probe's oracle)
+        return "–"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 def summary_table(title: str, summaries: list[dict]) -> Table:
     """One task's summaries (see `duetlm.evaluate.report`) as a compact table."""
     sizes = {(s["n_questions"], s["n_samples"]) for s in summaries}
@@ -56,10 +66,10 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
         cells += [f"{s['n_questions']}×{s['n_samples']}"] if show_n else []
         cells += [_with_error(s["accuracy"], s["stderr"]), _pct(s["no_answer_rate"])]
         cells += [_pct(s["fallback_rate"])] if show_fallback else []
-        cells += [f"{s['M_output_tokens_mean']:.0f}", f"{s['m_output_tokens_mean']:.0f}"]
+        cells += [_tokens(s["M_output_tokens_mean"]), _tokens(s["m_output_tokens_mean"])]
         cells += ["–" if s["savings_pct"] is None else f"{s['savings_pct']:.1f}"]
         cells += [_with_error(s["accuracy_delta"], s["accuracy_delta_stderr"], sign=True)]
-        cells += [f"{s['wall_s']:.1f}" if s["wall_s"] < 100 else f"{s['wall_s']:.0f}"]
+        cells += [_seconds(s["wall_s"])]
         cells += [_cost(s["cost_per_solved"])] if show_cost else []
         cells += [_pct(s["pass_at_k"])] if show_k else []
         table.add_row(*cells)

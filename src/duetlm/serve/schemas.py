@@ -46,7 +46,7 @@ class DuetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: str = Field("duet", description="duet, M-alone, m-alone, duet@B or M@B.")
+    mode: str = Field("duet", description="duet, M-alone, m-alone, duet@B, M@B, settle or M-settle.")
     signal_max_tokens: int | None = Field(None, ge=1, le=131072, description="M's signal budget.")
     return_signal: bool = Field(
         True,

@@ -52,9 +52,7 @@ def oracle_point(summary: dict, label: str) -> dict:
     }
 
 
-def composed_summaries(
-    directory: Path, added: dict[str, str], baseline: Path | None = None
-) -> list[dict]:
+def composed_summaries(directory: Path, added: dict[str, str], baseline: Path | None = None) -> list[dict]:
     """The main run's summaries with every added run's methods (or oracle) beside them."""
     rows = results_rows(directory)
     points = []

@@ -98,6 +98,25 @@ def test_seeded_sampling_repeats_across_processes(process_random, model_dirs):
     assert first[1].token_ids != second[1].token_ids
 
 
+def test_a_request_cancelled_before_its_prefill_still_ends(process_random):
+    # the process is held still, so the request is submitted and cancelled before the engine
+    # admits it: it must still come back (cancelled), or the caller counts it in flight forever
+    engine = process_random.engine
+    results: list = []
+    prompt = process_random.prompt_ids(ask("long", SamplingParams(400)))
+    os.kill(engine.pid, signal.SIGSTOP)
+    try:
+        handle = engine.submit(
+            prompt, SamplingParams(400), lambda e: isinstance(e, GenerationResult) and results.append(e)
+        )
+        handle.cancel()
+        assert engine.in_flight == 1
+    finally:
+        os.kill(engine.pid, signal.SIGCONT)
+    assert wait_until(lambda: engine.in_flight == 0)
+    assert [r.finish_reason for r in results] == ["cancelled"] and results[0].output_tokens == 0
+
+
 def test_a_cancelled_request_leaves_the_engine_process(process_random):
     events: list = []
     done = threading.Event()

@@ -288,6 +288,9 @@ class StepEngine:
                 self.waiting.append(self.pending.get_nowait())
             except queue.Empty:
                 break
+        for row in self.waiting:
+            if row.cancelled.is_set():  # cancelled before its prefill: it still gets its end, so
+                _notify(row, self._result(row, "cancelled"))  # whoever counts requests sees it go
         self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
         if not self.waiting:
             return []

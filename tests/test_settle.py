@@ -55,13 +55,13 @@ def pair(tmp_path_factory):
     tokenizer = qwen3_tokenizer()
     root = tmp_path_factory.mktemp("settle")
     cfg = config()
-    capable = tiny_qwen3(seed=3, hidden=64)
+    capable = tiny_qwen3(seed=3)
     scripts = [
         (render_chat(tokenizer, capable_request(Problem(q), cfg, 80)), capable_script(lines, answers[-1]))
         for q, (lines, answers) in SCRIPTS.items()
     ]
-    train_script(capable, tokenizer, scripts, steps=120)
-    light = tiny_qwen3(seed=4, hidden=64)
+    train_script(capable, tokenizer, scripts, steps=150)
+    light = tiny_qwen3(seed=4)
     settler = Settler(Duet(None, None, cfg), parse_mode("settle"))  # type: ignore[arg-type]
     cuts = []
     for q, (lines, answers) in SCRIPTS.items():
@@ -69,7 +69,7 @@ def pair(tmp_path_factory):
             watch = Watch(Problem(q), 80, text=thinking_text(lines[:k]))
             prompt = render_chat(tokenizer, settler.probe_request(watch))
             cuts.append((prompt, f"So \\boxed{{{answer}}}<|im_end|>"))
-    train_script(light, tokenizer, cuts, steps=200)
+    train_script(light, tokenizer, cuts, steps=150)
     capable_dir, light_dir = save(capable, tokenizer, root / "M"), save(light, tokenizer, root / "m")
     M, m = HFBackend(str(capable_dir), device="cpu"), HFBackend(str(light_dir), device="cpu")
     plain = Duet(M, m, cfg).solve_batch(list(SCRIPTS))

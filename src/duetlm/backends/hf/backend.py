@@ -199,6 +199,7 @@ class HFBackend:
         self.eos_token_ids = eos_ids(generation_config, self.tokenizer, self.spec)
         self.context = ContextGuard(self.spec, getattr(config, "max_position_embeddings", None))
         self._engine = None
+        self._stop_matchers: dict[tuple[str, ...], object] = {}  # see _stopping
         self.decode_step = decode_step
         self._end_ids = torch.tensor(end_ids(self.eos_token_ids, self.tokenizer))
         self._prompt_ids: dict[str, list[int]] = {}  # rendered prompt -> ids, the latest few
@@ -375,7 +376,10 @@ class HFBackend:
             sampler = RowSampler(settings, self.device, sampling.logprobs)
         config = exact_generation_config(
             dataclasses.replace(
-                sampling, max_tokens=max(budgets), temperature=0.0 if sampler else sampling.temperature
+                sampling,
+                max_tokens=max(budgets),
+                temperature=0.0 if sampler else sampling.temperature,
+                stop=(),  # matched by the criteria below, built once per stop set
             ),
             self.eos_token_ids,
             self.tokenizer.pad_token_id,
@@ -387,8 +391,7 @@ class HFBackend:
                 **encoded,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([sampler]) if sampler else None,
-                tokenizer=self.tokenizer if sampling.stop else None,
-                stopping_criteria=row_budgets(width, budgets) if min(budgets) < max(budgets) else None,
+                stopping_criteria=self._stopping(width, budgets, sampling.stop),
             )
         output_ids = output.sequences if config.return_dict_in_generate else output
         generated = output_ids[:, width:].cpu()  # (B, T)
@@ -407,6 +410,23 @@ class HFBackend:
             for result, row in zip(results, step_logprobs):
                 result.logprobs = row[: result.output_tokens].tolist()
         return results
+
+    def _stopping(self, width: int, budgets: list[int], stops: tuple[str, ...]):
+        """Each row's own budget and the stop strings as generate()'s stopping criteria.
+
+        transformers builds a stop-string matcher from the whole vocabulary on every call
+        (about 3 s for Qwen3's 151,669 tokens on a laptop core) and its cache misses, since
+        its key is the vocabulary in `get_vocab()`'s unordered iteration; the settle modes call
+        generate() at every line. The matcher holds no state between calls, so one per stop
+        set serves them all."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        criteria = list(row_budgets(width, budgets)) if min(budgets) < max(budgets) else []
+        if stops:
+            if stops not in self._stop_matchers:
+                self._stop_matchers[stops] = StopStringCriteria(self.tokenizer, list(stops))
+            criteria.append(self._stop_matchers[stops])
+        return StoppingCriteriaList(criteria) if criteria else None
 
     def _finish(
         self, row: torch.Tensor, prompt_tokens: int, sampling: SamplingParams, wall_s: float

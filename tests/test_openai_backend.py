@@ -335,3 +335,45 @@ def test_probe_over_transformers_serve_resumes_after_kill_9(served_qwen3, tmp_pa
     # inside it (its reasoning field even keeps the end-of-turn token); M wrote no answer
     assert unclosed["thinking"].startswith("first 3+4=7") and not unclosed["capable_correct"]
     assert "oracle" in done.stdout and "M-alone accuracy" in done.stdout
+
+
+def test_settle_with_a_remote_capable_resumes_from_its_text_as_on_hf(
+    served_capable, capable_backend, light_backend, model_dirs
+):
+    # M over the server: each step continues M's turn from its text (completions, with M's
+    # tokenizer here), each stream closed at its line end; probes and stop as with M in-process
+    import asyncio
+
+    from duetlm.config import SettleConfig
+    from duetlm.streaming import Finished
+
+    model, url = served_capable
+    remote = OpenAIBackend(model, url, tokenizer=str(model_dirs["capable"]))
+    for agree in (1, 50):
+        config = DuetConfig(
+            temperature=0.0,
+            signal_max_tokens=60,
+            answer_max_tokens=20,
+            settle=SettleConfig(probe_every=3, agree=agree, probe_max_tokens=12),
+        )
+        ours = Duet(remote, light_backend, config).solve_batch(QUESTIONS, "settle")
+        theirs = Duet(capable_backend, light_backend, config).solve_batch(QUESTIONS, "settle")
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.handover["probe_answers"] == b.handover["probe_answers"] != []
+            assert (a.signal, a.text, a.capable_finish) == (b.signal, b.text, b.capable_finish)
+            assert a.usage.capable.output_tokens == b.usage.capable.output_tokens
+        first = ours[0]
+        assert first.handover["probe_answers"] == [None, "14"]  # m has no answer from one line
+        if agree == 1:  # the second probe settles: M's close tag is never asked for
+            assert first.capable_finish == "settled" and first.signal == SIGNAL
+            assert first.usage.capable.output_tokens == first.handover["probe_at_tokens"][-1]
+        else:
+            assert first.capable_finish == "stop" and first.signal == SIGNAL
+
+        async def streamed(duet):
+            return [e async for e in duet.astream(QUESTIONS[0], "settle")]
+
+        [finished] = [
+            e for e in asyncio.run(streamed(Duet(remote, light_backend, config))) if isinstance(e, Finished)
+        ]
+        assert (finished.result.signal, finished.result.text) == (ours[0].signal, ours[0].text)

@@ -5,8 +5,10 @@ against that copy, and reports whether they failed (as they must).
     python bench/mutation_check.py            # all mutations; exit code 1 if any survives
     python bench/mutation_check.py --list
     python bench/mutation_check.py --only clip,axes
+    python bench/mutation_check.py --every-test   # name every test that catches each one
 
-Each caught mutation is listed with the tests that failed on it.
+Each caught mutation is listed with the test that caught it first (with --every-test, all the
+tests that failed on it).
 
 The copy is put first on PYTHONPATH, so the tests import the mutated package; the working
 tree is never touched.
@@ -24,11 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GUARDS = [
-    "tests/test_objective.py",
-    "tests/test_objective_rollouts.py",
+GUARDS = [  # the quick ones first: by default a mutation's run ends at its first failing test
     "tests/test_train_math.py",
+    "tests/test_objective.py",
     "tests/test_prefix_sharing.py",
+    "tests/test_objective_rollouts.py",
     "tests/test_train_qwen3.py::test_old_and_recomputed_logprobs_agree_at_step_0",
     "tests/test_train_qwen3.py::test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on",
     "tests/test_train_qwen3.py::test_the_kl_in_the_loss_draws_the_capable_model_back_to_its_reference",
@@ -174,12 +176,15 @@ MUTATIONS = [
 ]
 
 
-def run_guards(src: Path) -> tuple[list[str], float, str]:
-    """(the guarding tests that failed, seconds, last lines of the output)."""
+def run_guards(src: Path, every_test: bool = True) -> tuple[list[str], float, str]:
+    """(the guarding tests that failed, seconds, last lines of the output). One failing test
+    is enough to catch a mutation, so unless `every_test` the run stops there: the whole
+    check then takes about one full run of the guards, not one per mutation."""
     started = time.perf_counter()
     env = os.environ | {"PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    stop = [] if every_test else ["-x"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *GUARDS],
+        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *stop, *GUARDS],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -199,6 +204,12 @@ def main() -> None:
         "--only",
         default="",
         help="apply only the mutations whose name holds one of these texts (comma-separated)",
+    )
+    parser.add_argument(
+        "--every-test",
+        action="store_true",
+        help="run every guarding test on each mutation and name all that fail (slower; by "
+        "default a mutation's run stops at the first test that catches it)",
     )
     args = parser.parse_args()
     wanted = [w.strip().lower() for w in args.only.split(",")]
@@ -224,7 +235,7 @@ def main() -> None:
             if text.count(find) != 1:
                 raise SystemExit(f"mutation {name!r}: the text to change is not in {file} exactly once")
             path.write_text(text.replace(find, replace))
-            failed, seconds, _ = run_guards(mutated)
+            failed, seconds, _ = run_guards(mutated, args.every_test)
             print(f"{'caught  ' if failed else 'SURVIVED'} {name} ({seconds:.0f} s)", flush=True)
             for test in failed:
                 print(f"           by {test}")

@@ -45,6 +45,25 @@ def start_server(duet: Duet, config: ServeConfig):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def read_stream(chunks) -> dict:
+    """A streamed chat completion read back: the reasoning and the content, the kind of each
+    chunk in order (what a client that shows them apart sees), and duet's usage if sent."""
+    kinds, reasoning, content, usage = [], "", "", None
+    for chunk in chunks:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_extra["duet"]
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if (delta.model_extra or {}).get("reasoning_content"):
+            reasoning += delta.model_extra["reasoning_content"]
+            kinds.append("reasoning")
+        if delta.content:
+            content += delta.content
+            kinds.append("content")
+    return {"kinds": kinds, "reasoning": reasoning, "content": content, "usage": usage}
+
+
 @pytest.fixture(scope="module")
 def scripted_server(capable_backend, light_backend):
     duet = Duet(capable_backend, light_backend, DuetConfig(signal_max_tokens=80, answer_max_tokens=40))

@@ -232,7 +232,7 @@ def test_the_answer_probability_is_that_of_the_answer_s_tokens(pair):
 
 def test_duet_serve_streams_the_thinking_until_m_settles_then_its_answer(pair):
     import openai
-    from test_serve import start_server
+    from test_serve import read_stream, start_server
 
     from duetlm.serve import ServeConfig
 
@@ -247,17 +247,8 @@ def test_duet_serve_streams_the_thinking_until_m_settles_then_its_answer(pair):
             stream=True,
             extra_body={"duet": {"mode": "settle"}},
         )
-        kinds, reasoning, content = [], "", ""
-        for chunk in chunks:
-            if not chunk.choices:
-                continue
-            delta = chunk.choices[0].delta
-            if (delta.model_extra or {}).get("reasoning_content"):
-                reasoning += delta.model_extra["reasoning_content"]
-                kinds.append("reasoning")
-            if delta.content:
-                content += delta.content
-                kinds.append("content")
+        streamed = read_stream(chunks)
+        kinds, reasoning, content = streamed["kinds"], streamed["reasoning"], streamed["content"]
         assert reasoning.strip() == expected.signal == "\n".join(SCRIPTS[LONG][0][:3])
         assert content == expected.text and kinds[0] == "reasoning"
         assert "reasoning" not in kinds[kinds.index("content") :]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from test_serve import start_server
+from test_serve import read_stream, start_server
 
 from conftest import QUESTIONS, SIGNAL
 from duetlm.backends import BackendOptions, load_backend
@@ -49,20 +49,7 @@ def stream(url: str, question: str) -> dict:
         stream=True,
         stream_options={"include_usage": True},
     )
-    kinds, reasoning, content, usage = [], "", "", None
-    for chunk in chunks:
-        if chunk.usage is not None:
-            usage = chunk.usage.model_extra["duet"]
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        if (delta.model_extra or {}).get("reasoning_content"):
-            reasoning += delta.model_extra["reasoning_content"]
-            kinds.append("reasoning")
-        if delta.content:
-            content += delta.content
-            kinds.append("content")
-    return {"kinds": kinds, "reasoning": reasoning, "content": content, "usage": usage}
+    return read_stream(chunks)
 
 
 def test_sixteen_concurrent_streams_each_equal_duet_solve(served):

@@ -152,8 +152,8 @@ MUTATIONS = [
     (
         "batch scaling by the group's std",
         "train/grpo.py",
-        "return centered / (batch_std + eps)",
-        "return centered / (rewards.std(dim=-1, keepdim=True) + eps)",
+        "return (centered / (batch_std + eps)).to(dtype)",
+        "return (centered / (rewards.std(dim=-1, keepdim=True) + eps)).to(dtype)",
     ),
     (
         "a shared prefix's rows misaligned by one position",
@@ -218,6 +218,9 @@ def main() -> None:
         for name, file, _, _ in MUTATIONS:
             print(f"{name}  ({file})")
         return
+    for name, file, find, _ in chosen:  # before any run: a stale text fails now, not an hour in
+        if (ROOT / "src" / "duetlm" / file).read_text().count(find) != 1:
+            raise SystemExit(f"mutation {name!r}: the text to change is not in {file} exactly once")
     survivors = []
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "src"

@@ -21,6 +21,7 @@ from duetlm.evaluate.probe import (
     line_ends,
     linear_search,
     run_probe,
+    stable_search,
 )
 from duetlm.evaluate.probe_report import summarize_probe
 from duetlm.evaluate.store import read_rows
@@ -75,6 +76,15 @@ def test_linear_search_is_exact_with_stride_one_and_refines_a_stride():
     assert drive(linear_search(12, 4, 0), works.__contains__) == (9, [0, 4, 8, 12, 9, 10, 11, 6, 7])
     assert drive(linear_search(12, 3, 2), lambda cut: cut >= 7) == (7, [0, 3, 6, 9, 7, 8, 5])
     assert drive(linear_search(10, 4, 0), lambda cut: cut == 10) == (10, [0, 4, 8, 10, 7, 9])
+
+
+def test_stable_search_stops_under_the_last_run_of_working_cuts():
+    works = {2, 6, 7, 8, 9, 10}  # cut 2 is a lucky guess: a longer cut fails after it
+    assert drive(stable_search(10, 1), works.__contains__) == (6, [10, 9, 8, 7, 6, 5])
+    assert drive(stable_search(10, 3), works.__contains__) == (6, [10, 9, 8, 7, 6, 5, 4])
+    assert drive(stable_search(10, 1), lambda cut: cut != 10) == (None, [10])
+    assert drive(stable_search(3, 2), lambda cut: True) == (0, [3, 2, 1, 0])
+    assert drive(stable_search(0, 1), lambda cut: True) == (0, [0])
 
 
 def test_cuts_keep_lines_and_blank_lines_between_them():
@@ -201,3 +211,27 @@ def test_a_longer_probe_extends_the_run_and_another_search_is_refused(probed, tm
     assert len(extended) == PROBED + 4 and len({r["id"] for r in extended}) == PROBED + 4
     with pytest.raises(ConfigError, match="different configuration"):
         run_probe(ProbeConfig(task="builtin", limit=2, search="linear"), copy, progress=False)
+
+
+def test_the_stable_oracle_is_right_at_its_cut_and_every_longer_one_and_wrong_under_it(probed, tmp_path):
+    _, binary_rows = probed
+    limit = 16
+    path = run_probe(ProbeConfig(task="builtin", limit=limit, search="stable", stride=4), tmp_path, progress=False)
+    rows = read_rows(path)
+    binary = {r["id"]: r for r in binary_rows[:limit]}
+    assert [r["id"] for r in rows] == list(binary) and all(r["search"] == "stable" for r in rows)
+    lucky = 0
+    for row in rows:
+        known = dict(row["cuts"])
+        full = row["thinking_lines"]
+        if row["oracle_lines"] is None:
+            assert known == {full: False}
+            continue
+        assert all(known[cut] for cut in range(row["oracle_lines"], full + 1))
+        assert row["oracle_lines"] == 0 or known[row["oracle_lines"] - 1] is False
+        found = binary[row["id"]]["oracle_lines"]
+        lucky += found is not None and found < row["oracle_lines"]
+    summary = summarize_probe(rows)
+    assert summary["search"] == "stable"
+    assert summary["oracle_tokens_mean"] >= summarize_probe(list(binary.values()))["oracle_tokens_mean"]
+    assert lucky > 0, "the binary search found no early cut that a longer one undoes"

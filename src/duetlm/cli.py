@@ -457,9 +457,14 @@ def probe(
     field: FieldOpt = None,
     search: Annotated[
         str,
-        typer.Option(help="binary (fewest m calls) or linear (every cut from the start, --stride apart)."),
+        typer.Option(
+            help="binary (fewest m calls), linear (every cut from the start, --stride apart), or stable "
+            "(down from the full thinking to the shortest cut from which every longer one works)."
+        ),
     ] = "binary",
-    stride: Annotated[int, typer.Option(min=1, help="linear: lines between two tried cuts.")] = 1,
+    stride: Annotated[
+        int, typer.Option(min=1, help="linear: lines between two tried cuts; stable: cuts tried a round.")
+    ] = 1,
     check_below: Annotated[
         int,
         typer.Option(min=0, help="Lines under the point found that are tried too (need is not monotone)."),

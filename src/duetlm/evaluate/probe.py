@@ -15,6 +15,11 @@ m's verdicts, so every question's next cuts go to m in one batch per round:
   down while one of them works.
 - `linear`: cuts 0, stride, 2 stride, ... up to the full thinking, stopping at the first
   that works, then the lines below it as above. Exact with stride 1, and slower.
+- `stable`: from the full thinking down, `stride` cuts a round, to the shortest cut from
+  which m is right at *every* longer cut. The first two find the shortest cut that works,
+  which includes cuts where m's guess happens to be right (an m that answers a 10-way
+  question at random is right at one cut in ten, so with dozens of cuts some early one
+  works). The stable cut is what a stopping rule that never sees the gold could hope for.
 
 Rows go to a results store like `duet eval`'s (method `probe`), a batch at a time, so a
 killed probe resumes without losing or repeating a question.
@@ -65,10 +70,14 @@ class ProbeConfig(BaseModel):
     fields: dict[str, str] = Field(
         default_factory=dict, description="Field mapping (see duetlm.tasks.fields)."
     )
-    search: Literal["binary", "linear"] = Field(
-        "binary", description="How the shortest working cut is sought."
+    search: Literal["binary", "linear", "stable"] = Field(
+        "binary",
+        description="How the cut is sought: the shortest working one (binary, linear) or the shortest "
+        "from which every longer cut works (stable).",
     )
-    stride: int = Field(1, ge=1, description="linear: lines between two tried cuts.")
+    stride: int = Field(
+        1, ge=1, description="linear: lines between two tried cuts; stable: cuts tried a round."
+    )
     check_below: int = Field(
         2, ge=0, description="Lines under the point found that are tried too (m's need is not monotone)."
     )
@@ -151,6 +160,24 @@ def linear_search(lines: int, stride: int, check_below: int) -> Search:
     return None
 
 
+def stable_search(lines: int, stride: int) -> Search:
+    """Down from the full thinking while every cut works; `stride` cuts are asked a round (m
+    answers them in one batch), so a few may be asked past the first that fails."""
+    known: dict[int, bool] = {}
+    known |= yield [lines]
+    if not known[lines]:
+        return None
+    point = lines
+    while point > 0:
+        below = list(range(point - 1, max(point - 1 - stride, -1), -1))
+        known |= yield below
+        for cut in below:
+            if not known[cut]:
+                return point
+            point = cut
+    return 0
+
+
 # --- token counts -----------------------------------------------------------------------------
 
 
@@ -211,6 +238,8 @@ def thinking_of(result: SolveResult, config: DuetConfig) -> str:
 def start_search(config: ProbeConfig, lines: int) -> Search:
     if config.search == "linear":
         return linear_search(lines, config.stride, config.check_below)
+    if config.search == "stable":
+        return stable_search(lines, config.stride)
     return binary_search(lines, config.check_below)
 
 
@@ -245,7 +274,9 @@ def probe_batch(duet: Duet, config: ProbeConfig, examples: Sequence[Example]) ->
     return probed
 
 
-def probe_row(task: str, p: Probed, counter: SignalTokens, config_hash: str, wall_s: float) -> dict:
+def probe_row(
+    task: str, p: Probed, counter: SignalTokens, config_hash: str, wall_s: float, search: str = "binary"
+) -> dict:
     capable_verdict = grade(p.capable.text, p.example) if p.capable.answer is not None else None
     light_verdict = grade(p.light_alone.text, p.example) if p.light_alone.answer is not None else None
     oracle_signal = cut_text(p.thinking, p.ends, p.oracle) if p.oracle is not None else None
@@ -268,6 +299,7 @@ def probe_row(task: str, p: Probed, counter: SignalTokens, config_hash: str, wal
         "thinking_tokens": counter.count(p.thinking.strip(), p.capable),
         "light_alone_correct": bool(light_verdict and light_verdict.correct),
         "light_alone_output_tokens": p.light_alone.usage.light.output_tokens,
+        "search": search,
         "oracle_lines": p.oracle,
         "oracle_tokens": counter.count(oracle_signal, p.capable) if oracle_signal is not None else None,
         "oracle_signal": oracle_signal,
@@ -321,7 +353,7 @@ def run_probe(
         started = time.perf_counter()
         probed = probe_batch(duet, config, batch)
         share = (time.perf_counter() - started) / len(batch)
-        rows = [probe_row(task, p, counter, config_hash, share) for p in probed]
+        rows = [probe_row(task, p, counter, config_hash, share, config.search) for p in probed]
         store.append(rows)
         found += sum(r["oracle_lines"] is not None for r in rows)
         calls += sum(r["light_calls"] for r in rows)

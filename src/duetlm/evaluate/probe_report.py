@@ -9,7 +9,9 @@ tokens_at_M_alone_accuracy and savings_at_M_alone_accuracy_pct (the fewest M tok
 question an oracle needs to match M-alone's accuracy: it answers the questions with the
 cheapest cuts and hands nothing over on the rest; None when the oracle never gets there),
 median_oracle_ratio (oracle cut over full thinking, in tokens, over the questions some cut
-answers and with any thinking), m_calls_per_question (the search's m calls), tokens_estimated.
+answers and with any thinking), m_calls_per_question (the search's m calls), tokens_estimated,
+search (binary or linear: the oracle cut is the shortest that works; stable: the shortest from
+which every longer cut works, and "some cut works" means the full thinking does).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ PROBE_KEYS = (
     "median_oracle_ratio",
     "m_calls_per_question",
     "tokens_estimated",
+    "search",
 )
 
 
@@ -89,6 +92,7 @@ def summarize_probe(rows: list[dict]) -> dict:
         "median_oracle_ratio": statistics.median(ratios) if ratios else None,
         "m_calls_per_question": _mean([r["light_calls"] for r in rows]),
         "tokens_estimated": any(r.get("tokens_estimated") for r in rows),
+        "search": rows[0].get("search", "binary"),
     }
 
 
@@ -107,24 +111,25 @@ def _num(value: float | None, digits: int = 1) -> str:
 def probe_lines(s: dict) -> list[tuple[str, str]]:
     """(what, value) lines of one summary, for the terminal and markdown."""
     estimated = " (estimated)" if s["tokens_estimated"] else ""
+    oracle = "stable oracle" if s.get("search") == "stable" else "oracle"
     return [
         ("questions", str(s["n_questions"])),
         ("M-alone accuracy", f"{_pct(s['M_alone_accuracy'])}% at {_num(s['M_alone_tokens_mean'])} M tokens"),
         ("m-alone accuracy", f"{_pct(s['m_alone_accuracy'])}%"),
-        ("oracle accuracy (some cut works)", f"{_pct(s['oracle_accuracy'])}%"),
+        (f"{oracle} accuracy (some cut works)", f"{_pct(s['oracle_accuracy'])}%"),
         ("no signal needed", f"{_pct(s['no_signal_share'])}% of questions"),
         (f"M thinking{estimated}", f"{_num(s['thinking_tokens_mean'])} tokens"),
         (
-            f"oracle cut{estimated}",
+            f"{oracle} cut{estimated}",
             f"{_num(s['oracle_tokens_mean'])} tokens ({_num(s['oracle_savings_pct'])}% saved)",
         ),
         (
-            "oracle at M-alone's accuracy",
+            f"{oracle} at M-alone's accuracy",
             "not reached"
             if s["tokens_at_M_alone_accuracy"] is None
             else f"{_num(s['tokens_at_M_alone_accuracy'])} tokens ({_num(s['savings_at_M_alone_accuracy_pct'])}% saved)",
         ),
-        ("median oracle / full thinking", _num(s["median_oracle_ratio"], 2)),
+        (f"median {oracle} / full thinking", _num(s["median_oracle_ratio"], 2)),
         ("m calls per question", _num(s["m_calls_per_question"])),
     ]
 
@@ -136,8 +141,9 @@ def probe_table(title: str, summary: dict) -> Table:
     for what, value in probe_lines(summary):
         table.add_row(what, value)
     table.caption = (
-        "oracle cut: M's own thinking cut at the fewest lines with which m answers right, the full "
-        "thinking where none works; at M-alone's accuracy: the cheapest such questions first"
+        "oracle cut: M's own thinking cut at the fewest lines with which m answers right (stable: "
+        "and at every longer cut), the full thinking where none works; at M-alone's accuracy: the "
+        "cheapest such questions first"
     )
     return table
 

@@ -254,13 +254,6 @@ def task_figure(task: str, rows: list[dict]):
         axes.errorbar(
             s["M_output_tokens_mean"], 100 * s["accuracy"], yerr=100 * s["stderr"], fmt="o", capsize=3
         )
-        axes.annotate(
-            s["method"],
-            (s["M_output_tokens_mean"], 100 * s["accuracy"]),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=9,
-        )
     highest = max(100 * (s["accuracy"] + s["stderr"]) for s in rows)
     lowest = min(100 * (s["accuracy"] - s["stderr"]) for s in rows)
     axes.set_ylim(max(lowest - 5, -2), highest + 9)
@@ -272,4 +265,63 @@ def task_figure(task: str, rows: list[dict]):
     axes.set_title(f"{task}: accuracy vs M tokens")
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    label_points(figure, axes, [(s["method"], s["M_output_tokens_mean"], 100 * s["accuracy"]) for s in rows])
     return figure
+
+
+LABEL_OFFSETS = [
+    (5, 5),
+    (5, -13),
+    (-5, 5),
+    (-5, -13),
+    *((dx, dy) for dy in (-25, 17, -37, 29, -49, -61, -73) for dx in (10, -10)),
+]
+"""Where a label may sit around its point, in points, nearest first (a negative x means the
+label ends at the point)."""
+
+
+def label_points(figure, axes, points: list[tuple[str, float, float]]) -> None:
+    """Label each point at the first offset where its text overlaps no label already placed
+    and no other point: methods at one accuracy (a cluster near M-alone's) stay readable.
+    A label with no free place takes the first offset."""
+    from matplotlib.text import Text
+
+    renderer = figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    dots = [axes.transData.transform((x, y)) for _, x, y in points]
+    placed = []
+    for index, (label, x, y) in enumerate(sorted(points, key=lambda p: (p[1], -p[2]))):
+        text = None
+        for dx, dy in LABEL_OFFSETS:
+            if text is not None:
+                text.remove()
+            text = axes.annotate(
+                label,
+                (x, y),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                fontsize=9,
+                ha="left" if dx >= 0 else "right",
+                va="center" if abs(dy) > 13 else "baseline",
+                # a label moved away from its point keeps a thin line to it
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if abs(dy) > 13 else None,
+            )
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer).expanded(1.02, 1.1)  # the words, not the line
+            mine = axes.transData.transform((x, y))
+            clear = (
+                frame.x0 <= box.x0
+                and box.x1 <= frame.x1
+                and frame.y0 <= box.y0
+                and box.y1 <= frame.y1
+                and not any(box.overlaps(other) for other in placed)
+                and not any(box.contains(*dot) for dot in dots if tuple(dot) != tuple(mine))
+            )
+            if clear:
+                break
+        else:
+            text.remove()
+            dx, dy = LABEL_OFFSETS[0]
+            text = axes.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9)
+            box = text.get_window_extent(renderer)
+        placed.append(box)

@@ -216,7 +216,9 @@ def test_a_longer_probe_extends_the_run_and_another_search_is_refused(probed, tm
 def test_the_stable_oracle_is_right_at_its_cut_and_every_longer_one_and_wrong_under_it(probed, tmp_path):
     _, binary_rows = probed
     limit = 16
-    path = run_probe(ProbeConfig(task="builtin", limit=limit, search="stable", stride=4), tmp_path, progress=False)
+    path = run_probe(
+        ProbeConfig(task="builtin", limit=limit, search="stable", stride=4), tmp_path, progress=False
+    )
     rows = read_rows(path)
     binary = {r["id"]: r for r in binary_rows[:limit]}
     assert [r["id"] for r in rows] == list(binary) and all(r["search"] == "stable" for r in rows)

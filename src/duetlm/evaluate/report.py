@@ -290,7 +290,7 @@ def label_points(figure, axes, points: list[tuple[str, float, float]]) -> None:
     frame = axes.get_window_extent(renderer)
     dots = [axes.transData.transform((x, y)) for _, x, y in points]
     placed = []
-    for index, (label, x, y) in enumerate(sorted(points, key=lambda p: (p[1], -p[2]))):
+    for label, x, y in sorted(points, key=lambda p: (p[1], -p[2])):
         text = None
         for dx, dy in LABEL_OFFSETS:
             if text is not None:

@@ -281,47 +281,43 @@ label ends at the point)."""
 
 
 def label_points(figure, axes, points: list[tuple[str, float, float]]) -> None:
-    """Label each point at the first offset where its text overlaps no label already placed
-    and no other point: methods at one accuracy (a cluster near M-alone's) stay readable.
-    A label with no free place takes the first offset."""
+    """Label each point at the first offset where its text stays inside the axes and overlaps
+    no label already placed and no other point: methods at one accuracy (a cluster near
+    M-alone's) stay readable. A label with no free place takes the first offset."""
     from matplotlib.text import Text
 
     renderer = figure.canvas.get_renderer()
     frame = axes.get_window_extent(renderer)
-    dots = [axes.transData.transform((x, y)) for _, x, y in points]
+    dots = [tuple(axes.transData.transform((x, y))) for _, x, y in points]
+
+    def place(label: str, x: float, y: float, dx: float, dy: float):
+        moved = abs(dy) > 13  # a label moved away from its point keeps a thin line to it
+        text = axes.annotate(
+            label,
+            (x, y),
+            textcoords="offset points",
+            xytext=(dx, dy),
+            fontsize=9,
+            ha="left" if dx >= 0 else "right",
+            va="center" if moved else "baseline",
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if moved else None,
+        )
+        text.update_positions(renderer)
+        return text, Text.get_window_extent(text, renderer).expanded(1.02, 1.1)  # the words, not the line
+
     placed = []
     for label, x, y in sorted(points, key=lambda p: (p[1], -p[2])):
-        text = None
+        mine = tuple(axes.transData.transform((x, y)))
         for dx, dy in LABEL_OFFSETS:
-            if text is not None:
-                text.remove()
-            text = axes.annotate(
-                label,
-                (x, y),
-                textcoords="offset points",
-                xytext=(dx, dy),
-                fontsize=9,
-                ha="left" if dx >= 0 else "right",
-                va="center" if abs(dy) > 13 else "baseline",
-                # a label moved away from its point keeps a thin line to it
-                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if abs(dy) > 13 else None,
-            )
-            text.update_positions(renderer)
-            box = Text.get_window_extent(text, renderer).expanded(1.02, 1.1)  # the words, not the line
-            mine = axes.transData.transform((x, y))
-            clear = (
-                frame.x0 <= box.x0
-                and box.x1 <= frame.x1
-                and frame.y0 <= box.y0
-                and box.y1 <= frame.y1
+            text, box = place(label, x, y, dx, dy)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if (
+                inside
                 and not any(box.overlaps(other) for other in placed)
-                and not any(box.contains(*dot) for dot in dots if tuple(dot) != tuple(mine))
-            )
-            if clear:
+                and not any(box.contains(*dot) for dot in dots if dot != mine)
+            ):
                 break
-        else:
             text.remove()
-            dx, dy = LABEL_OFFSETS[0]
-            text = axes.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=9)
-            box = text.get_window_extent(renderer)
+        else:
+            text, box = place(label, x, y, *LABEL_OFFSETS[0])
         placed.append(box)

@@ -57,12 +57,17 @@ def test_a_question_streams_a_signal_and_an_answer_and_the_savings(live_server):
         page.goto(live_server)
         assert page.title() == "duetlm playground"
         assert "tiny-M" in page.inner_text("#models")  # /health answered
-        # record when each pane first gets text, to see the signal stream before the answer
+        # the order in which the panes first get text, to see the signal stream before the
+        # answer: one observer sees every mutation in the order it was made, even when both
+        # panes are written in one task (a clock reads the same time for both then)
         page.evaluate(
-            """() => { window.firstText = {};
-               for (const id of ["signal", "answer"]) {
-                 new MutationObserver(() => { window.firstText[id] ??= performance.now(); })
-                   .observe(document.getElementById(id), { childList: true, characterData: true, subtree: true }); } }"""
+            """() => { window.firstText = {}; let order = 0;
+               const panes = ["signal", "answer"].map(id => [id, document.getElementById(id)]);
+               new MutationObserver(records => { for (const r of records) {
+                   if (r.type !== "characterData" && r.addedNodes.length === 0) continue;
+                   order++;
+                   for (const [id, pane] of panes) if (pane.contains(r.target)) window.firstText[id] ??= order; } })
+                 .observe(document.body, { childList: true, characterData: true, subtree: true }); }"""
         )
         page.fill("#api-key", KEY)
         page.check("#compare")

@@ -8,7 +8,8 @@ from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL, _prompt
 from duetlm.backends.base import render_chat
 from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError, InputError
-from duetlm.protocol import Duet, Mode, Problem, parse_mode, signal_from_stage1, split_thinking, user_prompt
+from duetlm.protocol import Duet, Mode, Problem, parse_mode, user_prompt
+from duetlm.signals import signal_from_stage1, split_thinking
 from duetlm.usage import Price
 
 

@@ -54,6 +54,28 @@ class PromptConfig(BaseModel):
     )
     think_open: str = Field("<think>", description="Tag that opens M's thinking.")
     think_close: str = Field("</think>", description="Tag that closes it; M's generation stops here.")
+    answer_markers: list[str] = Field(
+        default_factory=lambda: [
+            "\\boxed",
+            "the final answer is",
+            "The final answer is",
+            "Final Answer",
+            "Answer:",
+        ],
+        min_length=1,
+        description="signal_style='answer': where M's generation stops (the earliest of these strings "
+        "it writes); its reasoning before the marker is the signal. Case matters.",
+    )
+    answer_prefill: str = Field(
+        "{signal}",
+        description="signal_style='answer': start of m's assistant turn: M's reasoning, which m continues "
+        "and finishes with the answer.",
+    )
+    answer_close: str = Field(
+        "{signal}\n\nSo the final answer is",
+        description="signal_style='answer': a turn whose answer must come at once (a settle probe; M@B "
+        "after its budget cut the reasoning): the reasoning so far and a cue to answer now.",
+    )
 
 
 class SettleConfig(BaseModel):
@@ -95,10 +117,11 @@ class DuetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: PromptConfig = Field(default_factory=PromptConfig)
-    signal_style: Literal["think", "sketch"] = Field(
+    signal_style: Literal["think", "answer", "sketch"] = Field(
         "think",
-        description="think: M's thinking (up to think_close) is the signal. sketch: for an M without "
-        "think tags, M is asked for a solution sketch and its whole output is the signal.",
+        description="think: M's thinking (up to think_close) is the signal. answer: for an M that "
+        "reasons and answers in one turn without tags, M stops at its answer marker and its reasoning "
+        "is the signal. sketch: M is asked for a solution sketch and its whole output is the signal.",
     )
     signal_max_tokens: int = Field(
         4096, ge=1, description="M's token budget for the signal in `duet` mode; a cut signal is flagged."
@@ -150,6 +173,8 @@ class DuetConfig(BaseModel):
             ("sketch_instruction", p.sketch_instruction, "{question}"),
             ("light_prefill", p.light_prefill, "{signal}"),
             ("budget_close", p.budget_close, "{signal}"),
+            ("answer_prefill", p.answer_prefill, "{signal}"),
+            ("answer_close", p.answer_close, "{signal}"),
         ]:
             if needed not in template:
                 raise ValueError(f"prompts.{name} must contain {needed}")

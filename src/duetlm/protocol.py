@@ -27,6 +27,7 @@ from duetlm.backends.base import (
 from duetlm.config import DuetConfig
 from duetlm.errors import InputError
 from duetlm.grading import extract_answer
+from duetlm.signals import split_thinking, style_of
 from duetlm.usage import ModelUsage, Price, Usage
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class SolveResult:
     retries: int = 0
     budget_clamped: bool = False  # a budget was cut to fit a model's context (see ContextGuard)
     empty_signal: bool = False  # M ended without thinking: m answered from nothing (two-stage modes)
+    open_signal: bool = False  # M ended its turn without closing its signal: its whole answer went to m
     handover: dict | None = None  # the settle modes: probes, their answers and costs (duetlm.settle)
 
     def to_dict(self) -> dict:
@@ -138,48 +140,32 @@ def user_prompt(problem: Problem, config: DuetConfig, sketch: bool = False) -> s
     )
 
 
-def split_thinking(text: str, think_open: str, think_close: str) -> tuple[str | None, str]:
-    """(thinking, rest) of a reasoning model's output. thinking is None when the close tag never
-    came; the open tag is optional because some chat templates write it into the prompt."""
-    head, closed, rest = text.partition(think_close)
-    if not closed:
-        return None, text
-    _, opened, after_open = head.partition(think_open)
-    return (after_open if opened else head).strip(), rest.strip()
-
-
-def signal_from_stage1(text: str, think_open: str) -> str:
-    """The signal in a stage-1 output that was stopped at the close tag (or cut by the budget):
-    everything after the open tag, whitespace stripped."""
-    _, opened, after = text.partition(think_open)
-    return (after if opened else text).strip()
-
-
 def sampling(config: DuetConfig, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
     return SamplingParams(max_tokens, config.temperature, config.top_p, config.seed, stop, config.top_k)
 
 
 def capable_request(problem: Problem, config: DuetConfig, budget: int) -> GenerationRequest:
-    """Stage 1: M thinks about the problem, stopped at the close tag (think style) or at the
-    budget (sketch style, where the whole output is the signal)."""
-    sketch = config.signal_style == "sketch"
-    stop = () if sketch else (config.prompts.think_close,)
+    """Stage 1: M reasons about the problem, stopped where its signal style ends a signal (the
+    close tag, an answer marker) or at the budget."""
+    style = style_of(config)
     return GenerationRequest.chat(
-        user_prompt(problem, config, sketch=sketch),
-        sampling(config, budget, stop),
+        user_prompt(problem, config, sketch=style.sketch),
+        sampling(config, budget, style.stops()),
         chat_template_kwargs=config.capable_template_kwargs,
         history=problem.history,
     )
 
 
 def light_request(
-    problem: Problem, signal: str, config: DuetConfig, template_kwargs: dict
+    problem: Problem, signal: str, config: DuetConfig, template_kwargs: dict, closed: bool = False
 ) -> GenerationRequest:
-    """Stage 2: the same question, the assistant turn pre-filled with the signal."""
+    """Stage 2: the same question, the assistant turn pre-filled with the signal (`closed`:
+    with the cue that the answer comes now, as a settle probe needs)."""
+    style = style_of(config)
     return GenerationRequest.chat(
         user_prompt(problem, config),
         sampling(config, config.answer_max_tokens),
-        prefill=config.prompts.light_prefill.replace("{signal}", signal),
+        prefill=style.close(signal) if closed else style.prefill(signal),
         chat_template_kwargs=template_kwargs,
         history=problem.history,
     )
@@ -204,11 +190,11 @@ def forced_request(
     now and gets a small answer budget (budget forcing), so the baseline's M tokens are
     bounded by B plus that budget."""
     cut = first.finish_reason == "length"
-    template = config.prompts.budget_close if cut else config.prompts.light_prefill
+    style = style_of(config)
     return GenerationRequest.chat(
         user_prompt(problem, config),
         sampling(config, config.forced_answer_max_tokens if cut else config.answer_max_tokens),
-        prefill=template.replace("{signal}", signal),
+        prefill=style.budget_close(signal) if cut else style.prefill(signal),
         chat_template_kwargs=config.capable_template_kwargs,
         history=problem.history,
     )
@@ -216,11 +202,7 @@ def forced_request(
 
 def signal_of(result: GenerationResult, config: DuetConfig) -> str:
     """The signal in a stage-1 result."""
-    if "reasoning" in result.extra:  # a server that parses thinking out of the content
-        return str(result.extra["reasoning"]).strip()
-    if config.signal_style == "sketch":
-        return result.text.strip()
-    return signal_from_stage1(result.text, config.prompts.think_open)
+    return style_of(config).signal(result)
 
 
 # --- the protocol -------------------------------------------------------------------------
@@ -238,11 +220,43 @@ class Duet:
         self.capable = capable
         self.light = light
         self.config = config or DuetConfig()
-        self._told_empty = False
+        self._told_empty = self._told_open = False
+
+    def close(self) -> None:
+        """Release both models (a llama.cpp server, an engine process); the Duet is unusable after."""
+        self.capable.close()
+        if self.light is not self.capable:
+            self.light.close()
 
     def note_empty_signals(self, results: Sequence[SolveResult]) -> None:
-        """Say once per Duet when M hands m an empty signal: a base model, or one served so that
-        it ends its turn at once, silently turns DUET into m-alone."""
+        """Say once per Duet when M hands m an empty signal (a base model, or one served so that
+        it ends its turn at once, silently turns DUET into m-alone), and once when M ends its
+        turn without closing its signal (a model without think tags in the think style hands
+        over its whole answer: nothing is saved, and m may only copy M's answer)."""
+        opened = sum(r.open_signal for r in results)
+        if opened and not self._told_open:
+            self._told_open = True
+            style = self.config.signal_style
+            where = (
+                f"its thinking ({self.config.prompts.think_close!r})"
+                if style == "think"
+                else f"its reasoning at an answer marker ({', '.join(map(repr, self.config.prompts.answer_markers))})"
+            )
+            hint = (
+                "Is M a reasoning model with think tags? For a model without them use signal_style = "
+                "'answer' (M stops at its answer marker) or 'sketch'"
+                if style == "think"
+                else "Add the marker M writes before its answer to prompts.answer_markers"
+            )
+            logger.warning(
+                "%s ended its turn without closing %s on %d of %d question(s): its whole answer became the "
+                "signal, so nothing was saved on those. %s (eval rows record this as open_signal)",
+                self.capable.spec,
+                where,
+                opened,
+                len(results),
+                hint,
+            )
         empty = sum(r.empty_signal for r in results)
         if empty and not self._told_empty:
             self._told_empty = True
@@ -250,7 +264,7 @@ class Duet:
                 "%s ended its turn without thinking on %d of %d question(s): m answered from an empty "
                 "signal. Is M a reasoning model with think tags? (signal_style = 'sketch' is for one "
                 "without; eval rows record this as empty_signal)",
-                getattr(self.capable, "spec", "M"),
+                self.capable.spec,
                 empty,
                 len(results),
             )
@@ -349,6 +363,7 @@ def two_stage_result(
         usage = Usage(first_usage, usage_of(second, cfg.light_price))
         capable_finish, light_finish = first.finish_reason, second.finish_reason
     truncated = first.finish_reason == "length"
+    open_signal = style_of(cfg).open_signal(first)
     if truncated:
         logger.info("signal cut at %d tokens (M did not close its thinking)", first.output_tokens)
     return SolveResult(
@@ -366,6 +381,7 @@ def two_stage_result(
         retries=first.retries + second.retries,
         budget_clamped=first.budget_clamped or second.budget_clamped,
         empty_signal=not signal.strip(),
+        open_signal=open_signal,
     )
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, stream
 from duetlm.errors import GenerationError, InputError
 from duetlm.grading import extract_answer
+from duetlm.signals import first_marker, signal_from_stage1, style_of
 from duetlm.usage import ModelUsage, Usage
 
 if TYPE_CHECKING:
@@ -131,9 +132,11 @@ class Settler:
         self.prober_price = self.cfg.capable_price if self.self_probe else self.cfg.light_price
         self.tokenizer = getattr(duet.capable, "tokenizer", None)
         self.usage_of = usage_of
-        if self.cfg.signal_style != "think":
+        self.style = style_of(self.cfg)
+        if self.style.sketch:
             raise InputError(
-                f"{mode}: M must think with tags (signal_style = 'think'); a sketch has no thinking to watch"
+                f"{mode}: M must reason before its answer (signal_style 'think' or 'answer'); a sketch has no "
+                "reasoning to watch"
             )
         if self.rule.min_prob is not None and not hasattr(self.prober, "tokenizer"):
             raise InputError(
@@ -149,7 +152,7 @@ class Settler:
         from duetlm.protocol import sampling, user_prompt
 
         cfg = self.cfg
-        stops = (cfg.prompts.think_close, "\n") if line_end else (cfg.prompts.think_close,)
+        stops = (*self.style.stops(), "\n") if line_end else self.style.stops()
         params = sampling(cfg, max_tokens, stops)
         if params.seed is not None:  # a fresh draw per step, the same on a rerun
             params = dataclasses.replace(params, seed=params.seed + 1_000_003 * watch.steps)
@@ -170,7 +173,7 @@ class Settler:
 
         cfg = self.cfg
         kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
-        request = light_request(watch.problem, self.thinking(watch), cfg, kwargs)
+        request = light_request(watch.problem, self.thinking(watch), cfg, kwargs, closed=True)
         greedy = dataclasses.replace(
             request.sampling,
             max_tokens=self.rule.probe_max_tokens,
@@ -189,8 +192,11 @@ class Settler:
         return light_request(watch.problem, self.thinking(watch), cfg, kwargs)
 
     def thinking(self, watch: Watch) -> str:
-        from duetlm.protocol import signal_from_stage1
-
+        """M's reasoning so far: its text up to where its signal ends (the close tag, an answer
+        marker), when it got there."""
+        if self.style.name == "answer":
+            at = first_marker(watch.text, self.style.stops())
+            return (watch.text if at is None else watch.text[:at]).strip()
         text = watch.text.partition(self.cfg.prompts.think_close)[0]
         return signal_from_stage1(text, self.cfg.prompts.think_open)
 
@@ -217,8 +223,7 @@ class Settler:
         else:
             watch.exact_ids = False
             watch.text += result.text + (result.stop_string if result.stop_string == "\n" else "")
-        close = self.cfg.prompts.think_close
-        own_end = result.finish_reason == "eos" or result.stop_string == close
+        own_end = result.finish_reason == "eos" or result.stop_string in self.style.stops()
         if own_end or watch.left <= 0 or (result.finish_reason == "length" and result.budget_clamped):
             watch.ended = result
 

@@ -3,7 +3,11 @@
 hf:PATH_OR_ID          transformers, local folder or hub id (CPU, CUDA, MPS)
 openai:MODEL@URL       any OpenAI-compatible server, e.g. openai:Qwen/Qwen3-8B@http://gpu:8000/v1
 vllm:PATH_OR_ID        vLLM (GPU, or x86-64 CPU with vLLM's CPU build; optional extra)
+llamacpp:FILE.gguf     llama.cpp, a server started for the model (optional extra)
 NAME                   an embedded model of the package (see `duetlm.models.EMBEDDED`)
+
+After hf:, vllm: and llamacpp:, the name of an installed model (`duet models install`) stands
+for its local copy: its Hugging Face folder, or its GGUF file for llamacpp:.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ __all__ = [
     "parse_spec",
 ]
 
-PREFIXES = ("hf", "openai", "vllm")
+PREFIXES = ("hf", "openai", "vllm", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class BackendOptions:
 
     device: str = "auto"  # hf: auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # hf: bf16 on GPUs that support it, fp32 on CPU; vllm: see backends/vllm_start.py
-    batch_size: int = 32  # hf: rows per generate() call
+    batch_size: int = 32  # hf: rows per generate() call; llamacpp: slots (see default_parallel)
     api_key: str | None = None  # openai: else $OPENAI_API_KEY, else "EMPTY" (local servers)
     tokenizer: str | None = None  # openai: tokenizer to render pre-filled turns locally
     concurrency: int = 16  # openai: requests in flight
@@ -55,11 +59,14 @@ class BackendOptions:
     tensor_parallel_size: int = 1  # vllm
     gpu_memory_utilization: float | None = None  # vllm: None = auto (backends/vllm_start.py)
     enforce_eager: bool | None = None  # vllm: None = eager on a CPU, CUDA graphs on a GPU
-    max_model_len: int | None = None  # vllm: None = the model's context length
+    max_model_len: int | None = (
+        None  # vllm: None = the model's context length; llamacpp: context per slot (4096)
+    )
     streaming: bool = False  # vllm: the async engine (`duet serve`), else the offline one
     decode_step: str = "auto"  # hf engine: auto = own step (Llama/Qwen2/Qwen3), transformers = forward
     engine: str = "thread"  # hf streaming engine: a thread here, or a process per model (`duet serve`)
     engine_threads: int | None = 1  # hf engine process: torch CPU threads (None: torch's default)
+    threads: int | None = None  # llamacpp: CPU threads of the server (None: all cores)
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -79,6 +86,10 @@ def parse_spec(spec: str) -> ModelSpec:
         )
     if not rest:
         raise ConfigError(f"model spec {spec!r} names no model after {prefix}:")
+    if prefix in ("hf", "vllm", "llamacpp"):
+        from duetlm.models.store import resolve
+
+        rest = resolve(rest, prefix) or rest
     if prefix == "openai":
         model, at, url = rest.rpartition("@")
         if not at:
@@ -116,6 +127,16 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
             tokenizer=options.tokenizer,
             concurrency=options.concurrency,
             max_retries=options.max_retries,
+            spec=spec,
+        )
+    if parsed.kind == "llamacpp":
+        from duetlm.backends.llamacpp import LlamaCppBackend, default_parallel
+
+        return LlamaCppBackend(
+            parsed.model,
+            parallel=default_parallel(options.batch_size),
+            ctx_per_slot=options.max_model_len or 4096,
+            threads=options.threads,
             spec=spec,
         )
     from duetlm.backends.vllm_start import VLLMSettings

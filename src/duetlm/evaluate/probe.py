@@ -44,7 +44,8 @@ from duetlm.backends import Backend, BackendOptions, load_backend
 from duetlm.config import DuetConfig
 from duetlm.evaluate.runner import weights_fingerprint
 from duetlm.evaluate.store import ResultStore
-from duetlm.protocol import Duet, SolveResult, signal_from_stage1
+from duetlm.protocol import Duet, SolveResult
+from duetlm.signals import style_of
 from duetlm.tasks import Example, TaskExamples, grade, load_task
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,9 @@ class ProbeConfig(BaseModel):
     @classmethod
     def _embedded_budgets(cls, data):
         """Without a DuetConfig, an all-embedded probe gets budgets that fit its models."""
-        from duetlm.models import with_embedded_budgets
+        from duetlm.models import with_model_defaults
 
-        return with_embedded_budgets(data)
+        return with_model_defaults(data)
 
     def load_task(self) -> TaskExamples:
         return load_task(self.task, self.data, fields=self.fields or None, split=self.split)
@@ -182,14 +183,21 @@ def stable_search(lines: int, stride: int) -> Search:
 
 
 class SignalTokens:
-    """M output tokens a cut costs: the tokens of `<think>\\n{cut}\\n</think>` in M's own
-    tokenizer (what M would have written up to the hand-over), 0 for the empty cut (M is not
-    asked at all). Without a tokenizer (an OpenAI-compatible M given no --capable-tokenizer)
-    counts are estimated from M's own output, tokens per character, and rows say so."""
+    """M output tokens a cut costs: the tokens of the cut as M writes it up to the hand-over
+    (`<think>\\n{cut}\\n</think>` in the think style, the reasoning itself in the answer style)
+    in M's own tokenizer, 0 for the empty cut (M is not asked at all). Without a tokenizer (an
+    OpenAI-compatible M given no --capable-tokenizer) counts are estimated from M's own output,
+    tokens per character, and rows say so."""
 
     def __init__(self, backend: Backend, config: DuetConfig) -> None:
         self.tokenizer = getattr(backend, "tokenizer", None)
-        self.open, self.close = config.prompts.think_open, config.prompts.think_close
+        self.style = style_of(config)
+
+    def closed(self, capable: SolveResult) -> bool:
+        """Whether M-alone's answer reached the hand-over point (its close tag, an answer marker)."""
+        if self.style.name == "answer":
+            return self.style.reasoning_in(capable.capable_text or "") is not None
+        return capable.signal is not None
 
     @property
     def exact(self) -> bool:
@@ -198,7 +206,7 @@ class SignalTokens:
     def count(self, cut: str, capable: SolveResult) -> int:
         if not cut:
             return 0
-        text = f"{self.open}\n{cut}\n{self.close}"
+        text = self.style.as_written(cut)
         if self.tokenizer is not None:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         written = capable.capable_text or ""
@@ -227,12 +235,21 @@ class Probed:
 
 
 def thinking_of(result: SolveResult, config: DuetConfig) -> str:
-    """M's thinking in an M-alone result; an unclosed one (cut by the budget) counts as far as
-    it goes, and a model that answered without think tags thought nothing."""
-    if result.signal is not None:
+    """M's reasoning in an M-alone result, up to where its signal style hands over (the close
+    tag, the first answer marker); an unclosed thinking (cut by the budget) counts as far as
+    it goes, and a model that answered without think tags, or without a marker, handed nothing
+    over."""
+    style = style_of(config)
+    if style.name == "think" and result.signal is not None:
         return result.signal
     text = result.capable_text or ""
-    return signal_from_stage1(text, config.prompts.think_open) if config.prompts.think_open in text else ""
+    found = style.reasoning_in(text)
+    if found is not None:
+        return found
+    prompts = config.prompts
+    if style.name == "think" and prompts.think_open in text:
+        return text.partition(prompts.think_open)[2].strip()  # cut by the budget: as far as it goes
+    return ""
 
 
 def start_search(config: ProbeConfig, lines: int) -> Search:
@@ -293,7 +310,7 @@ def probe_row(
         "capable_answer": capable_verdict.answer if capable_verdict else None,
         "capable_output_tokens": p.capable.usage.capable.output_tokens,
         "capable_finish": p.capable.capable_finish,
-        "thinking_closed": p.capable.signal is not None,
+        "thinking_closed": counter.closed(p.capable),
         "thinking": p.thinking,
         "thinking_lines": len(p.ends),
         "thinking_tokens": counter.count(p.thinking.strip(), p.capable),
@@ -332,13 +349,24 @@ def run_probe(
     pending = [e for e in chosen if (task, METHOD, e.id, 0) not in store.done]
     if not pending:
         return store.results_path
+    owned = duet is None
     if duet is None:
         options = backend_options or BackendOptions()
-        duet = Duet(
-            load_backend(config.capable, options),
-            load_backend(config.light, light_options or options),
-            config.duet,
-        )
+        capable = load_backend(config.capable, options)
+        try:
+            light = load_backend(config.light, light_options or options)
+        except BaseException:
+            capable.close()
+            raise
+        duet = Duet(capable, light, config.duet)
+    try:
+        return _probe_pending(config, duet, store, task, pending, config_hash, progress)
+    finally:
+        if owned:
+            duet.close()
+
+
+def _probe_pending(config, duet, store, task, pending, config_hash, progress) -> Path:
     counter = SignalTokens(duet.capable, duet.config)
     if not counter.exact:
         logger.warning(

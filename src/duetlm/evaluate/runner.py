@@ -63,9 +63,9 @@ class EvalConfig(BaseModel):
     @classmethod
     def _embedded_budgets(cls, data):
         """Without a DuetConfig, an all-embedded run gets budgets that fit its models."""
-        from duetlm.models import with_embedded_budgets
+        from duetlm.models import with_model_defaults
 
-        return with_embedded_budgets(data)
+        return with_model_defaults(data)
 
     @model_validator(mode="after")
     def _data_names_a_task(self) -> EvalConfig:
@@ -155,8 +155,11 @@ def run_eval(
     duet: Duet | None = None,
     backend_options: BackendOptions | None = None,
     progress: bool = True,
+    light_options: BackendOptions | None = None,
 ) -> Path:
-    """Run (or resume) an evaluation into `out`; returns the results file."""
+    """Run (or resume) an evaluation into `out`; returns the results file. `light_options`,
+    when given, are m's backend options (its tokenizer for an OpenAI-compatible m), else
+    `backend_options` serve both models. Backends this call loads are closed when it ends."""
     tasks = config.load_tasks()
     config_hash = config.config_hash()
     store = ResultStore(out, config.model_dump(), config_hash, force=force)
@@ -164,13 +167,24 @@ def run_eval(
         store.check_same_questions(name, examples)
     if config.samples > 1 and config.duet.temperature == 0:
         logger.warning("samples > 1 with temperature 0: every sample will be the same greedy answer")
+    owned = duet is None
     if duet is None:
         options = backend_options or BackendOptions()
-        duet = Duet(load_backend(config.capable, options), load_backend(config.light, options), config.duet)
-    for task_name, examples in tasks.items():
-        chosen = list(examples)[: config.limit] if config.limit else list(examples)
-        for method in config.methods:
-            _run_method(duet, config, store, task_name, method, chosen, config_hash, progress)
+        capable = load_backend(config.capable, options)
+        try:
+            light = load_backend(config.light, light_options or options)
+        except BaseException:
+            capable.close()
+            raise
+        duet = Duet(capable, light, config.duet)
+    try:
+        for task_name, examples in tasks.items():
+            chosen = list(examples)[: config.limit] if config.limit else list(examples)
+            for method in config.methods:
+                _run_method(duet, config, store, task_name, method, chosen, config_hash, progress)
+    finally:
+        if owned:
+            duet.close()
     return store.results_path
 
 

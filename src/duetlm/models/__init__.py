@@ -11,10 +11,13 @@ results on real LLMs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from duetlm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -54,10 +57,42 @@ def budget_defaults(*specs: str) -> dict[str, int]:
     return dict(EMBEDDED_BUDGETS) if specs and all(s.strip() in EMBEDDED for s in specs) else {}
 
 
-def with_embedded_budgets(settings):
-    """A run's settings (a dict before validation) given the embedded pair's budgets when it
-    names no DuetConfig and every model is embedded; anything else as it is."""
+def family_of(spec: str) -> str | None:
+    """The catalog family of the model a spec names (`hf:qwen2.5-coder-1.5b` and
+    `llamacpp:qwen2.5-coder-1.5b` alike), or None for any other model."""
+    from duetlm.models.catalog import MODELS
+
+    _, sep, rest = spec.strip().partition(":")
+    name = rest if sep else spec.strip()
+    return MODELS[name].family if name in MODELS else None
+
+
+def config_defaults(capable: str = "tiny-M", light: str = "tiny-m", *more: str):
+    """The DuetConfig a run of these models gets when it names no config file: the embedded
+    pair's budgets when every model is embedded; the settings of M's family when M is a
+    catalog model (its signal style, prompts and budgets: `catalog.FAMILY_DEFAULTS`); else
+    DuetConfig's own defaults. A family's settings are logged once, so that a run says what
+    it chose."""
+    from duetlm.config import DuetConfig
+    from duetlm.models.catalog import FAMILY_DEFAULTS
+
+    budgets = budget_defaults(capable, light, *more)
+    if budgets:
+        return DuetConfig(**budgets)
+    family = family_of(capable)
+    if family in FAMILY_DEFAULTS:
+        defaults = FAMILY_DEFAULTS[family]
+        logger.info("%s: the %s family's defaults (%s): %s", capable, family, defaults.why, defaults.settings)
+        return DuetConfig.model_validate(defaults.settings)
+    return DuetConfig()
+
+
+def with_model_defaults(settings):
+    """A run's settings (a dict before validation) given the DuetConfig its models default to
+    (`config_defaults`) when it names none; anything else as it is."""
+    from duetlm.config import DuetConfig
+
     if not isinstance(settings, dict) or "duet" in settings:
         return settings
-    budgets = budget_defaults(settings.get("capable", "tiny-M"), settings.get("light", "tiny-m"))
-    return settings | ({"duet": budgets} if budgets else {})
+    config = config_defaults(settings.get("capable", "tiny-M"), settings.get("light", "tiny-m"))
+    return settings if config == DuetConfig() else settings | {"duet": config.model_dump()}

@@ -59,17 +59,43 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to compute in. `auto`: bf16 (else fp16) on a GPU; fp16 on MPS; on a CPU, bf16
+    for a model stored in bf16 when the CPU computes bf16 natively (AVX512-BF16 or AMX: about
+    twice as fast as fp32 for a 1.5B model at batch 1 there), else fp32 (a model stored in fp32,
+    like the embedded pair, keeps its precision)."""
     if dtype != "auto":
         try:
-            return getattr(torch, dtype)
+            chosen = getattr(torch, dtype)
         except AttributeError:
-            raise BackendError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+            chosen = None
+        if not isinstance(chosen, torch.dtype):
+            raise BackendError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        return chosen
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
+    if stored == torch.bfloat16 and cpu_computes_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic of its own (x86 AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def stored_dtype(config) -> torch.dtype | None:
+    """The dtype a checkpoint's config says its weights are stored in."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
 
 
 def load_tokenizer(location: str, local: bool, trust_remote_code: bool):
@@ -114,11 +140,12 @@ def load_configs(location: str, local: bool, trust_remote_code: bool):
 def load_weights(location: str, local: bool, dtype: str, device: torch.device, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
+    config, _ = load_configs(location, local, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
             local_files_only=local,
-            dtype=pick_dtype(dtype, device),
+            dtype=pick_dtype(dtype, device, stored_dtype(config)),
             trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # a corrupt weights file raises the safetensors library's own error

@@ -29,6 +29,10 @@ fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements-dev.txt -e . 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import duetlm, torch; print('duetlm', duetlm.__version__, 'torch', torch.__version__)"
+# a real model for tests/test_real_models.py (idempotent: about a minute the first time, from the
+# package registry); the suite fails rather than skips those tests when it is missing
+.venv/bin/duet models install qwen2.5-coder-0.5b
+export DUETLM_REAL_MODELS=required
 if [[ "$lint" == "--lint" ]]; then
     .venv/bin/ruff check src tests bench
     .venv/bin/ruff format --check src tests bench

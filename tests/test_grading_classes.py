@@ -6,7 +6,9 @@ accepted, and a one-digit change of it refused (docs/evaluation.md#grading).
 2. A gold written as a decimal: the tolerance follows the digits it shows, so a large gold
    does not accept a neighbour that a relative 1e-4 would.
 3. A subscript on a number or a letter (a base, an index) is part of the answer, and so is a
-   digit inside an expression or an equation."""
+   digit inside an expression or an equation, an empty subscript (`X_{}`) included.
+4. What real models write on word problems: a unit word after a fraction or a number in
+   scientific notation, and times of day."""
 
 from __future__ import annotations
 
@@ -48,10 +50,30 @@ SUBSCRIPTS = [
     (r"\boxed{3y + 2x = 6}", r"\boxed{2x + 3y = 7}", "2x + 3y = 6"),
     (r"\boxed{y = 3 + 2x_1}", r"\boxed{y = 2x_2 + 3}", "y = 2x_1 + 3"),
     (r"\boxed{2\sqrt{3}}", r"\boxed{2\sqrt{5}}", r"2\sqrt{3}"),
+    # an empty subscript, as models name a quantity: the digits of the expression still count
+    (r"\boxed{X_{}=125-1.26P}", r"\boxed{X_{}=125-1.25P}", "X_{}=125-1.26P"),
+    (r"\boxed{Y_{} = 3x + 2}", r"\boxed{Y_{} = 3x + 3}", "Y_{} = 3x + 2"),
+]
+
+REAL_MODEL_FORMS = [
+    # a unit word after a fraction or after a number in scientific notation
+    (r"\boxed{\frac{9}{7} dollars}", r"\boxed{\frac{9}{8} dollars}", r"\frac{9}{7}"),
+    (r"\boxed{\frac{9}{7} \text{ dollars}}", r"\boxed{\frac{10}{7} \text{ dollars}}", r"\frac{9}{7}"),
+    (r"\boxed{\dfrac{3}{4} cups}", r"\boxed{\dfrac{3}{5} cups}", "0.75"),
+    (r"\boxed{4.5e33 dollars}", r"\boxed{4.6e33 dollars}", r"4.5 \times 10^{33}"),
+    (r"\boxed{4.5 \times 10^{33} \text{ dollars}}", r"\boxed{4.5 \times 10^{34} \text{ dollars}}", "4.5e33"),
+    # times of day: the clock reading, either way it is written; a.m. is never p.m.
+    (r"\boxed{3:30 p.m.}", r"\boxed{3:40 p.m.}", "3:30 p.m."),
+    (r"\boxed{3:30 \text{ p.m.}}", r"\boxed{3:30 \text{ a.m.}}", "3:30 p.m."),
+    (r"\boxed{15:30}", r"\boxed{15:40}", "3:30 p.m."),
+    (r"\boxed{3:30 PM}", r"\boxed{4:30 PM}", "3:30 p.m."),
+    (r"\boxed{9:05am}", r"\boxed{9:50 a.m.}", "9:05 a.m."),
+    ("The answer is 3:30 p.m.", "The answer is 3:30 a.m.", "3:30 PM"),
+    (r"\boxed{3:30}", r"\boxed{3:35}", "3:30 p.m."),  # no a.m./p.m.: either half of the day
 ]
 
 
-@pytest.mark.parametrize(("right", "wrong", "gold"), UNITS + TOLERANCE + SUBSCRIPTS)
+@pytest.mark.parametrize(("right", "wrong", "gold"), UNITS + TOLERANCE + SUBSCRIPTS + REAL_MODEL_FORMS)
 def test_the_equivalent_form_is_accepted_and_a_one_digit_change_refused(right, wrong, gold):
     assert is_correct(right, gold), (right, gold)
     assert not is_correct(wrong, gold), (wrong, gold)
@@ -66,6 +88,9 @@ def test_the_equivalent_form_is_accepted_and_a_one_digit_change_refused(right, w
         (r"\boxed{0}", "0.0", True),
         (r"\boxed{0.001}", "0.0", False),
         (r"\boxed{12346}", "12345", False),  # an integer gold is exact
+        (r"\boxed{15:30}", "3:30 a.m.", False),  # the 24-hour clock fixes the half of the day
+        (r"\boxed{330}", "3:30 p.m.", False),  # a number is not a time
+        (r"\boxed{3:2}", "1.5", True),  # a ratio with a one-digit side is no clock reading
     ],
 )
 def test_what_the_rules_leave_alone(text, gold, correct):
@@ -84,6 +109,8 @@ def test_what_the_rules_leave_alone(text, gold, correct):
         ("2 apples and 3", "2 apples and 3"),
         ("18", "18"),
         ("x dollars", "x dollars"),
+        (r"\frac{9}{7} dollars", r"\frac{9}{7}"),
+        (r"4.5\times10^{33} dollars", r"4.5\times10^{33}"),
     ],
 )
 def test_without_unit(answer, number):

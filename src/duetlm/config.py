@@ -109,6 +109,12 @@ class SettleConfig(BaseModel):
         description="How far past probe_every M may write to finish its line; a line still open "
         "then is probed where it stands.",
     )
+    finish: Literal["probe", "continue"] = Field(
+        "probe",
+        description="What answers once the probes agree: the settling probe's own answer (probe), or "
+        "m's turn from M's reasoning so far as in `duet` (continue: m may finish the reasoning; one more "
+        "call of m, within answer_max_tokens).",
+    )
 
 
 class DuetConfig(BaseModel):

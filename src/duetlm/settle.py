@@ -242,7 +242,7 @@ class Settler:
     def result(self, watch: Watch, final: GenerationResult | None) -> SolveResult:
         from duetlm.protocol import SolveResult, usage_of
 
-        written = watch.settled_by if watch.settled_by is not None else final
+        written = watch.settled_by if watch.settled_by is not None and final is None else final
         assert written is not None
         probes = watch.prober
         if self.self_probe:
@@ -323,9 +323,9 @@ class Settler:
                 answers = self.prober.generate([self.probe_request(w) for w in due])
                 for watch, result in zip(due, answers, strict=True):
                     self.take_probe(watch, result)
-        unsettled = [w for w in watches if w.settled_by is None]
+        answering = [w for w in watches if w.settled_by is None or self.rule.finish == "continue"]
         finals = dict(
-            zip(map(id, unsettled), self.prober.generate([self.final_request(w) for w in unsettled]))
+            zip(map(id, answering), self.prober.generate([self.final_request(w) for w in answering]))
         )
         return [self.result(w, finals.get(id(w))) for w in watches]
 
@@ -368,7 +368,7 @@ class Settler:
                 self.take_probe(watch, probe)
         for event in split.close():
             yield event
-        if watch.settled_by is not None:
+        if watch.settled_by is not None and self.rule.finish == "probe":
             final = None
             text = watch.settled_by.text.strip()
             if text:

@@ -4,8 +4,11 @@ Calls go through the official `openai` client, concurrently up to a limit, with 
 exponential backoff on 429, 5xx, timeouts and refused connections (each retry counted in the
 result). A pre-filled assistant turn (m's `<think>\\n{signal}\\n</think>\\n\\n`) goes to the
 completions endpoint with the prompt rendered by m's own tokenizer when one is given, else to
-chat completions with `continue_final_message` (vLLM supports it). Token counts are the
-server's `usage`, never estimated.
+chat completions with `continue_final_message` (vLLM supports it). Some servers (llama.cpp's
+`llama-server`) continue a final assistant message but return it whole, the prefill and then
+the continuation, as the content: the echoed prefill is cut off here (`strip_echo`), in
+replies and in streams alike, so that m's text is only what m wrote and a box inside M's
+signal is never graded as m's answer. Token counts are the server's `usage`, never estimated.
 """
 
 from __future__ import annotations
@@ -32,6 +35,44 @@ from duetlm.backends.base import (
 from duetlm.errors import BackendError, GenerationError
 
 logger = logging.getLogger(__name__)
+
+
+def strip_echo(content: str, prefill: str) -> tuple[str, bool]:
+    """`content` without a copy of the pre-filled turn at its start, and whether there was one.
+    A server may drop the prefill's trailing whitespace when it echoes it."""
+    if not prefill:
+        return content, False
+    for head in (prefill, prefill.rstrip()):
+        if head and content.startswith(head):
+            return content[len(head) :], True
+    return content, False
+
+
+class EchoFilter:
+    """The same cut on a stream: text is held until it either shows the echoed prefill (which
+    is dropped) or departs from it (and is let through whole)."""
+
+    def __init__(self, prefill: str) -> None:
+        self.prefill, self.held, self.decided = prefill, "", not prefill
+        self.echoed = False
+
+    def feed(self, piece: str) -> str:
+        if self.decided:
+            return piece
+        self.held += piece
+        if self.prefill.startswith(self.held) or self.prefill.rstrip().startswith(self.held):
+            return ""  # still inside a possible echo
+        return self._decide()
+
+    def close(self) -> str:
+        return "" if self.decided else self._decide()
+
+    def _decide(self) -> str:
+        self.decided = True
+        text, self.echoed = strip_echo(self.held, self.prefill)
+        self.held = ""
+        return text
+
 
 _RETRYABLE = (
     openai.RateLimitError,
@@ -202,7 +243,7 @@ class OpenAIBackend:
             if not response.choices:
                 raise GenerationError(f"{self.spec}: the server returned no choices")
             choice = response.choices[0]
-            text, reasoning = choice.text or "", None
+            text, reasoning, echoed = choice.text or "", None, False
         else:
             messages, extra_body = self._chat_messages(request)
             response = await client.chat.completions.create(
@@ -211,7 +252,7 @@ class OpenAIBackend:
             if not response.choices:
                 raise GenerationError(f"{self.spec}: the server returned no choices")
             choice = response.choices[0]
-            text = choice.message.content or ""
+            text, echoed = strip_echo(choice.message.content or "", request.prefill)
             reasoning = getattr(choice.message, "reasoning_content", None) or getattr(
                 choice.message, "reasoning", None
             )
@@ -226,7 +267,8 @@ class OpenAIBackend:
                 choice.finish_reason, getattr(choice, "model_extra", None) or {}, stop_string, sampling.stop
             ),
             stop_string=stop_string,
-            extra={"reasoning": reasoning} if reasoning else {},
+            extra=({"reasoning": reasoning} if reasoning else {})
+            | ({"echoed_prefill": True} if echoed else {}),
         )
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
@@ -242,6 +284,7 @@ class OpenAIBackend:
         async with client:
             stream, completions = await self._open_stream(client, request)
             text, reasoning, usage, finish, extra = "", "", None, None, {}
+            echo = EchoFilter("" if completions else request.prefill)
             async with stream:
                 async for chunk in stream:
                     usage = chunk.usage or usage
@@ -258,9 +301,14 @@ class OpenAIBackend:
                         if thought:
                             reasoning += thought
                             yield ReasoningDelta(thought)
+                        piece = echo.feed(piece)
                         if piece:
                             text += piece
                             yield piece
+            rest = echo.close()
+            if rest:
+                text += rest
+                yield rest
         if usage is None:
             raise GenerationError(
                 f"{self.spec}: the server's stream sent no `usage`; exact token accounting needs it"
@@ -273,7 +321,8 @@ class OpenAIBackend:
             finish_reason=self._finish_reason(finish, extra, stop_string, sampling.stop),
             wall_s=time.perf_counter() - started,
             stop_string=stop_string,
-            extra={"reasoning": reasoning} if reasoning else {},
+            extra=({"reasoning": reasoning} if reasoning else {})
+            | ({"echoed_prefill": True} if echo.echoed else {}),
         )
 
     async def _open_stream(self, client: openai.AsyncOpenAI, request: GenerationRequest):

@@ -230,6 +230,13 @@ def probe(
         Path | None, typer.Option(help="DuetConfig (TOML/YAML/JSON): budgets, templates.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per batch.")] = 32,
+    reuse: Annotated[
+        Path | None,
+        typer.Option(
+            help="An eval run (same models and config) whose M-alone and m-alone rows the probe takes "
+            "instead of running them again."
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Start over when --out holds another configuration's results.")
     ] = False,
@@ -264,6 +271,7 @@ def probe(
             "stride": stride,
             "check_below": check_below,
             "batch_size": batch_size,
+            "reuse": str(reuse) if reuse is not None else None,
             "duet": duet_config.model_dump(),
         },
         source="probe options",

@@ -42,11 +42,13 @@ from tqdm.auto import tqdm
 
 from duetlm.backends import Backend, BackendOptions, load_backend
 from duetlm.config import DuetConfig
+from duetlm.errors import ConfigError
 from duetlm.evaluate.runner import weights_fingerprint
 from duetlm.evaluate.store import ResultStore
 from duetlm.protocol import Duet, SolveResult
 from duetlm.signals import style_of
 from duetlm.tasks import Example, TaskExamples, grade, load_task
+from duetlm.usage import ModelUsage, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,12 @@ class ProbeConfig(BaseModel):
         2, ge=0, description="Lines under the point found that are tried too (m's need is not monotone)."
     )
     batch_size: int = Field(32, ge=1, description="Questions per batch (each search round is one m call).")
+    reuse: str | None = Field(
+        None,
+        description="An eval run folder whose M-alone and m-alone rows (same models, same DuetConfig, "
+        "greedy) stand for the probe's own, so M does not answer every question a second time; "
+        "questions it lacks are run. None: the probe runs both itself.",
+    )
     duet: DuetConfig = Field(default_factory=DuetConfig)
 
     @model_validator(mode="before")
@@ -252,6 +260,64 @@ def thinking_of(result: SolveResult, config: DuetConfig) -> str:
     return ""
 
 
+@dataclass
+class AloneRows:
+    """M-alone and m-alone results read back from an eval run (`ProbeConfig.reuse`), by
+    (method, question id)."""
+
+    rows: dict[tuple[str, str], dict]
+
+    @classmethod
+    def load(cls, folder: str | Path, config: ProbeConfig) -> AloneRows:
+        """The run's greedy alone rows for the probe's task, once its models and DuetConfig are
+        shown to be the probe's (else its rows would answer another question)."""
+        from duetlm.evaluate.report import results_rows
+
+        folder = Path(folder)
+        try:
+            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--reuse {folder}: not an eval run folder ({exc})") from None
+        same = {
+            "capable": run.get("capable") == config.capable,
+            "light": run.get("light") == config.light,
+            "DuetConfig": DuetConfig.model_validate(run.get("duet") or {}) == config.duet,
+            "greedy": config.duet.temperature == 0,
+        }
+        differ = [name for name, ok in same.items() if not ok]
+        if differ:
+            raise ConfigError(f"--reuse {folder}: its run differs from the probe's in {', '.join(differ)}")
+        rows = {
+            (r["method"], str(r["id"])): r
+            for r in results_rows(folder)
+            if r["task"] == config.task and r["method"] in ("M-alone", "m-alone") and r["sample"] == 0
+        }
+        return cls(rows)
+
+    def solve(self, duet: Duet, examples: Sequence[Example], method: str) -> list[SolveResult]:
+        """Each example's result: the stored row's, else a fresh one (in one batch)."""
+        missing = [e for e in examples if (method, e.id) not in self.rows]
+        fresh = dict(zip([e.id for e in missing], duet.solve_batch([e.problem for e in missing], method)))
+        return [fresh[e.id] if e.id in fresh else self.result(self.rows[(method, e.id)]) for e in examples]
+
+    @staticmethod
+    def result(row: dict) -> SolveResult:
+        usage = row["usage"]
+        return SolveResult(
+            question=row["question"],
+            mode=row["method"],
+            text=row["text"],
+            answer=None if row["no_answer"] else row["answer"],
+            signal=row["signal"],
+            signal_tokens=row["signal_tokens"],
+            truncated=row["truncated"],
+            capable_finish=row["capable_finish"],
+            light_finish=row["light_finish"],
+            usage=Usage(ModelUsage(**usage["capable"]), ModelUsage(**usage["light"])),
+            capable_text=row["capable_text"],
+        )
+
+
 def start_search(config: ProbeConfig, lines: int) -> Search:
     if config.search == "linear":
         return linear_search(lines, config.stride, config.check_below)
@@ -260,11 +326,14 @@ def start_search(config: ProbeConfig, lines: int) -> Search:
     return binary_search(lines, config.check_below)
 
 
-def probe_batch(duet: Duet, config: ProbeConfig, examples: Sequence[Example]) -> list[Probed]:
-    """M-alone and m-alone on a batch, then search rounds until every question has its cut."""
-    problems = [e.problem for e in examples]
-    capable = duet.solve_batch(problems, "M-alone")
-    light_alone = duet.solve_batch(problems, "m-alone")
+def probe_batch(
+    duet: Duet, config: ProbeConfig, examples: Sequence[Example], reused: AloneRows | None = None
+) -> list[Probed]:
+    """M-alone and m-alone on a batch (or their rows from an eval run), then search rounds
+    until every question has its cut."""
+    reused = reused or AloneRows({})
+    capable = reused.solve(duet, examples, "M-alone")
+    light_alone = reused.solve(duet, examples, "m-alone")
     probed = []
     for example, mine, alone in zip(examples, capable, light_alone, strict=True):
         thinking = thinking_of(mine, duet.config)
@@ -367,6 +436,7 @@ def run_probe(
 
 
 def _probe_pending(config, duet, store, task, pending, config_hash, progress) -> Path:
+    reused = AloneRows.load(config.reuse, config) if config.reuse else None
     counter = SignalTokens(duet.capable, duet.config)
     if not counter.exact:
         logger.warning(
@@ -379,7 +449,7 @@ def _probe_pending(config, duet, store, task, pending, config_hash, progress) ->
     for start in range(0, len(pending), config.batch_size):
         batch = pending[start : start + config.batch_size]
         started = time.perf_counter()
-        probed = probe_batch(duet, config, batch)
+        probed = probe_batch(duet, config, batch, reused)
         share = (time.perf_counter() - started) / len(batch)
         rows = [probe_row(task, p, counter, config_hash, share, config.search) for p in probed]
         store.append(rows)

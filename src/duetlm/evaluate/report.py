@@ -3,7 +3,8 @@
 Keys of every summary (`--format json`; scripts rely on them): task, method, n_questions,
 n_samples, accuracy, stderr (over questions, each question's mean over its samples),
 no_answer_rate, fallback_rate (answers read by a fallback rule: an unboxed final-answer
-phrase or the last expression), M_output_tokens_mean, m_output_tokens_mean, and, against
+phrase or the last expression), open_signal_rate (M ended its turn without closing its
+signal, so its whole answer went to m: `duetlm.signals`), M_output_tokens_mean, m_output_tokens_mean, and, against
 M-alone **on the questions both have** (paired): n_paired, savings_pct (M output tokens),
 accuracy_delta and accuracy_delta_stderr (the standard error of the per-question
 difference). Then wall_s (the method's total wall time; rows of a batch share the batch's
@@ -37,6 +38,7 @@ REPORT_KEYS = (
     "stderr",
     "no_answer_rate",
     "fallback_rate",
+    "open_signal_rate",
     "M_output_tokens_mean",
     "m_output_tokens_mean",
     "n_paired",
@@ -127,6 +129,7 @@ def summarize(rows: list[dict], baseline_rows: list[dict] | None = None) -> list
             "stderr": _stderr(accuracies),
             "no_answer_rate": 1 - len(answered) / len(members),
             "fallback_rate": sum(r.get("answer_rule") in FALLBACK_RULES for r in answered) / len(members),
+            "open_signal_rate": sum(bool(r.get("open_signal")) for r in members) / len(members),
             "M_output_tokens_mean": _mean([r["usage"]["capable"]["output_tokens"] for r in members]),
             "m_output_tokens_mean": _mean([r["usage"]["light"]["output_tokens"] for r in members]),
             **paired(questions, reference_stats.get(task, {})),

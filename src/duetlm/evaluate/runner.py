@@ -132,6 +132,7 @@ def result_row(task: str, method: str, sample: int, example: Example, result, co
         "grading_timed_out": verdict.timed_out,
         "truncated": result.truncated,
         "empty_signal": result.empty_signal,
+        "open_signal": result.open_signal,
         "signal_tokens": result.signal_tokens,
         "capable_finish": result.capable_finish,
         "light_finish": result.light_finish,

@@ -47,6 +47,7 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
     show_cost = any(s["cost_per_solved"] for s in summaries)
     show_k = any(s["pass_at_k"] is not None for s in summaries)
     show_fallback = any(s["fallback_rate"] for s in summaries)
+    show_open = any(s.get("open_signal_rate") for s in summaries)
     if not show_n:
         n_questions, n_samples = next(iter(sizes))
         title += f": {n_questions} questions" + (f" × {n_samples} samples" if n_samples > 1 else "")
@@ -55,6 +56,7 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
     columns += [("n", "right")] if show_n else []
     columns += [("acc %", "right"), ("no ans", "right")]
     columns += [("fb %", "right")] if show_fallback else []
+    columns += [("open %", "right")] if show_open else []
     columns += [("M tok", "right"), ("m tok", "right"), ("saved", "right"), ("Δ acc", "right")]
     columns += [("wall", "right")]
     columns += [("$/sol", "right")] if show_cost else []
@@ -66,6 +68,7 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
         cells += [f"{s['n_questions']}×{s['n_samples']}"] if show_n else []
         cells += [_with_error(s["accuracy"], s["stderr"]), _pct(s["no_answer_rate"])]
         cells += [_pct(s["fallback_rate"])] if show_fallback else []
+        cells += [_pct(s.get("open_signal_rate") or 0.0)] if show_open else []
         cells += [_tokens(s["M_output_tokens_mean"]), _tokens(s["m_output_tokens_mean"])]
         cells += ["–" if s["savings_pct"] is None else f"{s['savings_pct']:.1f}"]
         cells += [_with_error(s["accuracy_delta"], s["accuracy_delta_stderr"], sign=True)]
@@ -83,6 +86,8 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
         notes[0] += f" ({', '.join(unpaired)})"
     if show_fallback:
         notes.append("fb %: answers read without a box (final-answer phrase or last expression)")
+    if show_open:
+        notes.append("open %: M ended its turn without closing its signal (its whole answer went to m)")
     if show_cost:
         notes.append("$/sol: cost per solved question")
     if show_k:

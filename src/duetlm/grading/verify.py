@@ -16,6 +16,7 @@ Before math-verify:
   a number with unit words after it (`18 dollars`) as its number;
 - a subscript on a number or a letter (`52_8`, `E_2`) is part of the answer: sides whose
   subscripts differ are not equal, whatever sympy makes of them;
+- a time of day (`3:30 p.m.`) equals only a reading of the same time (`15:30`);
 - a digit run too long for Python's int is never handed to sympy: such an answer is equal
   only as a number.
 After it, when both sides evaluate to numbers, the relative tolerance decides: an accepted
@@ -33,7 +34,14 @@ import signal
 import threading
 import time
 
-from duetlm.grading.normalize import clean_gold, normalize_answer, split_equation, subscripts, without_unit
+from duetlm.grading.normalize import (
+    clean_gold,
+    normalize_answer,
+    split_equation,
+    subscripts,
+    time_of_day,
+    without_unit,
+)
 from duetlm.grading.numbers import close_floats, has_long_digits, numbers_equal, parse_number
 from duetlm.grading.workers import compare_in_worker
 
@@ -141,6 +149,10 @@ def equivalent(predicted: str, gold: str, timeout_s: float = TIMEOUT_S) -> bool 
     predicted, gold = normalize_answer(predicted), normalize_answer(clean_gold(gold))
     if predicted == gold:
         return True
+    gold_time = time_of_day(gold)
+    if gold_time is not None:  # a clock reading: only another reading of the same time equals it
+        predicted_time = time_of_day(predicted)
+        return predicted_time is not None and predicted_time.same_time(gold_time)
     predicted_equation, gold_equation = split_equation(predicted), split_equation(gold)
     if (predicted_equation is None) != (gold_equation is None):
         lone = (predicted_equation or gold_equation).value  # the value of `VAR = value`, else None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +121,14 @@ def hub_rows(dataset: str, config: str | None, split: str, task: str = "TASK") -
         raise ConfigError(
             f"loading from the hub needs `datasets` (pip install datasets), or pass --data {task}=PATH"
         ) from exc
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    unreachable = None if offline else hub_unreachable()
+    if unreachable is not None:
+        raise InputError(
+            f"could not load {dataset} ({config or 'default'}, {split}): the Hugging Face hub is not reachable "
+            f"from here ({unreachable}). Pass --data {task}=PATH to read a local copy (or set HF_HUB_OFFLINE=1 "
+            "to read a copy the datasets cache already holds)."
+        )
     try:
         data = load_dataset(dataset, config, split=split)
     except Exception as exc:  # the datasets library raises many unrelated types
@@ -126,6 +137,18 @@ def hub_rows(dataset: str, config: str | None, split: str, task: str = "TASK") -
             f"Pass --data {task}=PATH to read a local copy."
         ) from exc
     return [(f"{dataset}[{i}]", dict(row)) for i, row in enumerate(data)]
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one DNS lookup and one TCP connection, within
+    `timeout_s`), or None when it can. The datasets library retries a dead network for about
+    half a minute before it fails; this says so at once."""
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
 
 
 TASKS: dict[str, Task] = {}

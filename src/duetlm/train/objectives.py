@@ -12,8 +12,10 @@ over all processes, so N processes log what one would.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +42,24 @@ class StepParts:
     light: Policy
     rollouts: Rollouts
     passes: PolicyPasses
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the step; its seconds (the slowest process's) go into the step's
+        metrics as `time_NAME_s`. Every process enters the same phases, so the reduction is a
+        collective every process makes."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def phase_metrics(self) -> dict[str, float]:
+        """The step's phase times, reduced over processes, and the phases cleared."""
+        timed = {f"time_{name}_s": self.runtime.max(seconds) for name, seconds in self.seconds.items()}
+        self.seconds = {}
+        return timed
 
     def mean(self, values: torch.Tensor) -> float:
         values = values.detach().float()
@@ -89,12 +109,16 @@ class JointObjective:
         """(metrics, λ for the next step)."""
         parts, cfg = self.parts, self.parts.cfg
         objective, passes = cfg.objective, parts.passes
-        capable = parts.rollouts.capable_signals(questions)  # n_M signals per question
-        light_batch, pair_correct = parts.rollouts.light_guided(questions, capable.signals)  # (Q, S, A)
-        parts.sleep_engines()
+        with parts.phase("rollout_capable"):
+            capable = parts.rollouts.capable_signals(questions)  # n_M signals per question
+        with parts.phase("rollout_light"):
+            light_batch, pair_correct = parts.rollouts.light_guided(questions, capable.signals)  # (Q, S, A)
+        with parts.phase("sleep"):
+            parts.sleep_engines()
         batch = capable.batch
-        old = passes.logps(parts.capable, batch)  # the sampling policy's log-probs
-        ref = passes.reference_logps(parts.capable, batch)
+        with parts.phase("logps"):
+            old = passes.logps(parts.capable, batch)  # the sampling policy's log-probs
+            ref = passes.reference_logps(parts.capable, batch)
         lengths, forced = capable.lengths, capable.forced  # (Q, S)
         kl = batch.grid(passes.kl(batch, old, ref), tuple(lengths.shape))  # (Q, S)
         scores = score_joint(
@@ -125,7 +149,8 @@ class JointObjective:
         if objective.use_marginal_utility and self.r_light is not None:
             metrics["marginal_reward"] = metrics["reward"] - self.r_light
         if cfg.trains_light:
-            metrics |= self._update_light(light_batch, scores.light_advantages, questions.step)
+            with parts.phase("update_light"):
+                metrics |= self._update_light(light_batch, scores.light_advantages, questions.step)
         weights, correction = parts.corrected("capable", batch, old)
         metrics |= correction
         if cfg.rollout.check_rollout_logprobs:
@@ -136,8 +161,10 @@ class JointObjective:
             trained = batch.with_seqs(credit_only_tail(batch.seqs, cut_rows, len(parts.rollouts.close_ids)))
         in_loss = ref if objective.kl_placement == "loss" else None
         scored = trained.with_scores(batch.per_row(scores.capable_advantages), old, in_loss, weights)
-        metrics |= passes.update(parts.capable, scored, questions.step)
-        return metrics, next_lam
+        with parts.phase("update_capable"):
+            metrics |= passes.update(parts.capable, scored, questions.step)
+        metrics |= rollout_metrics(parts, capable.lengths, capable.forced, cfg.rollout.signal_max_tokens)
+        return metrics | parts.phase_metrics(), next_lam
 
     def _update_light(self, batch: RolloutBatch, advantages: torch.Tensor, step: int) -> dict:
         parts, cfg = self.parts, self.parts.cfg
@@ -159,10 +186,13 @@ class SingleModelObjective:
 
     def step(self, questions: StepQuestions, lam: float) -> tuple[dict, float]:
         parts, objective, passes = self.parts, self.parts.cfg.objective, self.parts.passes
-        batch, correct, lengths = parts.rollouts.capable_alone(questions)  # (Q, S) each
-        parts.sleep_engines()
-        old = passes.logps(parts.capable, batch)
-        ref = passes.reference_logps(parts.capable, batch)
+        with parts.phase("rollout_capable"):
+            batch, correct, lengths = parts.rollouts.capable_alone(questions)  # (Q, S) each
+        with parts.phase("sleep"):
+            parts.sleep_engines()
+        with parts.phase("logps"):
+            old = passes.logps(parts.capable, batch)
+            ref = passes.reference_logps(parts.capable, batch)
         kl = batch.grid(passes.kl(batch, old, ref), tuple(lengths.shape))
         reward = single_model_rewards(correct, lengths, lam, objective.length_bound)
         if objective.kl_placement == "reward":
@@ -185,5 +215,26 @@ class SingleModelObjective:
         advantages = group_advantages(reward, scale=objective.scale_rewards, batch_std=std)
         in_loss = ref if objective.kl_placement == "loss" else None
         scored = batch.with_scores(batch.per_row(advantages), old, in_loss, weights)
-        metrics |= passes.update(parts.capable, scored, questions.step)
-        return metrics, next_lam
+        with parts.phase("update_capable"):
+            metrics |= passes.update(parts.capable, scored, questions.step)
+        return metrics | parts.phase_metrics(), next_lam
+
+
+def rollout_metrics(parts: StepParts, lengths: torch.Tensor, forced: torch.Tensor, budget: int) -> dict:
+    """What a run's rollouts look like, over every process's signals: length percentiles
+    (p50, p90, max) and the share cut by the budget (`truncation_rate`)."""
+    every = [length for rank in parts.runtime.all_objects(lengths.flatten().tolist()) for length in rank]
+    if not every:
+        return {}
+    ordered = sorted(every)
+
+    def percentile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    cut = parts.runtime.sum(((lengths >= budget) & (forced == 0)).float().sum())
+    return {
+        "signal_tokens_p50": percentile(0.5),
+        "signal_tokens_p90": percentile(0.9),
+        "signal_tokens_max": ordered[-1],
+        "truncation_rate": cut / len(ordered),
+    }

@@ -15,14 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams, render_chat
-from duetlm.protocol import (
-    capable_request,
-    light_request,
-    signal_from_stage1,
-    signal_of,
-    split_thinking,
-    user_prompt,
-)
+from duetlm.protocol import capable_request, light_request, signal_of, user_prompt
+from duetlm.signals import split_thinking, style_of
 from duetlm.tasks import Example, grade
 from duetlm.train.batch import RolloutBatch, StepQuestions, sample_seed
 from duetlm.train.config import TrainConfig
@@ -65,9 +59,11 @@ class Rollouts:
         self.duet_config = cfg.duet.model_copy(
             update={"seed": None, "answer_max_tokens": cfg.rollout.answer_max_tokens}
         )
-        self.close_ids = capable.tokenizer(cfg.duet.prompts.think_close, add_special_tokens=False)[
-            "input_ids"
-        ]
+        # what a forced early stop appends: the tokens that end a signal in M's signal style (the
+        # close tag; the first answer marker in the answer style)
+        self.style = style_of(cfg.duet)
+        ends = self.style.stops()
+        self.close_ids = capable.tokenizer(ends[0], add_special_tokens=False)["input_ids"] if ends else []
 
     def _sampling(self, temperature: float):
         return self.duet_config.model_copy(update={"temperature": temperature, "top_p": 1.0, "top_k": 0})
@@ -104,13 +100,18 @@ class Rollouts:
         for (q, s, _), result in zip(keys, results, strict=True):
             signal = Signal(list(result.token_ids or []), signal_of(result, config), False, result.logprobs)
             rng = random.Random(f"{cfg.seed}:{questions.step}:{questions.positions[q]}:{s}")
-            if cfg.rollout.forced_stop_prob > 0 and rng.random() < cfg.rollout.forced_stop_prob:
+            if (
+                self.close_ids
+                and cfg.rollout.forced_stop_prob > 0
+                and rng.random() < cfg.rollout.forced_stop_prob
+            ):
                 cut = force_early_stop(signal.ids, tokenizer, self.close_ids, rng)
                 if cut is not None:
                     kept = len(cut) - len(self.close_ids)  # the engine sampled these; not the close tag
                     body = tokenizer.decode(cut[:kept], skip_special_tokens=False)
                     engine = signal.sampled_logprobs[:kept] if signal.sampled_logprobs else None
-                    signal = Signal(cut, signal_from_stage1(body, cfg.duet.prompts.think_open), True, engine)
+                    closed = GenerationResult(body, 0, kept, "stop", stop_string=self.style.stops()[0])
+                    signal = Signal(cut, self.style.signal(closed), True, engine)
             signals[q].append(signal)
         seqs = pack(
             prompt_ids(tokenizer, requests),

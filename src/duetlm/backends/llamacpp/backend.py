@@ -19,7 +19,6 @@ min_p 0.05, would silently change the distribution).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from duetlm.backends.openai import OpenAIBackend
 from duetlm.errors import GenerationError
 
 _FINISH: dict[str, FinishReason] = {"eos": "eos", "word": "stop", "limit": "length"}
+DEADLINE_S = 7 * 24 * 3600.0
 
 
 class LlamaCppBackend(OpenAIBackend):
@@ -64,6 +64,10 @@ class LlamaCppBackend(OpenAIBackend):
             api_key="none",
             concurrency=parallel,
             max_retries=max_retries,
+            # no deadline on a server of our own: on a CPU, 32 slots decoding 4,096 tokens each take
+            # hours, and a request abandoned at a deadline would be sent again from its start; a
+            # server that dies drops the connection, which fails the call at once
+            timeout_s=DEADLINE_S,
             spec=spec or f"llamacpp:{model}",
         )
 
@@ -190,6 +194,8 @@ class LlamaCppBackend(OpenAIBackend):
 
 
 def default_parallel(batch_size: int) -> int:
-    """Slots for a batch: one per request, within what a CPU gains from (each slot is a
-    sequence decoded together with the others)."""
-    return max(1, min(batch_size, 4 * (os.cpu_count() or 1)))
+    """Slots for a batch: one per request, up to 32. A slot keeps its request's prompt cached,
+    so a question resumed step by step (settle) or probed again finds its prefix there; each
+    slot holds a KV cache of `ctx_per_slot` tokens (for a 1.5B Qwen2.5, 28 KB a token: 32 slots
+    of 4,096 tokens take 3.7 GB)."""
+    return max(1, min(batch_size, 32))

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def m_rows(vocab: int, signals: int, signal_tokens: int, answers: int, seed: int = 0):
-    from duetlm.train.batch import RolloutBatch
-    from duetlm.train.sequences import pack
+    from duetlm.train.rollouts.batch import RolloutBatch
+    from duetlm.train.rollouts.sequences import pack
 
     rng = random.Random(seed)
     question = [rng.randrange(5, vocab) for _ in range(60)]
@@ -61,9 +61,9 @@ def main() -> None:
 
     from qwen3 import tiny_qwen3
 
-    from duetlm.train.distributed import Runtime
-    from duetlm.train.policy import LogprobNet, Policy
-    from duetlm.train.update import UpdateSettings, logps_of, ppo_update
+    from duetlm.train.loop.update import UpdateSettings, logps_of, ppo_update
+    from duetlm.train.modeling.distributed import Runtime
+    from duetlm.train.modeling.policy import LogprobNet, Policy
 
     base = tiny_qwen3(seed=0, hidden=64, head_dim=32, max_positions=args.signal + 512).float()
     batch = m_rows(base.config.vocab_size, args.signals, args.signal, args.answers)

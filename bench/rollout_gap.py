@@ -57,9 +57,9 @@ def bf16_head_logps(model, states, targets, temperature, chunk):
 
 
 def run(dirs, task: Path, out: Path, steps: int, head: str) -> list[dict]:
-    import duetlm.train.grpo as grpo
+    import duetlm.train.algorithm.grpo as grpo
     from conftest import qwen3_config
-    from duetlm.train.trainer import train
+    from duetlm.train.loop.trainer import train
 
     config = qwen3_config(
         dirs,

@@ -33,7 +33,7 @@ from duetlm.models import EMBEDDED_BUDGETS
 from duetlm.protocol import Duet, Problem
 from duetlm.tasks import builtin
 from duetlm.train.config import TrainConfig
-from duetlm.train.trainer import train
+from duetlm.train.loop.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RELIABLE = 0.90
@@ -117,14 +117,14 @@ def main() -> None:
         train(config, force=True)
         timings[name] = time.perf_counter() - started
     trained_capable = f"hf:{out / 'duet' / 'last' / 'capable'}"
-    trained_light = f"hf:{out / 'duet' / 'last' / 'light'}" if joint.trains_light else joint.models.light
+    trained_light = f"hf:{out / 'duet' / 'last' / 'light'}" if joint.trains_light else joint.light.model
     single_capable = f"hf:{out / 'single' / 'last' / 'capable'}"
     duet_config = DuetConfig(**EMBEDDED_BUDGETS)
     budgets = [f"duet@{b}" for b in args.budgets.split(",")]
     runs = [
-        ("base", joint.models.capable, joint.models.light, ["M-alone", "m-alone", "duet", *budgets]),
+        ("base", joint.capable.model, joint.light.model, ["M-alone", "m-alone", "duet", *budgets]),
         ("trained", trained_capable, trained_light, ["duet"]),
-        ("length-penalty GRPO", single_capable, joint.models.light, ["M-alone"]),
+        ("length-penalty GRPO", single_capable, joint.light.model, ["M-alone"]),
     ]
     rows = []
     for label, capable, light, methods in runs:
@@ -141,8 +141,8 @@ def main() -> None:
         run_eval(config, folder, force=True, backend_options=BackendOptions(device="cpu", batch_size=128))
         rows += [s | {"label": f"{label} {s['method']}"} for s in load_summaries(folder)]
     problems = builtin.generate(args.questions, split="test")
-    finished = light_finishes(joint.models.light, problems)
-    count = load_backend(joint.models.capable, BackendOptions(device="cpu")).count_tokens
+    finished = light_finishes(joint.light.model, problems)
+    count = load_backend(joint.capable.model, BackendOptions(device="cpu")).count_tokens
     floor = statistics.mean(builtin.floor_tokens(p, count, finished) for p in problems)
     base = next(r for r in rows if r["label"] == "base M-alone")
     print(f"builtin task, {args.questions} test questions, greedy (a toy pair; not real-LLM results)")

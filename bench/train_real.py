@@ -21,7 +21,7 @@ from pathlib import Path
 
 from duetlm.models import config_defaults
 from duetlm.train.config import TrainConfig
-from duetlm.train.trainer import train
+from duetlm.train.loop.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "qwen2.5-coder-0.5b"
@@ -58,7 +58,7 @@ def main() -> None:
                 "task": "gsm8k",
                 "data": str(args.data),
                 "eval_task": "gsm8k",
-                "eval_data": str(args.data),
+                "eval_data": str(args.data.with_name("test.jsonl")),
             },
             "objective": {
                 "questions_per_step": args.questions,

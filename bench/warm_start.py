@@ -27,7 +27,7 @@ from duetlm.evaluate import EvalConfig, load_summaries, run_eval
 from duetlm.evaluate.probe import ProbeConfig, run_probe
 from duetlm.models import EMBEDDED_BUDGETS
 from duetlm.train.config import TrainConfig, with_settings
-from duetlm.train.trainer import train
+from duetlm.train.loop.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SAVINGS = 60.0

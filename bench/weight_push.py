@@ -60,10 +60,10 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from qwen3 import tiny_qwen3
 
-    from duetlm.train.distributed import start_runtime
-    from duetlm.train.parallel import wrap
-    from duetlm.train.policy import LogprobNet
-    from duetlm.train.weight_push import Stager, WeightPush, staged_weights, weight_bytes
+    from duetlm.train.engines.weight_push import Stager, WeightPush, staged_weights, weight_bytes
+    from duetlm.train.modeling.distributed import start_runtime
+    from duetlm.train.modeling.parallel import wrap
+    from duetlm.train.modeling.policy import LogprobNet
 
     torch.set_num_threads(1)
     runtime = start_runtime(torch.device("cpu"), timeout_s=300, need_group=True)

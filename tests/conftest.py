@@ -180,15 +180,29 @@ def task_path(tmp_path_factory) -> Path:
     return path
 
 
+ROLE_KNOBS = {
+    "capable": "capable.model",
+    "light": "light.model",
+    "train_light": "light.train",
+    "lora_capable": "capable.lora",
+    "lora_light": "light.lora",
+    "capable_lr": "capable.lr",
+    "light_lr": "light.lr",
+    "capable_temperature": "capable.temperature",
+    "light_temperature": "light.temperature",
+}
+"""The tests' short names for a role's knobs ([capable], [light])."""
+
+
 def train_config(settings: dict):
     """A TrainConfig from knobs named without their sections (`kl_beta=0.0` goes to
-    `[objective]`), as the tests write them."""
+    `[objective]`, `capable_lr` to `[capable] lr`), as the tests write them."""
     from duetlm.train.config import RENAMED, TrainConfig, field_paths
 
-    paths = field_paths() | RENAMED | {"warm_start": "warm_start.run"}
+    paths = field_paths() | RENAMED | ROLE_KNOBS | {"warm_start": "warm_start.run"}
     nested: dict = {}
     for key, value in settings.items():
-        if key in TrainConfig.model_fields and key != "warm_start":
+        if key in TrainConfig.model_fields and key not in ("warm_start", *ROLE_KNOBS):
             nested[key] = value
             continue
         section, name = paths[key].split(".")

@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from qwen3 import tiny_qwen3
 
-from duetlm.train.batch import RolloutBatch
-from duetlm.train.distributed import start_runtime
-from duetlm.train.parallel import full_tensors, wrap
-from duetlm.train.policy import LogprobNet, Policy
-from duetlm.train.sequences import pack
-from duetlm.train.update import UpdateSettings, logps_of, ppo_update
-from duetlm.train.weight_push import Stager, WeightPush, staged_weights
+from duetlm.train.engines.weight_push import Stager, WeightPush, staged_weights
+from duetlm.train.loop.update import UpdateSettings, logps_of, ppo_update
+from duetlm.train.modeling.distributed import start_runtime
+from duetlm.train.modeling.parallel import full_tensors, wrap
+from duetlm.train.modeling.policy import LogprobNet, Policy
+from duetlm.train.rollouts.batch import RolloutBatch
+from duetlm.train.rollouts.sequences import pack
 
 
 def sharded_policy(runtime, seed: int = 1) -> Policy:

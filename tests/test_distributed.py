@@ -220,7 +220,7 @@ def test_a_failing_process_stops_the_others_with_its_error(model_dirs, task_path
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import duetlm.train.update as update\n"
+        "    import duetlm.train.loop.update as update\n"
         "    def fail(*args, **kwargs):\n"
         "        raise RuntimeError('injected failure on process 1')\n"
         "    update.ppo_update = fail\n"

@@ -120,3 +120,16 @@ def test_the_readme_library_example_runs():
     scope: dict = {}
     exec(block, scope)
     assert scope["result"].answer == "8" and scope["result"].usage.capable.output_tokens > 0
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if code_blocks(p, "toml")], ids=lambda p: p.name)
+def test_every_toml_block_in_the_docs_loads(page):
+    """A config shown in the docs is one the loader takes: a training config (it names a
+    section of TrainConfig) as a TrainConfig, any other as a DuetConfig."""
+    from duetlm.config import DuetConfig, tomllib
+    from duetlm.train.config import TrainConfig
+
+    for block in code_blocks(page, "toml"):
+        data = tomllib.loads(block)
+        kind = TrainConfig if set(data) & set(TrainConfig.model_fields) - {"duet"} else DuetConfig
+        kind.model_validate(data)

@@ -363,7 +363,8 @@ def _probe_row(qid: str, oracle_tokens: int | None, thinking: int = 100) -> dict
 
 
 def test_report_adds_other_runs_and_the_probe_oracle(tmp_path):
-    from duetlm.evaluate.compose import composed_summaries, pareto_front
+    from duetlm.evaluate.compose import composed_summaries
+    from duetlm.evaluate.summary import pareto_front
 
     base = _folder(
         tmp_path / "base",

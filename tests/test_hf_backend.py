@@ -185,7 +185,7 @@ def test_a_seeded_sample_does_not_depend_on_its_batch(request, fixture):
 def test_sampled_logprobs_are_those_of_the_tempered_distribution(model_dirs):
     import torch
 
-    from duetlm.train.grpo import token_logps
+    from duetlm.train.algorithm.grpo import token_logps
 
     backend = HFBackend(str(model_dirs["random"]), device="cpu")
     requests = [sampled(q, 12, seed, temperature=0.7) for q, seed in (("a", 1), ("what is 2+2?", 2))]

@@ -11,7 +11,7 @@ from duet_process import run_command
 
 from conftest import train_config
 from duetlm.train.config import with_settings
-from duetlm.train.memory import QWEN3, parse_size, plan, shape_of
+from duetlm.train.planning.memory import QWEN3, parse_size, plan, shape_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "qwen3-4b_0.6b.toml"
@@ -53,7 +53,7 @@ def test_the_plan_by_hand():
     assert capable.rows["weights"] == 4 * n and capable.rows["gradients"] == 4 * n
     assert capable.rows["AdamW state"] == 8 * n
     assert light.rows["weights"] == 4 * n and light.trainable == 0
-    lora = with_settings(config, {"models.lora_capable": {"r": 8}, "parallel.precision": "bf16-mixed"})
+    lora = with_settings(config, {"capable.lora": {"r": 8}, "parallel.precision": "bf16-mixed"})
     [capable_lora, _], lora_peak = plan(lora, 80e9, 1)
     assert capable_lora.rows["weights"] < 2.1 * n and lora_peak < peak
     # FSDP over 4 devices: a quarter of the trained weights, gradients and AdamW state on each,

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import small_config
-from duetlm.train import update as update_module
-from duetlm.train.batch import RolloutBatch
-from duetlm.train.rollout import CapableRollout, Signal
-from duetlm.train.sequences import pack
-from duetlm.train.trainer import DuetTrainer
-from duetlm.train.update import UpdateStats
+from duetlm.train.loop import update as update_module
+from duetlm.train.loop.trainer import DuetTrainer
+from duetlm.train.loop.update import UpdateStats
+from duetlm.train.rollouts.batch import RolloutBatch
+from duetlm.train.rollouts.rollout import CapableRollout, Signal
+from duetlm.train.rollouts.sequences import pack
 
 LENGTHS = [[4, 8, 2], [6, 12, 3]]  # L(y), Q = 2 questions x S = 3 signals
 FORCED = [[0, 0, 0], [0, 1, 0]]  # the second signal of question 2 was cut by the trainer
@@ -155,7 +155,7 @@ def test_the_clip_bounds_a_ratio_below_one_minus_eps_for_a_negative_advantage():
     #   r = 0.5, A = -1: min(-0.5, -0.8) = -0.8 -> 0.8, clipped: no gradient
     #   r = 1.5, A = +1: min(1.5, 1.2) = 1.2 -> -1.2, clipped: no gradient
     #   r = 0.9, A = -1: min(-0.9, -0.9) -> 0.9, inside the range: gradient -A·r = 0.9
-    from duetlm.train.grpo import ppo_clip_loss
+    from duetlm.train.algorithm.grpo import ppo_clip_loss
 
     ratios = torch.tensor([[0.5], [1.5], [0.9]])
     logps = torch.log(ratios).requires_grad_(True)

@@ -28,8 +28,8 @@ import torch
 
 from conftest import _prompt, small_config, tiny_model, train_script
 from duetlm.models.tokenizer import build_tokenizer
-from duetlm.train import objectives, update
-from duetlm.train.trainer import DuetTrainer
+from duetlm.train.loop import objectives, update
+from duetlm.train.loop.trainer import DuetTrainer
 
 GOLDS = {"What is (3+4)*2?": "14", "What is (3+4)+2?": "9"}
 FIRST_LINE = "first 3+4=7"
@@ -326,11 +326,11 @@ def test_each_micro_batch_row_is_trained_with_its_own_advantage():
     # One process, several micro-batches sorted by length, questions shuffled over the step, and
     # a rollout correction's weight on every token: the update must equal the gradient of the
     # whole batch's weighted token-mean loss, computed here.
-    from duetlm.train.batch import RolloutBatch
-    from duetlm.train.distributed import Runtime
-    from duetlm.train.policy import LogprobNet, Policy
-    from duetlm.train.sequences import pack
-    from duetlm.train.update import UpdateSettings, mini_batch_rows, ppo_update
+    from duetlm.train.loop.update import UpdateSettings, mini_batch_rows, ppo_update
+    from duetlm.train.modeling.distributed import Runtime
+    from duetlm.train.modeling.policy import LogprobNet, Policy
+    from duetlm.train.rollouts.batch import RolloutBatch
+    from duetlm.train.rollouts.sequences import pack
 
     tokenizer = build_tokenizer()
     model = tiny_model(tokenizer, seed=3)

@@ -11,12 +11,12 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from duetlm.errors import ConfigError
-from duetlm.train.batch import RolloutBatch
-from duetlm.train.distributed import Runtime
-from duetlm.train.grpo import token_logps
-from duetlm.train.policy import LogprobNet, Policy, check_output_layer
-from duetlm.train.sequences import pack, pack_shared_prefixes
-from duetlm.train.update import UpdateSettings, logps_of, ppo_update
+from duetlm.train.algorithm.grpo import token_logps
+from duetlm.train.loop.update import UpdateSettings, logps_of, ppo_update
+from duetlm.train.modeling.distributed import Runtime
+from duetlm.train.modeling.policy import LogprobNet, Policy, check_output_layer
+from duetlm.train.rollouts.batch import RolloutBatch
+from duetlm.train.rollouts.sequences import pack, pack_shared_prefixes
 
 
 def m_rows(vocab: int, prefix_lengths=(40, 23), answers=4, seed=0):

@@ -12,7 +12,7 @@ from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingPa
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
 from duetlm.protocol import Duet, Problem, user_prompt
-from duetlm.train.grpo import token_logps
+from duetlm.train.algorithm.grpo import token_logps
 
 
 def ask(question: str, sampling: SamplingParams) -> GenerationRequest:

@@ -44,7 +44,9 @@ def installed():
 
 @pytest.fixture(scope="module")
 def llama(installed):
-    backend = load_backend(f"llamacpp:{NAME}", BackendOptions(batch_size=4, max_model_len=2048))
+    # one thread: CI runs this suite beside the vLLM one, and llama.cpp's threads meet at a
+    # barrier after every operation, so two threads on a shared pair of cores wait on each other
+    backend = load_backend(f"llamacpp:{NAME}", BackendOptions(batch_size=4, max_model_len=2048, threads=1))
     yield backend
     backend.close()
 
@@ -188,6 +190,8 @@ def test_duet_solve_on_llamacpp_specs_and_its_servers_go_with_it(installed):
             "--light",
             f"llamacpp:{NAME}",
             "--json",
+            "--threads",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -204,7 +208,9 @@ def test_the_server_ends_when_its_owner_is_killed(installed):
             sys.executable,
             "-c",
             "import sys, time; from duetlm.backends import load_backend; "
-            f"b = load_backend('llamacpp:{NAME}'); print(b.server.process.pid, flush=True); time.sleep(600)",
+            "from duetlm.backends import BackendOptions; "
+            f"b = load_backend('llamacpp:{NAME}', BackendOptions(threads=1)); "
+            "print(b.server.process.pid, flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,
         text=True,

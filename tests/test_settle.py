@@ -13,9 +13,9 @@ from conftest import counting_forwards, train_script
 from duetlm.backends.base import GenerationResult, render_chat
 from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig, SettleConfig
+from duetlm.methods.settle import Probe, Settler, Watch, answer_probability, settled
 from duetlm.protocol import Duet, Problem, parse_mode
-from duetlm.settle import Probe, Settler, Watch, answer_probability, settled
-from duetlm.streaming import Finished, Probing, SignalDelta, astream
+from duetlm.streaming import Finished, Probing, SignalDelta
 
 # question -> (M's thinking lines, m's answer after each cut of them)
 SCRIPTS = {
@@ -152,7 +152,7 @@ def test_streaming_gives_solve_s_result_with_a_probing_event_per_probe(pair):
     duet = Duet(*pair, config(agree=2))
 
     async def events():
-        return [event async for event in astream(duet, LONG, "settle")]
+        return [event async for event in duet.astream(LONG, "settle")]
 
     got = asyncio.run(events())
     [finished] = [e for e in got if isinstance(e, Finished)]
@@ -171,7 +171,7 @@ def test_a_client_that_leaves_mid_probe_cancels_both_models(pair):
     duet = Duet(M, m, config(agree=50, probe_max_tokens=400))
 
     async def leave_during_the_second_probe():
-        events = astream(duet, LONG, "settle")
+        events = duet.astream(LONG, "settle")
         probes = 0
         async for event in events:
             if isinstance(event, Probing):

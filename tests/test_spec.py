@@ -72,6 +72,6 @@ def test_vllm_without_package_is_a_clear_error():
     ],
 )
 def test_vllm_finish_reasons_read_as_ours(text, finish, stop_reason, expected):
-    from duetlm.backends.vllm import finish_of
+    from duetlm.backends.vllm.offline import finish_of
 
     assert finish_of(text, finish, stop_reason, ("</think>",)) == expected

@@ -7,10 +7,17 @@ import math
 import pytest
 import torch
 
-from duetlm.train.correction import importance_weights
-from duetlm.train.grpo import group_advantages, k3_kl, kl_sum, light_advantages, ppo_clip_loss, token_logps
-from duetlm.train.reward import capable_rewards, single_model_rewards, update_lambda
-from duetlm.train.sequences import credit_only_tail, pack
+from duetlm.train.algorithm.correction import importance_weights
+from duetlm.train.algorithm.grpo import (
+    group_advantages,
+    k3_kl,
+    kl_sum,
+    light_advantages,
+    ppo_clip_loss,
+    token_logps,
+)
+from duetlm.train.algorithm.reward import capable_rewards, single_model_rewards, update_lambda
+from duetlm.train.rollouts.sequences import credit_only_tail, pack
 
 
 def test_capable_rewards_by_hand():

@@ -10,11 +10,11 @@ import torch
 
 from conftest import QUESTIONS, UNCLOSED_QUESTION, qwen3_config
 from duetlm.tasks import Example
-from duetlm.train.batch import StepQuestions
+from duetlm.train.algorithm.grpo import k3_kl
 from duetlm.train.config import LoraSettings
-from duetlm.train.grpo import k3_kl
-from duetlm.train.policy import load_lm, merged_state_dict
-from duetlm.train.trainer import DuetTrainer, train
+from duetlm.train.loop.trainer import DuetTrainer, train
+from duetlm.train.modeling.policy import load_lm, merged_state_dict
+from duetlm.train.rollouts.batch import StepQuestions
 
 
 def test_old_and_recomputed_logprobs_agree_at_step_0(qwen3_dirs, qwen3_task, tmp_path):
@@ -152,8 +152,8 @@ def test_staged_weights_hold_tied_embeddings_once_in_the_engine_dtype(tmp_path):
     # tied model), in the engine's dtype, in buckets, and is gone once the engines have read it.
     from qwen3 import tiny_qwen3
 
-    from duetlm.train.distributed import Runtime
-    from duetlm.train.weight_push import Stager, WeightPush, staged_weights
+    from duetlm.train.engines.weight_push import Stager, WeightPush, staged_weights
+    from duetlm.train.modeling.distributed import Runtime
 
     model = tiny_qwen3(seed=3)
     state = model.state_dict()
@@ -173,7 +173,7 @@ def test_warm_start_on_the_qwen3_template_trains_the_close_token(qwen3_dirs, qwe
     # completions M is fine-tuned on end in Qwen3's single </think> token, and M's weights move
     from duetlm.config import DuetConfig
     from duetlm.evaluate.probe import ProbeConfig, run_probe
-    from duetlm.train.warm_start import completion_text
+    from duetlm.train.loop.warm_start import completion_text
 
     probe = tmp_path / "probe"
     run_probe(
@@ -212,7 +212,7 @@ def test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on(
     # engine's log-probs (what it sampled with) say so; the correction weighs each token by
     # π_old / μ truncated at the threshold (1.02 here: random weights are nearly flat, so the
     # weights stay near 1), and without it nothing does
-    from duetlm.train import update
+    from duetlm.train.loop import update
 
     config = qwen3_config(
         qwen3_dirs,

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from conftest import QUESTIONS, small_config
 from duetlm.errors import ConfigError
-from duetlm.train.batch import RolloutBatch
+from duetlm.train.algorithm.grpo import token_logps
 from duetlm.train.config import LoraSettings, TrainConfig, with_settings
-from duetlm.train.data import TrainingData
-from duetlm.train.grpo import token_logps
-from duetlm.train.sequences import Sequences, pack
-from duetlm.train.trainer import DuetTrainer, train
+from duetlm.train.loop.data import TrainingData
+from duetlm.train.loop.trainer import DuetTrainer, train
+from duetlm.train.rollouts.batch import RolloutBatch
+from duetlm.train.rollouts.sequences import Sequences, pack
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
 
@@ -146,7 +146,7 @@ def test_switches(model_dirs, task_path, tmp_path, overrides):
     out = train(config, progress=False)
     assert (out / "last" / "capable" / "model.safetensors").is_file()
     assert (out / "last" / "light").is_dir() == config.trains_light
-    if config.models.lora_capable is not None:
+    if config.capable.lora is not None:
         assert (out / "last" / "capable_adapter").is_dir()
         before, after = weights(model_dirs["capable"]), weights(out / "last" / "capable")
         assert set(before) == set(after)  # merged back into a plain model
@@ -163,13 +163,13 @@ def test_switches(model_dirs, task_path, tmp_path, overrides):
         ("[objective]\nquestions_per_step = 0\n", "objective.questions_per_step"),
         ("kl_beta = 0.5\n", "belongs in the [objective] section"),
         ("[rollout]\ncapable_temperature = 0\n", "rollout.capable_temperature"),
-        ("[rollout]\nlight_temperature = 0\n", "light_temperature = 0 with m trained"),
+        ("[light]\ntemperature = 0\n", "light.temperature = 0 with m trained"),
         ("[parallel]\nstrategy = 'zero3'\n", "parallel.strategy"),
     ],
 )
 def test_bad_config_is_rejected_before_any_model_loads(tmp_path, text, fragment):
     path = tmp_path / "bad.toml"
-    path.write_text(text + '[models]\ncapable = "hf:/no/such/model"\n')
+    path.write_text(text + '[capable]\nmodel = "hf:/no/such/model"\n')
     done = subprocess.run(
         [str(Path(sys.executable).with_name("duet")), "train", "--config", str(path)],
         capture_output=True,
@@ -281,7 +281,7 @@ def test_kill_during_training_loses_at_most_the_step_in_flight(model_dirs, task_
     [
         ({"task": "builtin", "eval_task": "builtin", "eval_split": "train"}, "read the same data"),
         ({"eval_task": None}, "eval_task is required"),
-        ({"top_p": 0.9}, "top_p = 0.9"),
+        ({"rollout": {"top_p": 0.9}}, "rollout.top_p"),
         ({"mini_batches": 3}, "mini_batches = 3 must divide"),
     ],
 )
@@ -331,8 +331,8 @@ def test_state_loads_without_code_and_a_kill_between_renames_resumes(model_dirs,
 def test_resume_with_another_config_is_refused(model_dirs, task_path, tmp_path):
     config = small_config(model_dirs, task_path, tmp_path / "run", steps=1, eval_every=0)
     train(config, progress=False)
-    changed = with_settings(config, {"steps": 2, "optimizer.capable_lr": 5e-4})
-    with pytest.raises(ConfigError, match=r"optimizer\.capable_lr: 0\.001 -> 0\.0005"):
+    changed = with_settings(config, {"steps": 2, "capable.lr": 5e-4})
+    with pytest.raises(ConfigError, match=r"capable\.lr: 0\.001 -> 0\.0005"):
         train(changed, resume=True, progress=False)
 
 
@@ -355,7 +355,7 @@ def test_missing_tensorboard_is_said(tmp_path, caplog):
         pytest.skip("tensorboard is installed here")
     except ImportError:
         pass
-    from duetlm.train.logging import MetricsLog
+    from duetlm.train.loop.logging import MetricsLog
 
     with caplog.at_level("WARNING"):
         MetricsLog(tmp_path, TrainConfig(logging={"tensorboard": True}))

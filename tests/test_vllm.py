@@ -142,8 +142,8 @@ def test_a_model_vllms_cpu_attention_cannot_run_is_refused_in_one_line():
 
 
 def test_a_failed_start_is_one_line_naming_the_option(qwen3_vllm_dirs):
-    from duetlm.backends.vllm import VLLMBackend
-    from duetlm.backends.vllm_start import VLLMSettings
+    from duetlm.backends.vllm.offline import VLLMBackend
+    from duetlm.backends.vllm.start import VLLMSettings
 
     with pytest.raises(BackendError, match=r"vLLM could not start .*--gpu-memory-utilization") as failure:
         VLLMBackend(str(qwen3_vllm_dirs["random"]), settings=VLLMSettings(max_model_len=10**7))
@@ -224,7 +224,7 @@ def test_duet_eval_every_mode_with_the_capable_model_on_vllm_equals_hf(engines, 
         for mode in MODES
         for i, result in enumerate(hf.solve_batch(QUESTIONS, mode))
     )
-    from duetlm.backends.vllm_start import cpu_has_bf16
+    from duetlm.backends.vllm.start import cpu_has_bf16
 
     if cpu_has_bf16():
         # vLLM's default here is bf16 against hf's fp32: the scripted modes agree to the token,

@@ -120,7 +120,7 @@ def test_a_client_that_leaves_mid_probe_leaves_both_models_idle(served, qwen3_vl
     import asyncio
 
     from duetlm.config import SettleConfig
-    from duetlm.streaming import Probing, astream
+    from duetlm.streaming import Probing
 
     duet, _ = served
     # the untrained model never ends its answer: the probe runs long enough to leave during it
@@ -131,7 +131,7 @@ def test_a_client_that_leaves_mid_probe_leaves_both_models_idle(served, qwen3_vl
     watcher = Duet(duet.capable, light, config)
 
     async def leave():
-        events = astream(watcher, QUESTIONS[0], "settle")
+        events = watcher.astream(QUESTIONS[0], "settle")
         async for event in events:
             if isinstance(event, Probing):
                 break

@@ -27,10 +27,10 @@ from duetlm.backends.hf import HFBackend
 from duetlm.config import DuetConfig
 from duetlm.protocol import Problem, user_prompt
 from duetlm.train.config import LoraSettings
-from duetlm.train.parallel import full_tensors
-from duetlm.train.policy import autocast
-from duetlm.train.trainer import DuetTrainer
-from duetlm.train.weight_push import tied_embeddings
+from duetlm.train.engines.weight_push import tied_embeddings
+from duetlm.train.loop.trainer import DuetTrainer
+from duetlm.train.modeling.parallel import full_tensors
+from duetlm.train.modeling.policy import autocast
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: scripts/install-vllm-cpu.sh VENV --tests")
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError
 from duetlm.evaluate.probe import ProbeConfig, run_probe
 from duetlm.protocol import Duet
-from duetlm.train.trainer import DuetTrainer
-from duetlm.train.warm_start import completion_text
+from duetlm.train.loop.trainer import DuetTrainer
+from duetlm.train.loop.warm_start import completion_text
 
 BUDGETS = DuetConfig(signal_max_tokens=40, answer_max_tokens=24)
 FIRST_LINE = SIGNAL.splitlines()[0]

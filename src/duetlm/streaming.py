@@ -1,32 +1,15 @@
-"""DUET as a stream: events while the models write, for `duet serve` and `Duet.astream`.
-
-Each stage streams from its backend's `astream` (continuous batching on the hf backend), so a
-request moves on to m as soon as its own signal ends. `ThinkingSplitter` routes streamed text
-into thinking and answer; the result at the end is the `SolveResult` that `Duet.solve` gives,
-assembled by the same functions of `duetlm.protocol`.
+"""DUET as a stream of events while the models write (`Duet.astream`, `duet serve`): what the
+events are, and `ThinkingSplitter`, which routes streamed text into thinking and answer. Each
+method streams its own stages (`duetlm.methods`); the `Finished` event carries the same
+`SolveResult` that `Duet.solve` gives, built by the same functions (`duetlm.results`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from duetlm.backends.base import GenerationResult, ReasoningDelta, stream
-from duetlm.protocol import (
-    Duet,
-    Mode,
-    Problem,
-    SolveResult,
-    alone_request,
-    alone_result,
-    as_problem,
-    capable_request,
-    forced_request,
-    light_request,
-    parse_mode,
-    signal_of,
-    two_stage_result,
-)
+from duetlm.backends.base import ReasoningDelta
+from duetlm.problems import SolveResult
 
 
 @dataclass(frozen=True)
@@ -131,62 +114,3 @@ class ThinkingSplitter:
                 self.answering = True
             self.buffer = ""
             return events
-
-
-async def astream(duet: Duet, question: str | Problem, mode: str | Mode = "duet") -> AsyncIterator[Event]:
-    """One question as events, while the models write: `SignalDelta`s (M's thinking; a
-    model's own thinking in the alone modes), `AnswerDelta`s, then one `Finished` with the
-    same `SolveResult` that `solve` gives. Each stage streams from its backend's `astream`
-    (continuous batching on the hf backend), so a request moves on to m as soon as its own
-    signal ends. Closing the iterator cancels the generation in flight."""
-    parsed, problem, cfg = parse_mode(mode), as_problem(question), duet.config
-    if parsed.kind in ("settle", "M-settle"):
-        from duetlm.settle import Settler
-
-        async for event in Settler(duet, parsed).astream(problem):
-            if isinstance(event, Finished):
-                duet.note_empty_signals([event.result])
-            yield event
-        return
-    if parsed.kind in ("M-alone", "m-alone"):
-        capable = parsed.kind == "M-alone"
-        backend = duet.capable if capable else duet.light
-        budget = cfg.capable_alone_budget if capable else cfg.light_alone_budget
-        split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="wait")
-        async for item in stream(backend, alone_request(problem, cfg, budget, capable)):
-            if isinstance(item, GenerationResult):
-                for event in split.close():
-                    yield event
-                yield Finished(alone_result(problem, parsed, item, capable, cfg))
-                return
-            for event in split.feed(item):
-                yield event
-    first = None
-    split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="thinking")
-    async for item in stream(
-        duet.capable, capable_request(problem, cfg, parsed.budget or cfg.signal_max_tokens)
-    ):
-        if isinstance(item, GenerationResult):
-            first = item
-        else:
-            for event in split.feed(item):
-                yield event
-    for event in split.close():
-        yield event
-    signal = signal_of(first, cfg)
-    if parsed.kind == "M":
-        answerer, request = duet.capable, forced_request(problem, signal, first, cfg)
-    else:
-        answerer, request = duet.light, light_request(problem, signal, cfg, cfg.light_template_kwargs)
-    leading = True
-    async for item in stream(answerer, request):
-        if isinstance(item, GenerationResult):
-            result = two_stage_result(problem, parsed, first, signal, item, cfg)
-            duet.note_empty_signals([result])
-            yield Finished(result)
-            return
-        text = item.text if isinstance(item, ReasoningDelta) else item
-        if leading:
-            text, leading = text.lstrip(), not text.strip()
-        if text:
-            yield AnswerDelta(text)

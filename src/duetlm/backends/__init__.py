@@ -50,14 +50,14 @@ class BackendOptions:
     """Backend settings a spec string does not carry. Each applies only to its backend."""
 
     device: str = "auto"  # hf: auto picks cuda, then mps, then cpu
-    dtype: str = "auto"  # hf: bf16 on GPUs that support it, fp32 on CPU; vllm: see backends/vllm_start.py
+    dtype: str = "auto"  # hf: bf16 on GPUs that support it, fp32 on CPU; vllm: see backends/vllm/start.py
     batch_size: int = 32  # hf: rows per generate() call; llamacpp: slots (see default_parallel)
     api_key: str | None = None  # openai: else $OPENAI_API_KEY, else "EMPTY" (local servers)
     tokenizer: str | None = None  # openai: tokenizer to render pre-filled turns locally
     concurrency: int = 16  # openai: requests in flight
     max_retries: int = 4  # openai: on 429/5xx/timeouts, exponential backoff
     tensor_parallel_size: int = 1  # vllm
-    gpu_memory_utilization: float | None = None  # vllm: None = auto (backends/vllm_start.py)
+    gpu_memory_utilization: float | None = None  # vllm: None = auto (backends/vllm/start.py)
     enforce_eager: bool | None = None  # vllm: None = eager on a CPU, CUDA graphs on a GPU
     max_model_len: int | None = (
         None  # vllm: None = the model's context length; llamacpp: context per slot (4096)
@@ -139,7 +139,7 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
             threads=options.threads,
             spec=spec,
         )
-    from duetlm.backends.vllm_start import VLLMSettings
+    from duetlm.backends.vllm.start import VLLMSettings
 
     settings = VLLMSettings(
         tensor_parallel_size=options.tensor_parallel_size,
@@ -149,7 +149,7 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
         enforce_eager=options.enforce_eager,
     )
     if options.streaming:
-        from duetlm.backends.vllm_async import VLLMAsyncBackend as engine
+        from duetlm.backends.vllm.async_engine import VLLMAsyncBackend as engine
     else:
-        from duetlm.backends.vllm import VLLMBackend as engine
+        from duetlm.backends.vllm.offline import VLLMBackend as engine
     return engine(parsed.model, settings=settings, spec=spec)

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from duetlm.errors import BackendError
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "eos", "length", "cancelled", "settled"]
@@ -158,9 +160,42 @@ StreamItem = str | ReasoningDelta | GenerationResult
 """What `astream` yields: text deltas, then exactly one final GenerationResult."""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond `generate`, declared once per backend class. A method that
+    needs one of them refuses a backend without it when it starts (`require`), never by probing
+    the object for methods."""
+
+    tokenizer: bool = False  # `backend.tokenizer` is a local tokenizer: exact counts, ids decoded here
+    logprobs: bool = False  # honours `SamplingParams.logprobs` (one log-probability per output token)
+    token_ids: bool = False  # results carry the generated ids, and `continue_ids` resumes from them
+    streaming: bool = False  # `astream` yields text while the model writes (else all of it at the end)
+    prompt_tokens: bool = False  # `prompt_tokens(request)` counts a prompt before it is generated
+    context_length: int | None = None  # the tokens one request may hold, prompt and output; None: unknown
+
+    def require(self, what: str, needed_by: str, spec: str, fix: str = "") -> None:
+        """Refuse a backend without capability `what` (a field name), naming who needs it."""
+        if not dataclasses.asdict(self)[what]:
+            raise BackendError(
+                f"{needed_by} needs {CAPABILITY_WORDS[what]}, which {spec} does not give"
+                + (f" ({fix})" if fix else "")
+            )
+
+
+CAPABILITY_WORDS = {
+    "tokenizer": "a local tokenizer",
+    "logprobs": "per-token log-probabilities",
+    "token_ids": "the generated token ids",
+    "streaming": "streaming",
+    "prompt_tokens": "prompt token counts",
+}
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """What the protocol, the evaluator and the server need from a model."""
+    """The least a model must offer the protocol: `generate`, `close` and a `spec` naming it.
+    duetlm's own backends derive from `BaseBackend`, which declares what more they can do; an
+    object that only has these three (a user's own backend) can do nothing more."""
 
     spec: str
 
@@ -169,19 +204,69 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class BaseBackend:
+    """What every duetlm backend has, with the defaults of a backend that can do nothing
+    beyond generating: no local tokenizer, a stream that is one call of `generate`, nothing to
+    start or stop. Subclasses override what they do better and declare it in `capabilities`."""
+
+    spec: str = "backend"
+    tokenizer = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """Text deltas, then exactly one GenerationResult; here one `generate` call off the event
+        loop, handed out as a single delta."""
+        [result] = await asyncio.to_thread(self.generate, [request])
+        if "reasoning" in result.extra:
+            yield ReasoningDelta(str(result.extra["reasoning"]))
+        if result.text:
+            yield result.text
+        yield result
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        raise BackendError(f"{self.spec} cannot count a prompt's tokens before generating")
+
+    def start(self) -> None:
+        """Load or start what the first request would (an engine process); by default nothing."""
+
+    def close(self) -> None:
+        """Release what the backend holds (a server, an engine process); by default nothing."""
+
+
+def capabilities_of(backend: Backend) -> Capabilities:
+    """What a backend declares; an object that is no `BaseBackend` (a user's own, with only
+    `generate`) declares nothing."""
+    return backend.capabilities if isinstance(backend, BaseBackend) else Capabilities()
+
+
 async def stream(backend: Backend, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-    """A backend's stream of a request: its own `astream` when it has one (hf, openai, vllm),
-    else one call of `generate` off the event loop, handed out as a single delta."""
-    if hasattr(backend, "astream"):
-        async for item in backend.astream(request):
-            yield item
-        return
-    [result] = await asyncio.to_thread(backend.generate, [request])
-    if "reasoning" in result.extra:
-        yield ReasoningDelta(str(result.extra["reasoning"]))
-    if result.text:
-        yield result.text
-    yield result
+    """A backend's stream of a request (`BaseBackend.astream`); for an object that is no
+    `BaseBackend`, one call of its `generate` off the event loop."""
+    source = backend if isinstance(backend, BaseBackend) else _Adapted(backend)
+    async for item in source.astream(request):
+        yield item
+
+
+def start_backend(backend: Backend) -> None:
+    """Start what a backend would start at its first request (`BaseBackend.start`)."""
+    if isinstance(backend, BaseBackend):
+        backend.start()
+
+
+class _Adapted(BaseBackend):
+    """A user's backend with only `generate`, given BaseBackend's defaults."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend, self.spec = backend, backend.spec
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return self.backend.generate(requests)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:

@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Sequence
 import openai
 
 from duetlm.backends.base import (
+    BaseBackend,
+    Capabilities,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -82,7 +84,7 @@ _RETRYABLE = (
 )
 
 
-class OpenAIBackend:
+class OpenAIBackend(BaseBackend):
     """A model behind an OpenAI-compatible HTTP API.
 
     `tokenizer`: a local folder or hub id of the served model's tokenizer; needed only to
@@ -112,6 +114,13 @@ class OpenAIBackend:
         self.timeout_s = timeout_s
         self.spec = spec or f"openai:{model}@{self.base_url}"
         self.tokenizer = self._load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """It streams; it has a local tokenizer only when given one; the OpenAI shape returns
+        no token ids, and its log-probabilities are not read (settle's `min_prob` needs them:
+        `llamacpp:` gives them for a GGUF, `vllm:` in-process)."""
+        return Capabilities(tokenizer=self.tokenizer is not None, streaming=True)
 
     @staticmethod
     def _load_tokenizer(path_or_id: str):

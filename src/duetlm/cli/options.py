@@ -12,7 +12,7 @@ import typer
 from duetlm.backends import BackendOptions
 from duetlm.config import DuetConfig
 from duetlm.errors import InputError
-from duetlm.protocol import Problem
+from duetlm.problems import Problem
 
 DEFAULT_CAPABLE = "tiny-M"
 DEFAULT_LIGHT = "tiny-m"

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from duetlm.backends import load_backend
+from duetlm.backends.base import start_backend
 from duetlm.cli.app import app, err_console, friendly_errors
 from duetlm.cli.options import (
     DEFAULT_CAPABLE,
@@ -112,7 +113,7 @@ def serve(
     duet = Duet(load_backend(capable, capable_options), load_backend(light, light_options), duet_config)
     if streaming:  # engine processes load their models now, side by side, not at the first request
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda b: getattr(b, "start_engine", lambda: None)(), (duet.capable, duet.light)))
+            list(pool.map(start_backend, (duet.capable, duet.light)))
     from duetlm.config import validate_config
 
     serve_config = validate_config(

@@ -52,7 +52,7 @@ def train(
     settings |= dict(_setting(text) for text in set_ or [])
     train_config = with_settings(base, settings, source=str(config or "defaults")) if settings else base
     if dry_run:
-        from duetlm.train.memory import parse_size, render
+        from duetlm.train.planning.memory import parse_size, render
 
         world = devices or int(os.environ.get("WORLD_SIZE", "1"))
         text, fits = render(train_config, parse_size(device_memory), world, nodes)
@@ -60,7 +60,7 @@ def train(
         raise typer.Exit(0 if fits else 1)
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from duetlm.train.trainer import train as run_training
+    from duetlm.train.loop.trainer import train as run_training
 
     # under torchrun, a process that fails writes its error where the launcher reports it
     folder = record(run_training)(train_config, resume=resume, force=force)
@@ -88,7 +88,7 @@ def _setting(text: str) -> tuple[str, object]:
 @friendly_errors
 def plot_train(run: Annotated[Path, typer.Argument(help="A run folder written by duet train.")]) -> None:
     """Signal length, λ and pair accuracy over steps, as RUN/training_curves.png."""
-    from duetlm.train.plots import plot_training
+    from duetlm.train.planning.plots import plot_training
 
     console.print(f"plot: {plot_training(run)}")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from duetlm.errors import InputError
 from duetlm.evaluate.probe_report import summarize_tasks
-from duetlm.evaluate.report import REPORT_KEYS, results_rows, summarize
+from duetlm.evaluate.summary import REPORT_KEYS, results_rows, summarize
 
 
 def is_probe_folder(directory: Path) -> bool:
@@ -69,14 +69,3 @@ def composed_summaries(directory: Path, added: dict[str, str], baseline: Path | 
         rows += extra
     summaries = summarize(rows, results_rows(baseline) if baseline is not None else None) + points
     return sorted(summaries, key=lambda s: (s["task"], s["M_output_tokens_mean"]))
-
-
-def pareto_front(summaries: list[dict]) -> list[dict]:
-    """The methods no other one beats on both counts (more accurate with no more M tokens),
-    by M tokens: the frontier the figure draws."""
-    front, best = [], -1.0
-    for s in sorted(summaries, key=lambda s: (s["M_output_tokens_mean"], -s["accuracy"])):
-        if s["accuracy"] > best:
-            front.append(s)
-            best = s["accuracy"]
-    return front

@@ -41,14 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from duetlm.backends import Backend, BackendOptions, load_backend
+from duetlm.backends.base import capabilities_of
 from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError
 from duetlm.evaluate.runner import weights_fingerprint
 from duetlm.evaluate.store import ResultStore
 from duetlm.protocol import Duet, SolveResult
+from duetlm.results import from_row
 from duetlm.signals import style_of
 from duetlm.tasks import Example, TaskExamples, grade, load_task
-from duetlm.usage import ModelUsage, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class SignalTokens:
     tokens per character, and rows say so."""
 
     def __init__(self, backend: Backend, config: DuetConfig) -> None:
-        self.tokenizer = getattr(backend, "tokenizer", None)
+        self.tokenizer = backend.tokenizer if capabilities_of(backend).tokenizer else None
         self.style = style_of(config)
 
     def closed(self, capable: SolveResult) -> bool:
@@ -298,24 +299,7 @@ class AloneRows:
         """Each example's result: the stored row's, else a fresh one (in one batch)."""
         missing = [e for e in examples if (method, e.id) not in self.rows]
         fresh = dict(zip([e.id for e in missing], duet.solve_batch([e.problem for e in missing], method)))
-        return [fresh[e.id] if e.id in fresh else self.result(self.rows[(method, e.id)]) for e in examples]
-
-    @staticmethod
-    def result(row: dict) -> SolveResult:
-        usage = row["usage"]
-        return SolveResult(
-            question=row["question"],
-            mode=row["method"],
-            text=row["text"],
-            answer=None if row["no_answer"] else row["answer"],
-            signal=row["signal"],
-            signal_tokens=row["signal_tokens"],
-            truncated=row["truncated"],
-            capable_finish=row["capable_finish"],
-            light_finish=row["light_finish"],
-            usage=Usage(ModelUsage(**usage["capable"]), ModelUsage(**usage["light"])),
-            capable_text=row["capable_text"],
-        )
+        return [fresh[e.id] if e.id in fresh else from_row(self.rows[(method, e.id)]) for e in examples]
 
 
 def start_search(config: ProbeConfig, lines: int) -> Search:

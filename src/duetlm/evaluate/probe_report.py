@@ -23,7 +23,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from duetlm.evaluate.report import file_safe
+from duetlm.evaluate.summary import file_safe
 
 PROBE_KEYS = (
     "task",

@@ -125,7 +125,7 @@ def compare_in_worker(predicted: str, gold: str, timeout_s: float) -> bool | Non
 
 
 def _serve() -> None:
-    from duetlm.grading.verify import compare_in_main_thread
+    from duetlm.grading.mathverify import compare_in_main_thread
 
     replies, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
     for line in sys.stdin:

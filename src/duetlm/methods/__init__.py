@@ -1,21 +1,32 @@
-"""Every way duetlm answers a question, named once.
+"""Every way duetlm answers a question: one `Method` per kind, registered by name
+(`registry`). The built-in ones are the modules imported below; adding one is a module that
+calls `register` and a line here (or, outside duetlm, any import that runs its `register`)."""
 
-`METHODS` lists each method's form and what it runs; the CLI's help, the docs' table and the
-mode parser read it from here."""
+from duetlm.methods import alone, settle, two_stage  # noqa: F401  (each registers its methods)
+from duetlm.methods.base import Method
+from duetlm.methods.registry import (
+    REGISTRY,
+    MethodEntry,
+    Mode,
+    forms,
+    method_for,
+    method_help,
+    method_table,
+    parse_mode,
+    register,
+    unregister,
+)
 
-from __future__ import annotations
-
-METHODS: dict[str, str] = {
-    "duet": "M writes the signal, m answers from it",
-    "M-alone": "M thinks and answers by itself",
-    "m-alone": "m thinks and answers by itself",
-    "duet@B": "duet with M's signal cut at B tokens",
-    "M@B": "M alone with a thinking budget of B tokens",
-    "settle": "duet, M stopped once m's answers probed from its reasoning so far agree",
-    "M-settle": "M alone, stopped once its own probed answers agree",
-}
-
-
-def method_help(lead: str) -> str:
-    """A one-line help text listing every method's form."""
-    return f"{lead}: {', '.join(METHODS)} (B: a token budget)."
+__all__ = [
+    "REGISTRY",
+    "Method",
+    "MethodEntry",
+    "Mode",
+    "forms",
+    "method_for",
+    "method_help",
+    "method_table",
+    "parse_mode",
+    "register",
+    "unregister",
+]

@@ -32,8 +32,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from duetlm.backends.base import capabilities_of
 from duetlm.errors import BackendError, ConfigError, GenerationError, InputError
-from duetlm.protocol import Duet, Problem, SolveResult, alone_request, capable_request, parse_mode
+from duetlm.methods import method_for, parse_mode
+from duetlm.protocol import Duet, Problem, SolveResult
 from duetlm.serve.batcher import Batcher, BatchKey
 from duetlm.serve.guard import Guard
 from duetlm.serve.metrics import Metrics
@@ -248,16 +250,12 @@ def config_update(body: ChatCompletionRequest) -> dict:
 
 def check_context(solver: Duet, problem: Problem, mode) -> None:
     """Refuse, before any work, a prompt that leaves no room in the context of the model that
-    reads it first; budgets are cut to what is left when generating."""
-    cfg = solver.config
-    if mode.kind == "m-alone":
-        backend, request = solver.light, alone_request(problem, cfg, cfg.light_alone_budget, capable=False)
-    elif mode.kind == "M-alone":
-        backend, request = solver.capable, alone_request(problem, cfg, cfg.capable_alone_budget, capable=True)
-    else:
-        backend, request = solver.capable, capable_request(problem, cfg, mode.budget or cfg.signal_max_tokens)
-    limit = getattr(backend, "context_length", None)
-    if limit is None or not hasattr(backend, "prompt_tokens"):
+    reads it first (the method says which); budgets are cut to what is left when generating.
+    A backend that cannot count a prompt, or knows no context length, is not checked here."""
+    backend, request = method_for(mode).first_read(solver, problem)
+    capabilities = capabilities_of(backend)
+    limit = capabilities.context_length
+    if limit is None or not capabilities.prompt_tokens:
         return
     tokens = backend.prompt_tokens(request)
     if tokens >= limit:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from duetlm.protocol import Problem
+from duetlm.problems import Problem
 
 
 def _valid_unicode(text: str) -> str:

@@ -15,7 +15,7 @@ from duetlm.errors import ConfigError, InputError
 from duetlm.grading import Grade
 from duetlm.grading import grade as grade_response
 from duetlm.jsonl import read_jsonl
-from duetlm.protocol import Problem
+from duetlm.problems import Problem
 from duetlm.tasks.fields import FieldMap, read_parts
 
 

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 import torch
 
 from duetlm.backends.base import (
+    BaseBackend,
+    Capabilities,
     ContextGuard,
     FinishReason,
     GenerationRequest,
@@ -136,7 +138,7 @@ ENGINES = ("thread", "process")
 of its own per model (`process`: no GIL shared with the caller, its own torch threads)."""
 
 
-class HFBackend:
+class HFBackend(BaseBackend):
     """A transformers causal LM loaded once and reused for every call.
 
     Pass `model` and `tokenizer` to wrap objects already in memory (the trainer does, so
@@ -222,6 +224,17 @@ class HFBackend:
     def context_length(self) -> int | None:
         return self.context.context_length
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            tokenizer=True,
+            logprobs=True,
+            token_ids=True,
+            streaming=True,
+            prompt_tokens=True,
+            context_length=self.context_length,
+        )
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The rendered prompt as token ids, as the streaming engine reads it. The latest few
         are kept: a server counts a prompt's tokens before it streams the same prompt."""
@@ -283,6 +296,11 @@ class HFBackend:
             else:
                 self._engine = self.new_engine()
         return self._engine
+
+    def start(self) -> None:
+        """Start the streaming engine now (a server loads its engine processes side by side
+        before the first request, not at it)."""
+        self.start_engine()
 
     def start_engine(self) -> None:
         """Start the streaming engine now (an engine process loads its model), not with the
@@ -455,7 +473,7 @@ class HFBackend:
         )
 
     def close(self) -> None:
-        if self._engine is not None and hasattr(self._engine, "close"):
+        if self._engine is not None:
             self._engine.close()
         self._engine = None
         self._model, self._closed = None, True

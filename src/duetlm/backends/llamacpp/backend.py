@@ -26,6 +26,7 @@ from pathlib import Path
 import openai
 
 from duetlm.backends.base import (
+    Capabilities,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -74,6 +75,12 @@ class LlamaCppBackend(OpenAIBackend):
     @property
     def context_length(self) -> int:
         return self.server.ctx_per_slot
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Log-probabilities and token ids from `/completion`, its own stream; no local
+        tokenizer (the GGUF's is in the server)."""
+        return Capabilities(logprobs=True, token_ids=True, streaming=True, context_length=self.context_length)
 
     # --- requests -------------------------------------------------------------------------------
 

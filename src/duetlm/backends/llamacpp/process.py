@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     params.n_ctx = args.parallel * args.ctx_per_slot  # split evenly: every slot holds ctx_per_slot
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
+    # threads wait for work asleep, not spinning: a spinning wait takes cores the machine's other
+    # work needs (the other model's server, the trainer), and one descheduled thread then holds
+    # every other at the next barrier
+    params.cpuparams.poll = int(os.environ.get("DUETLM_LLAMACPP_POLL", "0"))
+    params.cpuparams_batch.poll = params.cpuparams.poll
     params.hostnames = [args.host]
     params.port = args.port
     params.verbosity = 1

@@ -26,14 +26,16 @@ from dataclasses import replace
 
 from duetlm.backends.base import ContextGuard, GenerationRequest, GenerationResult, StreamItem
 from duetlm.backends.handoff import Inbox
-from duetlm.backends.vllm import VLLMTokenizing, result_of, vllm_sampling
-from duetlm.backends.vllm_start import VLLMSettings, engine_arguments, require_vllm, start
+from duetlm.backends.vllm.offline import VLLMTokenizing, result_of, vllm_sampling
+from duetlm.backends.vllm.start import VLLMSettings, engine_arguments, require_vllm, start
 from duetlm.errors import BackendError
 
 _END = object()  # after the result: the stream is over
 
 
 class VLLMAsyncBackend(VLLMTokenizing):
+    streams = True
+
     def __init__(
         self, path_or_id: str, *, settings: VLLMSettings | None = None, spec: str | None = None
     ) -> None:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from duetlm.train.algorithm.grpo import packed_token_logps, token_logps
 from duetlm.train.config import LoraSettings
-from duetlm.train.grpo import packed_token_logps, token_logps
 
 if TYPE_CHECKING:
-    from duetlm.train.engines import RolloutEngine
+    from duetlm.train.engines.base import RolloutEngine
 
 
 class LogprobNet(torch.nn.Module):
@@ -49,7 +49,7 @@ def check_output_layer(model: torch.nn.Module, name: str) -> None:
     from torch.nn import functional as F
 
     from duetlm.errors import ConfigError
-    from duetlm.train.grpo import output_logits
+    from duetlm.train.algorithm.grpo import output_logits
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(base.parameters()).device
@@ -138,6 +138,6 @@ def load_lm(
 def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights as a plain Hugging Face checkpoint names them, LoRA deltas merged in (the
     whole model at once: for saving; pushes go tensor by tensor, `parallel.full_tensors`)."""
-    from duetlm.train.parallel import full_tensors
+    from duetlm.train.modeling.parallel import full_tensors
 
     return dict(full_tensors(lm, tied=False))

@@ -80,7 +80,7 @@ def score_joint(
     batch_std: BatchStd | None = None,
 ) -> JointScores:
     """R_M = r(M,m) − λ·L/B (− β·KL), and both models' GRPO advantages (docs/design.md section 2)."""
-    from duetlm.train.grpo import group_advantages, light_advantages
+    from duetlm.train.algorithm.grpo import group_advantages, light_advantages
 
     parts = capable_rewards(pair_correct, signal_tokens, lam, length_bound)
     reward = parts["reward"] if kl is None else parts["reward"] - kl_beta * kl  # (Q, S)

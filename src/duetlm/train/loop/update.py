@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from duetlm.train.batch import RolloutBatch
-from duetlm.train.distributed import Runtime
-from duetlm.train.grpo import k3_kl, kl_sum, ppo_clip_loss
-from duetlm.train.parallel import accumulating, clip_grad_norm, unwrapped
-from duetlm.train.policy import Policy, autocast
-from duetlm.train.sequences import pack_shared_prefixes, shared_prefix_groups
+from duetlm.train.algorithm.grpo import k3_kl, kl_sum, ppo_clip_loss
+from duetlm.train.modeling.distributed import Runtime
+from duetlm.train.modeling.parallel import accumulating, clip_grad_norm, unwrapped
+from duetlm.train.modeling.policy import Policy, autocast
+from duetlm.train.rollouts.batch import RolloutBatch
+from duetlm.train.rollouts.sequences import pack_shared_prefixes, shared_prefix_groups
 
 
 @dataclass
@@ -296,5 +296,5 @@ class PolicyPasses:
 
 
 def _pad_id(policy: Policy | None) -> int:
-    tokenizer = getattr(policy, "tokenizer", None)
-    return int(getattr(tokenizer, "pad_token_id", 0) or 0)
+    """The pad id of a policy's tokenizer (0 without a policy: a ghost batch pads nothing real)."""
+    return int((policy.tokenizer.pad_token_id if policy is not None else 0) or 0)

@@ -8,8 +8,8 @@ import random
 
 from duetlm.errors import ConfigError
 from duetlm.tasks import Example, load_task
-from duetlm.train.batch import StepQuestions
 from duetlm.train.config import TrainConfig
+from duetlm.train.rollouts.batch import StepQuestions
 
 logger = logging.getLogger(__name__)
 

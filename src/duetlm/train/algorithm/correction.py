@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duetlm.train.distributed import Runtime
+from duetlm.train.modeling.distributed import Runtime
 
 MODES = ("none", "token_tis", "token_mis", "sequence_tis", "sequence_mis")
 

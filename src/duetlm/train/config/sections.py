@@ -1,23 +1,13 @@
-"""`duet train` configuration: every knob of docs/design.md section 2 with its reference default,
-in sections (TOML tables): `[models]`, `[data]`, `[objective]`, `[optimizer]`, `[rollout]`,
-`[parallel]`, `[evaluation]`, `[logging]`, `[warm_start]` and `[duet]` (the prompts), with the
-run's `out`, `seed`, `steps` and `save_every` at the top.
-
-Reference values (the paper's verl runs): n_M = 4, n_m = 4, 64 questions a batch, η = 0.01,
-λ_0 = 0, β = 0.001, ε = 0.2, one epoch per batch, AdamW, grad-clip 1.0. Values marked
-"builtin" are sized for the embedded pair on a laptop CPU; `configs/qwen3-4b_0.6b.toml` sets
-the reference ones. A field whose help ends in "May change on resume." may differ between a
-run and its `--resume`; any other difference is refused (it would change what a step computes).
-"""
+"""The sections of `TrainConfig`: one per role ([capable], [light]: the same `RoleConfig`
+twice) and one per concern ([models], [data], [objective], [optimizer], [rollout],
+[parallel], [evaluation], [logging], [warm_start]); every knob with its default and where it
+comes from."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from duetlm.config import DuetConfig, load_model_file, validate_config
+from pydantic import BaseModel, ConfigDict, Field
 
 RESUMABLE_NOTE = " May change on resume."
 
@@ -47,18 +37,53 @@ class LoraSettings(Section):
     )
 
 
-class ModelsConfig(Section):
-    """[models]: what is trained."""
+ROLE_NAMES = {"capable": "M", "light": "m"}
+DEFAULT_MODELS = {"capable": "tiny-M", "light": "tiny-m"}
+DEFAULT_ENGINE_SHARE = {"capable": 0.3, "light": 0.15}
+"""A vLLM rollout engine's share of its GPU when its role sets none: M's engine holds the longer
+sequences (its signals), m's the many short answers (docs/training.md#memory)."""
 
-    capable: str = knob("tiny-M", "M to train: hf:, vllm: (vLLM rolls it out) or an embedded name.")
-    light: str = knob("tiny-m", "m to train (or only use, with train_light = false): hf:, vllm: or embedded.")
-    train_light: bool = knob(True, "Update m too (false: train M only).")
+
+class RoleConfig(Section):
+    """[capable] (M) and [light] (m): one model's part in training. The same knobs for both
+    roles; the trainer asks a role for them and never branches on which role it is."""
+
+    model: str | None = knob(
+        None,
+        "The model: hf:, vllm: (vLLM rolls it out) or an embedded name. None: tiny-M for M, tiny-m for m.",
+    )
+    train: bool | None = knob(
+        None,
+        "Update this model. None: M always is; m is in the joint objective and is not in the single-model "
+        "baseline, where it plays no part. M is always trained (false is refused).",
+    )
+    lr: float = knob(1e-4, "AdamW learning rate (builtin 1e-4; Qwen 1e-6).", gt=0)
+    temperature: float = knob(
+        1.0,
+        "Rollout temperature. > 0 for a trained model: its log-probs are those of the tempered policy that "
+        "sampled; 0 (greedy) only for an m that only answers.",
+        ge=0,
+    )
+    lora: LoraSettings | None = knob(None, "LoRA adapters (peft); None = full fine-tuning.")
+    gpu_memory_utilization: float | None = knob(
+        None,
+        "vLLM rollout engine: its share of its device's memory. None: 0.3 for M and 0.15 for m on a GPU; on a "
+        "CPU, where the share is of CPU memory, an explicit 2 GiB KV cache.",
+        gt=0,
+        le=1,
+        resumable=True,
+    )
+
+
+class ModelsConfig(Section):
+    """[models]: which objective, and how trained models are saved (each model's own knobs are
+    its role's: [capable], [light])."""
+
     single_model: bool = knob(
         False,
-        "Length-penalty GRPO baseline: M alone, reward acc − λL/B (m plays no part, and is not trained).",
+        "Length-penalty GRPO baseline: M alone, reward acc − λL/B. m plays no part: it is neither loaded nor "
+        "trained.",
     )
-    lora_capable: LoraSettings | None = knob(None, "LoRA for M; None = full fine-tuning.")
-    lora_light: LoraSettings | None = knob(None, "LoRA for m; None = full fine-tuning.")
     merge_adapters: bool = knob(True, "Save LoRA models merged into plain HF folders.")
 
 
@@ -92,7 +117,7 @@ class ObjectiveConfig(Section):
         16, "Questions per batch, over all processes (reference 64; builtin 16).", ge=1
     )
     n_capable: int = knob(4, "n_M: signals per question (reference 4; GRPO needs >= 2).", ge=2)
-    n_light: int = knob(4, "n_m: answers of m per signal and standalone (reference 4).", ge=1)
+    n_light: int = knob(4, "n_m: m's answers to each signal (reference 4).", ge=1)
     length_bound: float = knob(64.0, "B: the signal length bound in tokens (builtin 64).", gt=0)
     lambda_schedule: Literal["adaptive", "constant"] = knob("adaptive", "λ by dual ascent or fixed.")
     lambda_init: float = knob(0.0, "λ_0 (reference 0).", ge=0, le=1)
@@ -125,8 +150,6 @@ class ObjectiveConfig(Section):
 class OptimizerConfig(Section):
     """[optimizer]: AdamW and the passes over each batch."""
 
-    capable_lr: float = knob(1e-4, "AdamW learning rate of M (builtin 1e-4; Qwen 1e-6).", gt=0)
-    light_lr: float = knob(1e-4, "AdamW learning rate of m.", gt=0)
     weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
     max_grad_norm: float = knob(1.0, "Gradient clipping by the global norm (reference 1.0).", gt=0)
     ppo_epochs: int = knob(1, "Passes over each batch's rollouts (reference 1).", ge=1)
@@ -142,19 +165,12 @@ class OptimizerConfig(Section):
 class RolloutConfig(Section):
     """[rollout]: how signals and answers are sampled."""
 
-    capable_temperature: float = knob(
-        1.0, "M's rollout temperature (> 0: log-probs are those of the tempered policy that sampled).", gt=0
-    )
-    light_temperature: float = knob(
-        1.0, "m's rollout temperature (> 0 when m is trained; 0 = greedy when it only answers).", ge=0
-    )
-    top_p: float = knob(
-        1.0,
-        "Must stay 1: the trained log-probs are those of the whole tempered distribution, so a truncated "
-        "sampler would not be the policy being trained.",
-    )
     signal_max_tokens: int = knob(256, "Cap on a rollout signal (tokens).", ge=1)
-    answer_max_tokens: int = knob(32, "Cap on m's answers and standalone answers.", ge=1)
+    answer_max_tokens: int = knob(
+        32,
+        "Cap on m's answers to a signal (in the single-model baseline: on M's answer after its thinking).",
+        ge=1,
+    )
     forced_stop_prob: float = knob(
         0.0,
         "Exploration: share of signals cut at a random line boundary and closed with the think tag, so GRPO "
@@ -172,7 +188,7 @@ class RolloutConfig(Section):
         knob(
             "auto",
             "Importance weights π_old/μ for the gap between what the engine sampled with (μ, its own "
-            "log-probs) and the trainer's sampling-time log-probs (π_old) (train/correction.py): token_tis "
+            "log-probs) and the trainer's sampling-time log-probs (π_old) (train/algorithm/correction.py): token_tis "
             "truncates each token's weight at the threshold, token_mis masks tokens whose weight leaves "
             "[1/threshold, threshold], sequence_* do the same per sequence. auto: token_tis for a model "
             "rolled out on vLLM (docs/training.md), none for hf (which samples from the trained module "
@@ -193,14 +209,6 @@ class RolloutConfig(Section):
         "hf rollout engine: rows per generate() call are bounded so that rows x (prompt + budget) stays under "
         "this many tokens (KV cache memory), not by a fixed row count.",
         ge=1,
-        resumable=True,
-    )
-    vllm_gpu_memory_utilization: float | None = knob(
-        None,
-        "vLLM rollout engines: each one's share of its device's memory. None: 0.3 for M and 0.15 for m on a "
-        "GPU; on a CPU, where the share is of CPU memory, an explicit 2 GiB KV cache each.",
-        gt=0,
-        le=1,
         resumable=True,
     )
     vllm_sleep: bool = knob(
@@ -313,6 +321,8 @@ class WarmStartConfig(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
+    "capable": RoleConfig,
+    "light": RoleConfig,
     "models": ModelsConfig,
     "data": DataConfig,
     "objective": ObjectiveConfig,
@@ -323,157 +333,3 @@ SECTIONS: dict[str, type[Section]] = {
     "logging": LoggingConfig,
     "warm_start": WarmStartConfig,
 }
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out: str = knob("runs/train", "Run folder: checkpoints, metrics.jsonl, TensorBoard.", resumable=True)
-    seed: int = knob(0, "Seeds data order, every rollout's sampling and forced stops.")
-    steps: int = knob(100, "Optimizer steps (batches).", ge=1, resumable=True)
-    save_every: int = knob(
-        1, "Checkpoint every N steps (1: a kill loses at most one step).", ge=1, resumable=True
-    )
-
-    models: ModelsConfig = Field(default_factory=ModelsConfig, description=ModelsConfig.__doc__)
-    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description=ObjectiveConfig.__doc__)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description=OptimizerConfig.__doc__)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description=RolloutConfig.__doc__)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description=ParallelConfig.__doc__)
-    evaluation: EvaluationConfig = Field(
-        default_factory=EvaluationConfig, description=EvaluationConfig.__doc__
-    )
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description=LoggingConfig.__doc__)
-    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description=WarmStartConfig.__doc__)
-    duet: DuetConfig = Field(
-        default_factory=DuetConfig, description="Prompts and templates (shared with inference)."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _sections_named(cls, data: Any) -> Any:
-        """A knob written at the top level (as in a flat config) is pointed to its section."""
-        if not isinstance(data, dict):
-            return data
-        paths = field_paths() | RENAMED
-        for key, value in data.items():
-            if key not in cls.model_fields and key in paths:
-                section, name = paths[key].split(".")
-                raise ValueError(
-                    f"`{key}` belongs in the [{section}] section, as `{name}` ({paths[key]} = ...)"
-                )
-            if key == "keep_checkpoints":
-                raise ValueError("`keep_checkpoints` is gone: a run keeps its `last` checkpoint only")
-            if key == "warm_start" and isinstance(value, str):
-                raise ValueError(f"warm_start is a section: [warm_start] run = {value!r}")
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        models, rollout = self.models, self.rollout
-        if models.single_model and models.train_light:
-            # m plays no part in the single-model baseline; training it would be wasted work.
-            self.models.train_light = False
-        if rollout.top_p != 1.0:
-            raise ValueError(
-                f"rollout.top_p = {rollout.top_p}: rollouts must sample the whole tempered distribution "
-                "(top_p = 1), the one whose log-probs are trained"
-            )
-        if self.trains_light and rollout.light_temperature == 0:
-            raise ValueError(
-                "rollout.light_temperature = 0 with m trained: greedy answers are not samples of the policy "
-                "whose log-probs are trained (and GRPO's groups would hold copies); sample at T > 0 (e.g. 1.0), "
-                "or set models.train_light = false"
-            )
-        data = self.data
-        if data.eval_task is None and data.task != "builtin":
-            raise ValueError(
-                f"data.eval_task is required for task {data.task!r}: name a held-out evaluation set "
-                "(e.g. task = 'math_train', eval_task = 'math500')"
-            )
-        if self.evaluation_source == self.training_source:
-            raise ValueError(
-                f"training and evaluation read the same data ({data.task}, split {data.split or 'default'}, "
-                f"data {data.data}): evaluate on a held-out set (data.eval_task / eval_split / eval_data)"
-            )
-        per_step, mini = self.objective.questions_per_step, self.optimizer.mini_batches
-        if per_step % mini:
-            raise ValueError(
-                f"optimizer.mini_batches = {mini} must divide objective.questions_per_step = {per_step}"
-            )
-        return self
-
-    @property
-    def trains_light(self) -> bool:
-        return self.models.train_light and not self.models.single_model
-
-    def correction_for(self, role: str) -> str:
-        """The rollout correction a role's update applies (`auto` resolved by its engine)."""
-        mode = self.rollout.rollout_correction
-        if mode != "auto":
-            return mode
-        spec = self.models.capable if role == "capable" else self.models.light
-        return "token_tis" if spec.strip().startswith("vllm:") else "none"
-
-    @property
-    def training_source(self) -> tuple:
-        data = self.data
-        split = data.split or ("train" if data.task == "builtin" else None)
-        return (data.task, split, data.data)
-
-    @property
-    def evaluation_source(self) -> tuple:
-        data = self.data
-        task = data.eval_task or data.task
-        split = data.eval_split or ("test" if task == "builtin" else None)
-        return (task, split, data.eval_data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        return load_model_file(cls, path)
-
-
-RENAMED = {
-    "eval_every": "evaluation.every",
-    "eval_questions": "evaluation.questions",
-    "warm_start_epochs": "warm_start.epochs",
-    "warm_start_lr": "warm_start.lr",
-    "warm_start_batch": "warm_start.batch",
-}
-"""Knobs of the flat layout whose name changed with their section."""
-
-
-def field_paths() -> dict[str, str]:
-    """Every section knob's name -> its dotted path (`kl_beta` -> `objective.kl_beta`)."""
-    return {name: f"{section}.{name}" for section, model in SECTIONS.items() for name in model.model_fields}
-
-
-def resumable_paths() -> frozenset[str]:
-    """Dotted paths of the knobs a resumed run may change (marked `resumable`)."""
-    paths = {name for name, f in TrainConfig.model_fields.items() if _resumable(f)}
-    for section, model in SECTIONS.items():
-        paths |= {f"{section}.{name}" for name, f in model.model_fields.items() if _resumable(f)}
-    return frozenset(paths)
-
-
-def _resumable(field) -> bool:
-    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("resumable"))
-
-
-def with_settings(config: TrainConfig, settings: dict[str, Any], source: str = "config") -> TrainConfig:
-    """`config` with `settings` ({"objective.kl_beta": 0.0, "steps": 3}) applied and checked
-    again, as `duet train --set` applies them (a ConfigError names what is wrong)."""
-    from duetlm.errors import ConfigError
-
-    data = config.model_dump()
-    for path, value in settings.items():
-        *sections, name = path.split(".")
-        target = data
-        for section in sections:
-            if not isinstance(target.get(section), dict):
-                known = ", ".join(SECTIONS)
-                raise ConfigError(f"{source}: {path}: no section {section!r} here (sections: {known})")
-            target = target[section]
-        target[name] = value
-    return validate_config(TrainConfig, data, source=f"{source} with {', '.join(settings)}")

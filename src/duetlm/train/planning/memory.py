@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duetlm.errors import ConfigError
-from duetlm.train.config import LoraSettings, TrainConfig, with_settings
+from duetlm.train.config import ROLE_NAMES, LoraSettings, TrainConfig, with_settings
 
 GB = 1e9
 
@@ -170,24 +170,18 @@ class ModelPlan:
 
 def _sequence(role: str, cfg: TrainConfig) -> int:
     """Tokens of one training row: M's prompt and signal; m's prompt holds the signal too."""
-    if role == "M":
+    if role == "capable":
         return cfg.rollout.signal_max_tokens + 512
     return cfg.rollout.signal_max_tokens + cfg.rollout.answer_max_tokens + 512
 
 
-def model_plan(
-    role: str,
-    spec: str,
-    cfg: TrainConfig,
-    lora: LoraSettings | None,
-    trained: bool,
-    device_memory: float,
-    devices: int,
-) -> ModelPlan:
+def model_plan(role: str, cfg: TrainConfig, device_memory: float, devices: int) -> ModelPlan:
     """One model's bytes per device. Under fsdp a trained model and M's reference are sharded
     over the `devices` (1/N each), and a layer is gathered whole in the compute dtype while it
     computes (the root, embedding and head, stays gathered through a pass: FSDP2 keeps the root
-    unsharded after its forward)."""
+    unsharded after its forward). `role` is `capable` or `light`."""
+    spec, trained = cfg.model_of(role), cfg.trains(role)
+    lora = cfg.role(role).lora if trained else None
     shape = shape_of(spec)
     parallel, rollout = cfg.parallel, cfg.rollout
     bf16 = parallel.precision == "bf16-mixed"
@@ -203,7 +197,7 @@ def model_plan(
     else:
         weights = n * 4 / share
     rows = {"weights": weights, "gradients": trainable * 4 / share, "AdamW state": trainable * 8 / share}
-    if role == "M" and cfg.objective.kl_beta > 0 and lora is None:
+    if role == "capable" and cfg.objective.kl_beta > 0 and lora is None:
         rows["reference model"] = n * compute / (devices if parallel.strategy == "fsdp" else 1)
     if trained:
         tokens = parallel.micro_batch * _sequence(role, cfg)
@@ -217,16 +211,14 @@ def model_plan(
     vllm = spec.startswith("vllm:")
     engine_dtype = 2 if bf16 else 4
     if vllm:
-        share_of_device = rollout.vllm_gpu_memory_utilization or (
-            0.3 if role == "M" else 0.15
-        )  # GPU defaults
+        share_of_device = cfg.engine_share(role, on_gpu=True) or 0.0
         rows["rollout engine"] = share_of_device * device_memory
         asleep = ", asleep in updates" if rollout.vllm_sleep else ""
         label = f"vLLM engine ({share_of_device:.0%} of the device reserved{asleep})"
     else:
         questions = cfg.objective.questions_per_step // devices
         per_question = (
-            cfg.objective.n_capable if role == "M" else cfg.objective.n_capable * cfg.objective.n_light
+            cfg.objective.n_capable if role == "capable" else cfg.objective.n_capable * cfg.objective.n_light
         )
         tokens = min(rollout.rollout_batch_tokens, questions * per_question * _sequence(role, cfg))
         rows["rollout engine"] = tokens * shape.kv_bytes_per_token()
@@ -247,7 +239,7 @@ def model_plan(
             host["staged copy per node (/dev/shm)"] = shape.params * engine_dtype
     if trained:
         host["save: whole model + AdamW state on the main process"] = trainable * 12 + (n - trainable) * 4
-    name = f"{role} {re.sub(r'^(hf|vllm):', '', spec)}"
+    name = f"{ROLE_NAMES[role]} {re.sub(r'^(hf|vllm):', '', spec)}"
     return ModelPlan(name, n, trainable, rows, label, host)
 
 
@@ -255,13 +247,7 @@ def plan(cfg: TrainConfig, device_memory: float, devices: int) -> tuple[list[Mod
     """(per-model plans, peak bytes per device). Rollouts, updates and pushes do not overlap:
     gradients are freed after every optimizer step, sleeping vLLM engines give their memory
     back during updates, and a push runs after the update."""
-    plans = [model_plan("M", cfg.models.capable, cfg, cfg.models.lora_capable, True, device_memory, devices)]
-    if not cfg.models.single_model:
-        plans.append(
-            model_plan(
-                "m", cfg.models.light, cfg, cfg.models.lora_light, cfg.trains_light, device_memory, devices
-            )
-        )
+    plans = [model_plan(role, cfg, device_memory, devices) for role in cfg.roles()]
     return plans, max(phases(plans).values())
 
 
@@ -333,7 +319,7 @@ def _remedies(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """Changes that shrink the plan, each adding to the ones before: sharding, bf16 compute,
     checkpointing, then LoRA (which trains under ddp: its trained weights are small already)."""
     lora = {"r": 64, "alpha": 128}
-    full = cfg.models.lora_capable is None and cfg.models.lora_light is None
+    full = cfg.capable.lora is None and cfg.light.lora is None
     steps: list[tuple[str, dict]] = []
     if cfg.parallel.strategy == "ddp" and full:
         steps.append(("parallel.strategy = 'fsdp'", {"parallel.strategy": "fsdp"}))
@@ -342,10 +328,10 @@ def _remedies(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     if not cfg.parallel.gradient_checkpointing:
         steps.append(("parallel.gradient_checkpointing = true", {"parallel.gradient_checkpointing": True}))
     lora_steps = []
-    if cfg.models.lora_capable is None:
-        lora_steps.append(("models.lora_capable = { r = 64, alpha = 128 }", {"models.lora_capable": lora}))
-    if cfg.models.lora_light is None and cfg.trains_light:
-        lora_steps.append(("models.lora_light = { r = 64, alpha = 128 }", {"models.lora_light": lora}))
+    if cfg.capable.lora is None:
+        lora_steps.append(("capable.lora = { r = 64, alpha = 128 }", {"capable.lora": lora}))
+    if cfg.light.lora is None and cfg.trains_light:
+        lora_steps.append(("light.lora = { r = 64, alpha = 128 }", {"light.lora": lora}))
     out, update = [], {}
     for label, change in steps:  # cumulative: each line adds to the ones above it
         update |= change

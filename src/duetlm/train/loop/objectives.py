@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duetlm.train.batch import RolloutBatch, StepQuestions
+from duetlm.train.algorithm.correction import importance_weights
+from duetlm.train.algorithm.grpo import group_advantages
+from duetlm.train.algorithm.reward import score_joint, single_model_rewards, update_lambda
 from duetlm.train.config import TrainConfig
-from duetlm.train.correction import importance_weights
-from duetlm.train.distributed import Runtime
-from duetlm.train.grpo import group_advantages
-from duetlm.train.policy import Policy
-from duetlm.train.reward import score_joint, single_model_rewards, update_lambda
-from duetlm.train.rollout import Rollouts
-from duetlm.train.sequences import credit_only_tail
-from duetlm.train.update import PolicyPasses
+from duetlm.train.loop.update import PolicyPasses
+from duetlm.train.modeling.distributed import Runtime
+from duetlm.train.modeling.policy import Policy
+from duetlm.train.rollouts.batch import RolloutBatch, StepQuestions
+from duetlm.train.rollouts.rollout import Rollouts
+from duetlm.train.rollouts.sequences import credit_only_tail
 
 
 @dataclass
@@ -39,7 +39,7 @@ class StepParts:
     cfg: TrainConfig
     runtime: Runtime
     capable: Policy
-    light: Policy
+    light: Policy | None  # None in the single-model baseline, which loads M alone
     rollouts: Rollouts
     passes: PolicyPasses
     seconds: dict[str, float] = field(default_factory=dict)
@@ -83,7 +83,8 @@ class StepParts:
 
     def sleep_engines(self) -> None:
         for policy in (self.capable, self.light):
-            policy.engine.sleep()
+            if policy is not None:
+                policy.engine.sleep()
 
     def corrected(
         self, role: str, batch: RolloutBatch, old: torch.Tensor

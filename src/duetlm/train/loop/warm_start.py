@@ -23,12 +23,13 @@ import torch
 from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError
 from duetlm.evaluate.store import read_rows
-from duetlm.protocol import Problem, capable_request
-from duetlm.train.distributed import Runtime
-from duetlm.train.parallel import clip_grad_norm
-from duetlm.train.policy import Policy, autocast
-from duetlm.train.rollout import prompt_ids
-from duetlm.train.sequences import pack
+from duetlm.problems import Problem
+from duetlm.requests import capable_request
+from duetlm.train.modeling.distributed import Runtime
+from duetlm.train.modeling.parallel import clip_grad_norm
+from duetlm.train.modeling.policy import Policy, autocast
+from duetlm.train.rollouts.rollout import prompt_ids
+from duetlm.train.rollouts.sequences import pack
 
 logger = logging.getLogger(__name__)
 

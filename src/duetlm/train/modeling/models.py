@@ -15,13 +15,11 @@ import torch
 from duetlm.backends import parse_spec
 from duetlm.backends.hf import resolve_model_location
 from duetlm.errors import ConfigError
-from duetlm.train.config import LoraSettings, TrainConfig
-from duetlm.train.distributed import Runtime
-from duetlm.train.engines import LiveEngine, ReplicaEngine, RolloutEngine
-from duetlm.train.parallel import wrap
-from duetlm.train.policy import LogprobNet, Policy, check_output_layer, load_lm
-
-ROLES = {"capable": "M", "light": "m"}
+from duetlm.train.config import ROLE_NAMES, TrainConfig
+from duetlm.train.engines.base import LiveEngine, ReplicaEngine, RolloutEngine
+from duetlm.train.modeling.distributed import Runtime
+from duetlm.train.modeling.parallel import wrap
+from duetlm.train.modeling.policy import LogprobNet, Policy, check_output_layer, load_lm
 
 
 def model_location(spec: str) -> str:
@@ -33,29 +31,25 @@ def model_location(spec: str) -> str:
     return resolve_model_location(parsed.model)[0]
 
 
-def build_policy(
-    name: str,
-    spec: str,
-    lora: LoraSettings | None,
-    lr: float,
-    cfg: TrainConfig,
-    runtime: Runtime,
-    checkpoint: Path | None,
-    trainable: bool = True,
-) -> Policy:
-    """One role's model, resumed from `checkpoint` when given."""
-    parallel = cfg.parallel
+def build_policy(name: str, cfg: TrainConfig, runtime: Runtime, checkpoint: Path | None) -> Policy:
+    """One role's model (`capable`, `light`) as its role's knobs say, resumed from `checkpoint`
+    when given."""
+    parallel, role = cfg.parallel, cfg.role(name)
+    spec, lr, trainable = cfg.model_of(name), role.lr, cfg.trains(name)
+    lora = role.lora if trainable else None
     location, adapter = model_location(spec), None
-    if checkpoint is not None and (checkpoint / name).is_dir():
+    if checkpoint is not None:
+        # a LoRA model resumes as its trained adapter over the base, which is saved whether or not
+        # a merged copy is (merge_adapters); a fully trained one from its saved weights
         if lora is not None and (checkpoint / f"{name}_adapter").is_dir():
             adapter = str(checkpoint / f"{name}_adapter")
-        else:
+        elif (checkpoint / name).is_dir():
             location = str(checkpoint / name)
     lm, tokenizer = load_lm(
         location,
         runtime.device,
         parallel.precision,
-        lora if trainable else None,
+        lora,
         adapter,
         trainable,
         parallel.gradient_checkpointing,
@@ -72,7 +66,7 @@ def build_policy(
     sharded = trainable and parallel.strategy == "fsdp"
     if sharded and lora is not None:
         raise ConfigError(
-            f"strategy = 'fsdp' with LoRA on {ROLES[name]} ({'lora_' + name}): not supported. FSDP shards a "
+            f"strategy = 'fsdp' with LoRA on {ROLE_NAMES[name]} ({name}.lora): not supported. FSDP shards a "
             "model's weights so that full fine-tuning fits; LoRA's trained weights are small already, and its "
             "frozen base would be merged from gathered shards at every push. Use strategy = 'ddp' with LoRA, "
             "or full fine-tuning under fsdp"
@@ -89,8 +83,7 @@ def build_policy(
     if trainable:
         parameters = [p for p in net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=cfg.optimizer.weight_decay)
-    temperature = cfg.rollout.capable_temperature if name == "capable" else cfg.rollout.light_temperature
-    return Policy(lm, net, tokenizer, optimizer, engine, temperature, lora is not None and trainable, name)
+    return Policy(lm, net, tokenizer, optimizer, engine, role.temperature, lora is not None, name)
 
 
 def rollout_engine(
@@ -107,7 +100,7 @@ def rollout_engine(
     the trained module itself, or over an unsharded replica when the module is sharded."""
     label = f"train:{name}"
     if parse_spec(spec).kind == "vllm":
-        from duetlm.train.vllm_engine import VLLMRolloutEngine
+        from duetlm.train.engines.vllm import VLLMRolloutEngine
 
         return VLLMRolloutEngine(
             location,
@@ -123,11 +116,11 @@ def rollout_engine(
 def reference_model(cfg: TrainConfig, runtime: Runtime) -> LogprobNet | None:
     """The initial M, frozen, for the KL term (None without one: β = 0, or LoRA, where the base
     with adapters off plays the part). Sharded like M under FSDP."""
-    if cfg.objective.kl_beta == 0 or cfg.models.lora_capable is not None:
+    if cfg.objective.kl_beta == 0 or cfg.capable.lora is not None:
         return None
-    parallel = cfg.parallel
-    lm, _ = load_lm(model_location(cfg.models.capable), runtime.device, parallel.precision, trainable=False)
-    check_output_layer(lm, f"the reference ({cfg.models.capable})")
+    parallel, spec = cfg.parallel, cfg.model_of("capable")
+    lm, _ = load_lm(model_location(spec), runtime.device, parallel.precision, trainable=False)
+    check_output_layer(lm, f"the reference ({spec})")
     return wrap(LogprobNet(lm, parallel.logprob_chunk), parallel.strategy, runtime, parallel.precision, False)
 
 
@@ -135,11 +128,9 @@ def rollout_engine_settings(cfg: TrainConfig, name: str):
     """A vLLM rollout engine computes in the trainer's dtype (bf16 under bf16-mixed: the fp32
     masters are cast when pushed), so that both score the same numbers. Sampling seeds are
     per request (`batch.sample_seed`); the engine's own seed only covers what has none."""
-    from duetlm.backends.vllm_start import VLLMSettings, on_cpu, require_vllm
+    from duetlm.backends.vllm.start import VLLMSettings, on_cpu, require_vllm
 
     require_vllm()
-    share = cfg.rollout.vllm_gpu_memory_utilization
-    if share is None and not on_cpu():
-        share = 0.3 if name == "capable" else 0.15
+    share = cfg.engine_share(name, on_gpu=not on_cpu())
     dtype = "bfloat16" if cfg.parallel.precision == "bf16-mixed" else "float32"
     return VLLMSettings(gpu_memory_utilization=share, dtype=dtype, seed=cfg.seed)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from duetlm.backends.base import (
+    BaseBackend,
+    Capabilities,
     ContextGuard,
     FinishReason,
     GenerationRequest,
@@ -23,7 +25,7 @@ from duetlm.backends.base import (
     cut_at_stop,
     prompt_token_ids,
 )
-from duetlm.backends.vllm_start import VLLMSettings, engine_arguments, require_vllm, start
+from duetlm.backends.vllm.start import VLLMSettings, engine_arguments, require_vllm, start
 
 __all__ = ["VLLMBackend", "finish_of", "require_vllm", "vllm_sampling"]
 
@@ -56,7 +58,7 @@ def finish_of(text: str, finish: str | None, stop_reason, stops: tuple[str, ...]
     return text, reason, stop_string
 
 
-class VLLMTokenizing:
+class VLLMTokenizing(BaseBackend):
     """What the offline and the async backend share: the model's own tokenizer, prompts as
     ids, the context guard (a budget past the context is cut as on hf, not refused by vLLM)."""
 
@@ -72,6 +74,19 @@ class VLLMTokenizing:
     @property
     def context_length(self) -> int | None:
         return self.context.context_length
+
+    streams = False  # the async engine's backend streams; the offline one answers whole batches
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            tokenizer=True,
+            logprobs=True,
+            token_ids=True,
+            streaming=self.streams,
+            prompt_tokens=True,
+            context_length=self.context_length,
+        )
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return prompt_token_ids(self.tokenizer, request)

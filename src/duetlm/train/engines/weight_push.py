@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from duetlm.errors import ConfigError
-from duetlm.train.distributed import Runtime
-from duetlm.train.parallel import full_tensors
+from duetlm.train.modeling.distributed import Runtime
+from duetlm.train.modeling.parallel import full_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -24,16 +24,8 @@ from duetlm.backends.hf import pick_device
 from duetlm.errors import ConfigError
 from duetlm.protocol import Duet
 from duetlm.tasks import grade
-from duetlm.train import checkpoint as ckpt
 from duetlm.train.config import TrainConfig
-from duetlm.train.data import TrainingData
-from duetlm.train.distributed import start_runtime
-from duetlm.train.models import build_policy, model_location, reference_model
-from duetlm.train.objectives import JointObjective, SingleModelObjective, StepParts
-from duetlm.train.policy import Policy, autocast, merged_state_dict
-from duetlm.train.rollout import Rollouts
-from duetlm.train.update import PolicyPasses
-from duetlm.train.weight_push import (
+from duetlm.train.engines.weight_push import (
     Stager,
     WeightPush,
     run_key,
@@ -41,6 +33,14 @@ from duetlm.train.weight_push import (
     tied_embeddings,
     weight_bytes,
 )
+from duetlm.train.loop import checkpoint as ckpt
+from duetlm.train.loop.data import TrainingData
+from duetlm.train.loop.objectives import JointObjective, SingleModelObjective, StepParts
+from duetlm.train.loop.update import PolicyPasses
+from duetlm.train.modeling.distributed import start_runtime
+from duetlm.train.modeling.models import build_policy, model_location, reference_model
+from duetlm.train.modeling.policy import Policy, autocast, merged_state_dict
+from duetlm.train.rollouts.rollout import Rollouts
 
 logger = logging.getLogger(__name__)
 
@@ -72,45 +72,39 @@ class DuetTrainer:
         self.step, self.lam, self.position = 0, config.objective.lambda_init, 0
         torch.manual_seed(config.seed)  # the same on every process: LoRA's adapters start alike
 
-        models = config.models
+        unused = config.unused_knobs()
+        if unused and runtime.main:
+            logger.warning(
+                "the single-model baseline answers with M alone, so it does not read %s (m is not loaded)",
+                ", ".join(unused),
+            )
         self.data = TrainingData(config)
-        self.capable = build_policy(
-            "capable",
-            models.capable,
-            models.lora_capable,
-            config.optimizer.capable_lr,
-            config,
-            runtime,
-            checkpoint,
-        )
-        self.light = build_policy(
-            "light",
-            models.light,
-            models.lora_light,
-            config.optimizer.light_lr,
-            config,
-            runtime,
-            checkpoint,
-            trainable=config.trains_light,
-        )
+        self.capable = build_policy("capable", config, runtime, checkpoint)
+        # the single-model baseline answers with M alone: m is not loaded at all
+        self.light = build_policy("light", config, runtime, checkpoint) if "light" in config.roles() else None
         self.reference = reference_model(config, runtime)
         self.stager = self._stager()
         self.rollouts = Rollouts(config, self.capable, self.light, runtime.device)
         self.passes = PolicyPasses(config, runtime, self.reference)
         parts = StepParts(config, runtime, self.capable, self.light, self.rollouts, self.passes)
-        self.objective = SingleModelObjective(parts) if models.single_model else JointObjective(parts)
+        self.objective = SingleModelObjective(parts) if config.models.single_model else JointObjective(parts)
         torch.manual_seed(config.seed + runtime.rank)  # what draws from here on (dropout) differs per process
         if state is not None:
             self._restore(state, checkpoint)
 
     @property
     def trained(self) -> list[Policy]:
-        return [p for p in (self.capable, self.light) if p.optimizer is not None]
+        return [p for p in self.policies if p.optimizer is not None]
+
+    @property
+    def policies(self) -> list[Policy]:
+        """The models this run loaded (M alone in the single-model baseline)."""
+        return [p for p in (self.capable, self.light) if p is not None]
 
     def _stager(self) -> Stager | None:
         """The staging folder for engines that read pushed weights from files, checked for
         room before step 0 (None when no engine does)."""
-        staged = [p for p in self.trained if getattr(p.engine, "reads_staged_weights", False)]
+        staged = [p for p in self.trained if p.engine.reads_staged_weights]
         if not staged:
             return None
         needed = max(weight_bytes(p.lm, p.engine.dtype) for p in staged)
@@ -159,7 +153,9 @@ class DuetTrainer:
                 "alone_max_tokens": budget,
             }
         )
-        duet = Duet(self.capable.engine, self.light.engine, config)
+        # the single-model baseline's evaluation is M-alone, which never asks m
+        light = self.light.engine if self.light is not None else self.capable.engine
+        duet = Duet(self.capable.engine, light, config)
         examples = self.data.evaluation[runtime.rank :: runtime.world]
         total = max(runtime.sum(len(examples)), 1.0)
 
@@ -189,10 +185,10 @@ class DuetTrainer:
         """Fine-tune M on a probe's oracle cuts of training questions (`warm_start.run`); the
         KL reference (full fine-tuning) becomes the warm-started M, so that GRPO's KL term keeps
         it near where the warm start put it, not near the verbose M."""
-        from duetlm.train.warm_start import WarmStartSettings, fine_tune, warm_start_targets
+        from duetlm.train.loop.warm_start import WarmStartSettings, fine_tune, warm_start_targets
 
         cfg, warm = self.cfg, self.cfg.warm_start
-        targets = warm_start_targets(warm.run, self.data.is_training_question, cfg.models.capable)
+        targets = warm_start_targets(warm.run, self.data.is_training_question, cfg.capable.model)
         settings = WarmStartSettings(warm.epochs, warm.lr, warm.batch, cfg.seed)
         report = fine_tune(
             self.capable,
@@ -270,13 +266,13 @@ class DuetTrainer:
                 self.runtime.world,
             )
         for policy in self.trained:
-            if policy.lora and getattr(policy.engine, "reads_staged_weights", False):
+            if policy.lora and policy.engine.reads_staged_weights:
                 # a resumed LoRA run's engine started from the base weights
                 policy.engine.take_weights(WeightPush(policy.name, policy.lm, self.stager))
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
     def close(self) -> None:
-        for policy in (self.capable, self.light):
+        for policy in self.policies:
             policy.engine.close()
         self.runtime.close()
 
@@ -287,7 +283,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     folder that holds another run unless `force` (which moves that run aside)."""
     from tqdm.auto import tqdm
 
-    from duetlm.train.logging import MetricsLog
+    from duetlm.train.loop.logging import MetricsLog
 
     started = time.perf_counter()
     if not resume and _is_main_process():

@@ -15,13 +15,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams, render_chat
-from duetlm.protocol import capable_request, light_request, signal_of, user_prompt
+from duetlm.requests import capable_request, light_request, signal_of, user_prompt
 from duetlm.signals import split_thinking, style_of
 from duetlm.tasks import Example, grade
-from duetlm.train.batch import RolloutBatch, StepQuestions, sample_seed
 from duetlm.train.config import TrainConfig
-from duetlm.train.policy import Policy, autocast
-from duetlm.train.sequences import Sequences, force_early_stop, pack
+from duetlm.train.modeling.policy import Policy, autocast
+from duetlm.train.rollouts.batch import RolloutBatch, StepQuestions, sample_seed
+from duetlm.train.rollouts.sequences import Sequences, force_early_stop, pack
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Rollouts:
     the run's seed, the step, the role, the question's place in the step's batch, the signal
     and answer index), so the samples do not depend on how the batch is sharded or grouped."""
 
-    def __init__(self, cfg: TrainConfig, capable: Policy, light: Policy, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, capable: Policy, light: Policy | None, device: torch.device) -> None:
         self.cfg, self.capable, self.light, self.device = cfg, capable, light, device
         self.duet_config = cfg.duet.model_copy(
             update={"seed": None, "answer_max_tokens": cfg.rollout.answer_max_tokens}
@@ -85,7 +85,7 @@ class Rollouts:
     def capable_signals(self, questions: StepQuestions) -> CapableRollout:
         """n_M signals per question, some cut short by forced early stops (exploration)."""
         cfg, tokenizer = self.cfg, self.capable.tokenizer
-        config = self._sampling(cfg.rollout.capable_temperature)
+        config = self._sampling(cfg.capable.temperature)
         keys = [(q, s, 0) for q in range(len(questions)) for s in range(cfg.objective.n_capable)]
         requests = [
             self._seeded(
@@ -126,7 +126,7 @@ class Rollouts:
     ) -> tuple[RolloutBatch, torch.Tensor]:
         """n_m answers of m for every signal: m's rows and their correctness (Q, S, A)."""
         cfg = self.cfg
-        config = self._sampling(cfg.rollout.light_temperature)
+        config = self._sampling(cfg.light.temperature)
         keys = [
             (q, s, a)
             for q in range(len(questions))
@@ -159,7 +159,7 @@ class Rollouts:
         keys = [(q, s, 0) for q in range(len(questions)) for s in range(cfg.objective.n_capable)]
         budget = cfg.rollout.signal_max_tokens + cfg.rollout.answer_max_tokens
         requests = self._alone_requests(
-            questions, "capable-alone", keys, cfg.rollout.capable_temperature, budget, capable=True
+            questions, "capable-alone", keys, cfg.capable.temperature, budget, capable=True
         )
         results = self._generate(self.capable, requests)
         correct = torch.zeros(len(questions), cfg.objective.n_capable)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from duetlm.tasks import Example
-from duetlm.train.sequences import Sequences
+from duetlm.train.rollouts.sequences import Sequences
 
 
 @dataclass(frozen=True)

@@ -26,17 +26,20 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, stream
+from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, capabilities_of, stream
 from duetlm.errors import GenerationError, InputError
 from duetlm.grading import extract_answer
+from duetlm.methods.base import Method
+from duetlm.methods.registry import MethodEntry, Mode, register
+from duetlm.problems import Problem, SolveResult
+from duetlm.requests import capable_request, light_request, sampling, user_prompt
+from duetlm.results import handed_over_result, usage_of
 from duetlm.signals import first_marker, signal_from_stage1, style_of
+from duetlm.streaming import AnswerDelta, Event, Finished, Probing, ThinkingSplitter
 from duetlm.usage import ModelUsage, Usage
 
 if TYPE_CHECKING:
-    from duetlm.protocol import Duet, Mode, Problem, SolveResult
-    from duetlm.streaming import Event
-
-SETTLE_KINDS = ("settle", "M-settle")
+    from duetlm.protocol import Duet
 
 
 @dataclass
@@ -123,34 +126,23 @@ class Settler:
     """Runs the settle modes for a `Duet`: batched (`solve_batch`) and streamed (`astream`)."""
 
     def __init__(self, duet: Duet, mode: Mode) -> None:
-        from duetlm.protocol import usage_of
-
         self.duet, self.mode, self.cfg = duet, mode, duet.config
         self.rule = self.cfg.settle
         self.self_probe = mode.kind == "M-settle"
         self.prober: Backend = duet.capable if self.self_probe else duet.light
         self.prober_price = self.cfg.capable_price if self.self_probe else self.cfg.light_price
-        self.tokenizer = getattr(duet.capable, "tokenizer", None)
+        # M's ids are decoded here when M has a local tokenizer; else its steps resume from text
+        self.tokenizer = duet.capable.tokenizer if capabilities_of(duet.capable).tokenizer else None
+        self.prober_tokenizer = self.prober.tokenizer if capabilities_of(self.prober).tokenizer else None
         self.usage_of = usage_of
         self.style = style_of(self.cfg)
-        if self.style.sketch:
-            raise InputError(
-                f"{mode}: M must reason before its answer (signal_style 'think' or 'answer'); a sketch has no "
-                "reasoning to watch"
-            )
-        if self.rule.min_prob is not None and not hasattr(self.prober, "tokenizer"):
-            raise InputError(
-                f"{mode}: settle.min_prob needs the prober's per-token log-probs, which "
-                f"{getattr(self.prober, 'spec', 'this backend')} does not give (use hf or vllm, or min_prob = None)"
-            )
+        check(duet, mode)
 
     # --- requests ---------------------------------------------------------------------------
 
     def step_request(self, watch: Watch, max_tokens: int, line_end: bool) -> GenerationRequest:
         """M's next step: up to `max_tokens` more, ending at the close tag (or, `line_end`,
         at the end of the current line)."""
-        from duetlm.protocol import sampling, user_prompt
-
         cfg = self.cfg
         stops = (*self.style.stops(), "\n") if line_end else self.style.stops()
         params = sampling(cfg, max_tokens, stops)
@@ -169,8 +161,6 @@ class Settler:
 
     def probe_request(self, watch: Watch) -> GenerationRequest:
         """The prober's greedy answer from the thinking so far, closed with the think tag."""
-        from duetlm.protocol import light_request
-
         cfg = self.cfg
         kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
         request = light_request(watch.problem, self.thinking(watch), cfg, kwargs, closed=True)
@@ -185,8 +175,6 @@ class Settler:
     def final_request(self, watch: Watch) -> GenerationRequest:
         """At M's own end: m answers from the whole thinking as in `duet`; in `M-settle`, M
         writes its own answer after it as in M-alone."""
-        from duetlm.protocol import light_request
-
         cfg = self.cfg
         kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
         return light_request(watch.problem, self.thinking(watch), cfg, kwargs)
@@ -213,7 +201,7 @@ class Settler:
         watch.since_probe += result.output_tokens
         if "reasoning" in result.extra:
             raise GenerationError(
-                f"{self.mode}: {getattr(self.duet.capable, 'spec', 'M')} returned its thinking parsed out of the "
+                f"{self.mode}: {self.duet.capable.spec} returned its thinking parsed out of the "
                 "content; watching it needs the raw text (serve M without a reasoning parser)"
             )
         if result.token_ids is not None and self.tokenizer is not None and watch.exact_ids:
@@ -232,7 +220,7 @@ class Settler:
 
     def take_probe(self, watch: Watch, result: GenerationResult) -> None:
         answer = extract_answer(result.text, choices=len(watch.problem.choices))
-        prob = answer_probability(result, answer, getattr(self.prober, "tokenizer", None))
+        prob = answer_probability(result, answer, self.prober_tokenizer)
         watch.probes.append(Probe(watch.tokens, answer, prob, result.output_tokens))
         watch.prober = watch.prober + self.usage_of(result, self.prober_price)
         watch.since_probe = 0
@@ -240,8 +228,6 @@ class Settler:
             watch.settled_by = result
 
     def result(self, watch: Watch, final: GenerationResult | None) -> SolveResult:
-        from duetlm.protocol import SolveResult, usage_of
-
         written = watch.settled_by if watch.settled_by is not None and final is None else final
         assert written is not None
         probes = watch.prober
@@ -253,40 +239,33 @@ class Settler:
         else:
             light = probes + (usage_of(final, self.cfg.light_price) if final else ModelUsage())
             usage = Usage(watch.capable, light)
-        signal = self.thinking(watch)
-        ended = watch.ended
-        truncated = ended is not None and ended.finish_reason == "length"
-        capable_finish = (
-            "settled" if watch.settled_by is not None else (ended.finish_reason if ended else None)
-        )
-        return SolveResult(
-            question=watch.problem.question,
-            mode=str(self.mode),
-            text=written.text,
-            answer=extract_answer(written.text, choices=len(watch.problem.choices)),
-            signal=signal,
-            signal_tokens=watch.tokens,
-            truncated=truncated,
-            capable_finish=capable_finish,
-            light_finish=None if self.self_probe else written.finish_reason,
-            usage=usage,
-            capable_text=watch.text,
-            retries=watch.retries + written.retries,
-            budget_clamped=watch.clamped or written.budget_clamped,
-            empty_signal=not signal.strip(),
-            handover={
-                "settled": watch.settled_by is not None,
-                "probes": len(watch.probes),
-                "probe_answers": [p.answer for p in watch.probes],
-                "probe_at_tokens": [p.at_tokens for p in watch.probes],
-                "probe_probs": [p.prob for p in watch.probes] if self.rule.min_prob is not None else None,
-                "probe_output_tokens": probes.output_tokens,
-                "probe_prompt_tokens": probes.prompt_tokens,
-                "probe_wall_s": probes.wall_s,
-                "capable_steps": watch.steps,
-                "resent_prompt_tokens": watch.resent,
-                "prober": "M" if self.self_probe else "m",
-            },
+        handover = {
+            "settled": watch.settled_by is not None,
+            "probes": len(watch.probes),
+            "probe_answers": [p.answer for p in watch.probes],
+            "probe_at_tokens": [p.at_tokens for p in watch.probes],
+            "probe_probs": [p.prob for p in watch.probes] if self.rule.min_prob is not None else None,
+            "probe_output_tokens": probes.output_tokens,
+            "probe_prompt_tokens": probes.prompt_tokens,
+            "probe_wall_s": probes.wall_s,
+            "capable_steps": watch.steps,
+            "resent_prompt_tokens": watch.resent,
+            "prober": "M" if self.self_probe else "m",
+        }
+        return handed_over_result(
+            watch.problem,
+            str(self.mode),
+            written,
+            self.thinking(watch),
+            watch.tokens,
+            watch.ended,
+            watch.settled_by is not None,
+            usage,
+            watch.text,
+            watch.retries,
+            watch.clamped,
+            handover,
+            self.self_probe,
         )
 
     def next_step(self, watch: Watch) -> GenerationRequest:
@@ -335,8 +314,6 @@ class Settler:
         """One question as events: M's thinking as `SignalDelta`s while it writes, a `Probing`
         event per probe, then the write-up and `Finished`. Closing the iterator cancels the
         request in flight, M's step or the probe (M waits idle during a probe)."""
-        from duetlm.streaming import AnswerDelta, Finished, Probing, ThinkingSplitter
-
         cfg = self.cfg
         watch = Watch(problem, self.mode.budget or cfg.signal_max_tokens)
         split = ThinkingSplitter(cfg.prompts.think_open, cfg.prompts.think_close, untagged="thinking")
@@ -385,3 +362,48 @@ class Settler:
                 if text:
                     yield AnswerDelta(text)
         yield Finished(self.result(watch, final))
+
+
+def check(duet: Duet, mode: Mode) -> None:
+    """Refuse, before any work, what the settle modes cannot watch: a sketch (no reasoning), and
+    `min_prob` with a prober that gives no per-token log-probabilities."""
+    if style_of(duet.config).sketch:
+        raise InputError(
+            f"{mode}: M must reason before its answer (signal_style 'think' or 'answer'); a sketch has no "
+            "reasoning to watch"
+        )
+    prober = duet.capable if mode.kind == "M-settle" else duet.light
+    if duet.config.settle.min_prob is not None:
+        capabilities_of(prober).require(
+            "logprobs",
+            f"{mode} with settle.min_prob",
+            prober.spec,
+            "use hf:, vllm: or llamacpp:, or min_prob = None",
+        )
+
+
+class Settle(Method):
+    """`settle` (m probes M's reasoning and takes over once its answers agree) and `M-settle`
+    (M probes itself)."""
+
+    def check(self, duet: Duet) -> None:
+        check(duet, self.mode)
+
+    def first_read(self, duet: Duet, problem: Problem) -> tuple[Backend, GenerationRequest]:
+        budget = self.mode.budget or duet.config.signal_max_tokens
+        return duet.capable, capable_request(problem, duet.config, budget)
+
+    def solve_batch(self, duet: Duet, problems: Sequence[Problem]) -> list[SolveResult]:
+        return Settler(duet, self.mode).solve_batch(problems)
+
+    async def astream(self, duet: Duet, problem: Problem) -> AsyncIterator[Event]:
+        async for event in Settler(duet, self.mode).astream(problem):
+            yield event
+
+
+register(
+    MethodEntry(
+        "settle", "duet, M stopped once m's answers probed from its reasoning so far agree", Settle, order=4
+    )
+)
+register(MethodEntry("M-settle", "M alone, stopped once its own probed answers agree", Settle, order=5))

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from duetlm.errors import ConfigError
-from duetlm.train.distributed import Runtime
+from duetlm.train.modeling.distributed import Runtime
 
 Strategy = Literal["ddp", "fsdp"]
 

@@ -40,15 +40,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from duetlm.backends.base import GenerationRequest, GenerationResult
-from duetlm.backends.vllm_start import VLLMSettings, on_cpu
+from duetlm.backends.vllm.start import VLLMSettings, on_cpu
 from duetlm.errors import BackendError
 
 if TYPE_CHECKING:
-    from duetlm.train.weight_push import WeightPush
+    from duetlm.train.engines.weight_push import WeightPush
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "duetlm.train.vllm_engine.WeightLoader"
+WORKER_EXTENSION = "duetlm.train.engines.vllm.WeightLoader"
 
 
 class WeightLoader:
@@ -56,7 +56,7 @@ class WeightLoader:
     through `LLM.collective_rpc`, they run inside the worker, next to its model."""
 
     def load_weights_from_folder(self, folder: str) -> int:
-        from duetlm.train.weight_push import staged_weights
+        from duetlm.train.engines.weight_push import staged_weights
 
         count = 0
 
@@ -135,7 +135,7 @@ class VLLMRolloutEngine:
         spec: str,
         device: torch.device | None = None,
     ) -> None:
-        from duetlm.backends.vllm import VLLMBackend
+        from duetlm.backends.vllm.offline import VLLMBackend
 
         if sleep and on_cpu():
             logger.warning(

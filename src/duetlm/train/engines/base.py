@@ -6,12 +6,12 @@ Every role (M, m) has its own engine, chosen from its spec and the strategy:
 | ----- | ------------------------------------------ | ------------------------------------- |
 | hf:   | `LiveEngine`: generate() on the very module | `ReplicaEngine`: an unsharded copy    |
 |       | being trained; nothing to push             | that takes the pushed weights         |
-| vllm: | `VLLMRolloutEngine` (train/vllm_engine.py): a vLLM engine per process, that    |
+| vllm: | `VLLMRolloutEngine` (train/engines/vllm.py): a vLLM engine per process, that    |
 |       | sleeps during updates and reloads the weights staged once per node after each |
 
 A sharded module never generates (its forward interleaves gathers with compute, and
 `generate()` on it mixes sharded and whole tensors). After every update the trainer hands
-each trained model's engine a `WeightPush` (train/weight_push.py) and the engine takes the
+each trained model's engine a `WeightPush` (train/engines/weight_push.py) and the engine takes the
 weights the way it can: in memory, or from the node's staged copy.
 """
 
@@ -27,7 +27,7 @@ from duetlm.backends.base import GenerationRequest, GenerationResult
 from duetlm.backends.hf import HFBackend
 
 if TYPE_CHECKING:
-    from duetlm.train.weight_push import WeightPush
+    from duetlm.train.engines.weight_push import WeightPush
 
 
 @runtime_checkable

@@ -1,0 +1,1 @@
+"""Tools that plan or show a run: the memory plan of `--dry-run`, the training curves."""

@@ -34,6 +34,8 @@ GUARDS = [  # the quick ones first: by default a mutation's run ends at its firs
     "tests/test_train_qwen3.py::test_old_and_recomputed_logprobs_agree_at_step_0",
     "tests/test_train_qwen3.py::test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on",
     "tests/test_train_qwen3.py::test_the_kl_in_the_loss_draws_the_capable_model_back_to_its_reference",
+    "tests/test_train_review.py::test_m_answers_each_signal_with_independent_draws",
+    "tests/test_train_review.py::test_m_engine_at_another_temperature_is_corrected_on_its_own",
 ]
 
 # (name, file under src/duetlm, text to find, replacement)
@@ -172,6 +174,18 @@ MUTATIONS = [
         "train/algorithm/grpo.py",
         "logits = torch.tanh(logits / cap) * cap",
         "logits = logits",
+    ),
+    (
+        "m's answers to one signal share one seed (n_m copies of one answer)",
+        "train/rollouts/rollout.py",
+        'self._seed(questions, "light", (q, s, a)),',
+        'self._seed(questions, "light", (q, s, 0)),',
+    ),
+    (
+        "m's importance weights dropped from its update",
+        "train/loop/objectives.py",
+        "scored = batch.with_scores(batch.per_row(advantages), old, None, weights)",
+        "scored = batch.with_scores(batch.per_row(advantages), old, None, None)",
     ),
 ]
 

@@ -183,6 +183,41 @@ def test_every_push_reaches_the_engines(
             resumed.close()
 
 
+def test_every_engine_samples_its_models_weights_after_a_sleep_that_discards_them(
+    qwen3_vllm_dirs, qwen3_task, tmp_path, monkeypatch
+):
+    """A GPU engine asleep at level 2 has thrown its weights away. On a CPU, where vLLM has no
+    sleep mode, DUETLM_EMULATE_SLEEP=1 really zeroes them (through the reload a push uses), so
+    this sees what a GPU does: M, trained and pushed after every update, and m, used but not
+    trained (no push ever comes), must both sample what their weights sample, at every step and
+    in the evaluation. Slept at level 2 as M is, m would sample from zeros from step 2 on."""
+    monkeypatch.setenv("DUETLM_EMULATE_SLEEP", "1")
+    light = f"vllm:{qwen3_vllm_dirs['light']}"
+    config = vllm_config(
+        qwen3_vllm_dirs, qwen3_task, tmp_path / "run", light=light, train_light=False, steps=2
+    )
+    trainer = DuetTrainer(config)
+    try:
+        assert [p.name for p in trainer.trained] == ["capable"]
+        engines = [p for p in trainer.policies if p.engine.reads_staged_weights]
+        assert [p.name for p in engines] == ["capable", "light"]
+        for _ in range(config.steps):
+            trainer.train_step()
+            for policy in engines:
+                [engine] = policy.engine.generate([PROBE])
+                assert engine.token_ids == trainer_greedy(policy, config.parallel.precision), (
+                    f"step {trainer.step}: the {policy.name} engine does not sample its model's weights"
+                )
+        trainer.train_step()  # a third update, then the evaluation reads both engines
+        metrics = trainer.evaluate()
+        assert 0 <= metrics["eval_accuracy"] <= 1
+        for policy in engines:
+            [engine] = policy.engine.generate([PROBE])
+            assert engine.token_ids == trainer_greedy(policy, config.parallel.precision)
+    finally:
+        trainer.close()
+
+
 def test_two_fsdp_processes_with_both_models_on_vllm_train_what_one_does_and_resume_after_kill_9(
     qwen3_vllm_dirs, qwen3_task, tmp_path
 ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL, _prompt, small_config, tiny_model, train_script
 from duetlm.backends.hf import HFBackend
@@ -126,3 +127,35 @@ def test_completion_text_closes_the_cut():
     config = DuetConfig()
     assert completion_text("a\nb", config) == "<think>\na\nb\n</think>"
     assert completion_text("", config) == "<think>\n\n</think>"
+
+
+def test_a_resumed_run_keeps_the_warm_started_reference(pair, task_path, tmp_path, probe_run):
+    """After a warm start the KL reference is the warm-started M; a run that resumes from a
+    checkpoint must optimize the same objective, so the reference comes back from the run, not
+    from the verbose M the config names."""
+    from duetlm.train.loop.trainer import train
+
+    config = small_config(
+        pair,
+        task_path,
+        tmp_path / "run",
+        warm_start=str(probe_run),
+        warm_start_epochs=2,
+        warm_start_batch=2,
+        warm_start_lr=1e-3,
+        steps=1,
+        eval_every=0,
+    )
+    out = train(config, progress=False)
+    assert (out / "last" / "reference").is_dir()
+    resumed = DuetTrainer(config.model_copy(update={"steps": 2}), resume=True)
+    try:
+        saved = HFBackend(str(out / "last" / "reference")).model.state_dict()
+        initial = HFBackend(str(pair["capable"])).model.state_dict()
+        reference = resumed.reference.lm.state_dict()
+        moved = [name for name in saved if not torch.equal(saved[name], initial[name])]
+        assert moved  # the warm start moved M, so the saved reference is not the initial M
+        for name in saved:
+            assert torch.equal(reference[name].to(saved[name].dtype), saved[name]), name
+    finally:
+        resumed.close()

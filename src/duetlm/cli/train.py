@@ -36,12 +36,21 @@ def train(
     dry_run: Annotated[
         bool, typer.Option(help="Load nothing; print the per-device memory plan and whether it fits.")
     ] = False,
-    device_memory: Annotated[str, typer.Option(help="Memory of one device, for --dry-run.")] = "80GB",
+    device_memory: Annotated[
+        str | None,
+        typer.Option(help="Memory of one device, for --dry-run; default the config's [layout] (80GB)."),
+    ] = None,
     devices: Annotated[
         int | None,
-        typer.Option(min=1, help="Devices (processes) for --dry-run; default $WORLD_SIZE or 1."),
+        typer.Option(
+            min=1,
+            help="Devices (processes) for --dry-run; default the config's [layout], else $WORLD_SIZE or 1.",
+        ),
     ] = None,
-    nodes: Annotated[int, typer.Option(min=1, help="Nodes the devices are spread over, for --dry-run.")] = 1,
+    nodes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Nodes the devices are spread over, for --dry-run; default [layout]."),
+    ] = None,
 ) -> None:
     """Joint DUET training (length-penalized GRPO) of M and m; see docs/design.md section 2.
     Several processes: torchrun --nproc_per_node N --no-python duet train ... (docs/training.md)."""
@@ -54,8 +63,10 @@ def train(
     if dry_run:
         from duetlm.train.planning.memory import parse_size, render
 
-        world = devices or int(os.environ.get("WORLD_SIZE", "1"))
-        text, fits = render(train_config, parse_size(device_memory), world, nodes)
+        layout = train_config.layout
+        world = devices or layout.devices or int(os.environ.get("WORLD_SIZE", "1"))
+        memory = parse_size(device_memory or layout.device_memory)
+        text, fits = render(train_config, memory, world, nodes or layout.nodes)
         console.print(text, highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(0 if fits else 1)
     from torch.distributed.elastic.multiprocessing.errors import record

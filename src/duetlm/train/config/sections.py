@@ -304,7 +304,17 @@ class LoggingConfig(Section):
     """[logging]: where metrics go besides metrics.jsonl."""
 
     tensorboard: bool = knob(True, "Also log to TensorBoard (if installed).", resumable=True)
-    wandb: bool = knob(False, "Also log to Weights & Biases (if installed).", resumable=True)
+    wandb: bool = knob(
+        False,
+        "Also log to Weights & Biases (pip install 'duetlm[wandb]'; refused at start if missing).",
+        resumable=True,
+    )
+    wandb_project: str = knob("duetlm", "The Weights & Biases project.", resumable=True)
+    wandb_run: str | None = knob(
+        None,
+        "The run's name there; None: the run folder's name. A resumed run continues the same run.",
+        resumable=True,
+    )
 
 
 class WarmStartConfig(Section):
@@ -320,6 +330,23 @@ class WarmStartConfig(Section):
     batch: int = knob(16, "Cuts per optimizer step.", ge=1)
 
 
+class LayoutConfig(Section):
+    """[layout]: the hardware a config was made for. `duet train --dry-run` plans for it when its
+    flags do not say otherwise; a run itself takes its processes from torchrun and checks that
+    they match when `devices` is set."""
+
+    devices: int | None = knob(
+        None,
+        "Devices (one process each) over all nodes; None: what the launcher starts.",
+        ge=1,
+        resumable=True,
+    )
+    nodes: int = knob(1, "Nodes the devices are spread over.", ge=1, resumable=True)
+    device_memory: str = knob(
+        "80GB", "Memory of one device (for the plan), e.g. 80GB, 141GB.", resumable=True
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
     "capable": RoleConfig,
     "light": RoleConfig,
@@ -332,4 +359,5 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluation": EvaluationConfig,
     "logging": LoggingConfig,
     "warm_start": WarmStartConfig,
+    "layout": LayoutConfig,
 }

@@ -43,8 +43,9 @@ class RolloutEngine(Protocol):
         """After an update: sample from the trained weights from now on."""
         ...
 
-    def sleep(self) -> None:
-        """Before an update: give back what memory the engine can."""
+    def sleep(self, keep_weights: bool = False) -> None:
+        """Before an update: give back what memory the engine can. `keep_weights`: no push
+        follows (the model is not trained), so the weights must come back by themselves."""
         ...
 
     def close(self) -> None: ...
@@ -68,7 +69,7 @@ class LiveEngine:
     def take_weights(self, push: WeightPush) -> None:
         return None
 
-    def sleep(self) -> None:
+    def sleep(self, keep_weights: bool = False) -> None:
         return None
 
     def close(self) -> None:

@@ -7,9 +7,14 @@ CPU build.
   so that the log-probs it returns are those of the distribution it sampled from (after
   temperature), comparable with the trainer's. Its dtype is the trainer's compute dtype
   (bf16 under `bf16-mixed`, else fp32), so both score the same numbers.
-- With `vllm_sleep`, `LLM.sleep(level=2)` discards its weights and KV cache before the update,
-  giving the GPU memory back to it, and `wake_up` brings them back. vLLM has no sleep mode on
-  a CPU: there the engine says so once and keeps its memory.
+- With `vllm_sleep`, each engine sleeps during the update at the level its weights allow: an
+  engine whose model is trained sleeps at level 2 (weights and KV cache discarded: the push
+  brings the new weights), one whose model is not (m with `light.train = false`) at level 1
+  (weights kept in host memory and brought back on waking), so that no engine ever samples
+  from freed weights. vLLM has no sleep mode on a CPU: there the engine says so once and keeps
+  its memory; `DUETLM_EMULATE_SLEEP=1` makes a CPU engine act as a GPU's would (level 2 really
+  zeroes its weights through the same reload a push uses; level 1 zeroes them and reloads the
+  model's own on waking), so the CPU tests see what a GPU does.
 - After the update the trained weights (LoRA merged in) arrive as the node's staged copy
   (`weight_push`: written once per node, in the engine's dtype, in bounded buckets); each
   worker reads it file by file and reloads its model in place with `Worker.reload_weights`.
@@ -70,35 +75,39 @@ class WeightLoader:
         refresh_tied_output_layer(self.model_runner.model)
         return count
 
+    def emulate_discard(self, location: str) -> int:
+        """A GPU's level-2 sleep on a CPU: the weights zeroed through the layerwise reload (what
+        a lost weight reads as), the model folder at `location` giving the names and shapes."""
+        from duetlm.train.engines.weight_push import folder_weights
+
+        count = 0
+
+        def zeros():
+            nonlocal count
+            for name, tensor in folder_weights(location):
+                count += 1
+                yield name, torch.zeros_like(tensor)
+
+        self.reload_weights(weights_iterator=zeros())
+        refresh_tied_output_layer(self.model_runner.model)
+        return count
+
+    def emulate_restore(self, location: str) -> int:
+        """A GPU's wake from level 1 on a CPU: the model's own weights back from its folder."""
+        from duetlm.train.engines.weight_push import folder_weights
+
+        self.reload_weights(weights_iterator=folder_weights(location))
+        refresh_tied_output_layer(self.model_runner.model)
+        return 1
+
     def watch_trainer(self, trainer_pid: int) -> bool:
-        """End this engine (its engine process and this worker) once the trainer that started
-        it is gone. A trainer killed outright (`kill -9`, the OOM killer, torchrun's launcher
-        dying) cannot shut its engine down, and an engine left behind holds its memory."""
-        import threading
+        """End this engine once the trainer that started it is gone, in whichever process
+        layout vLLM chose (`watch`): a trainer killed outright (`kill -9`, the OOM killer,
+        torchrun's launcher dying) cannot shut its engine down, and an engine left behind holds
+        its memory. False when the worker runs in the trainer's own process."""
+        from duetlm.train.engines.watch import watch_owner
 
-        engine_process = os.getppid()
-        threading.Thread(target=_watch, args=(engine_process, trainer_pid), daemon=True).start()
-        return True
-
-
-def _watch(engine_process: int, trainer_pid: int) -> None:
-    import signal
-    import time
-
-    while True:
-        time.sleep(1.0)
-        if _parent_of(engine_process) != trainer_pid:  # the trainer died: its engine was orphaned
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(engine_process, signal.SIGKILL)
-            os._exit(1)
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+        return watch_owner(trainer_pid)
 
 
 def refresh_tied_output_layer(model: torch.nn.Module) -> None:
@@ -137,7 +146,9 @@ class VLLMRolloutEngine:
     ) -> None:
         from duetlm.backends.vllm.offline import VLLMBackend
 
-        if sleep and on_cpu():
+        self.location = location
+        self.emulated = sleep and on_cpu() and os.environ.get("DUETLM_EMULATE_SLEEP") == "1"
+        if sleep and on_cpu() and not self.emulated:
             logger.warning(
                 "%s: vllm_sleep is off: vLLM has no sleep mode on a CPU, so the engine keeps its memory "
                 "during updates",
@@ -153,32 +164,58 @@ class VLLMRolloutEngine:
                 enable_sleep_mode=sleep,
                 logprobs_mode="processed_logprobs",
             )
-        self.spec, self.sleeps, self.asleep = spec, sleep, False
+        self.spec, self.sleeps = spec, sleep
+        self.asleep = 0  # the level it sleeps at (0: awake)
+        self.weights_lost = False  # slept at level 2 and given no weights since
         self.tokenizer = self.backend.tokenizer
         if os.path.isdir("/proc"):  # Linux: the workers watch for this process's death
             self.backend.llm.collective_rpc("watch_trainer", args=(os.getpid(),))
         self.dtype = self.backend.llm.llm_engine.model_config.dtype  # a torch.dtype
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        if self.asleep:
-            self.backend.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
+        if self.weights_lost:
+            raise BackendError(
+                f"{self.spec}: the engine slept at level 2, which discards its weights, and was given none "
+                "since; an engine whose model is not trained sleeps at level 1"
+            )
+        self.wake()
         return self.backend.generate(requests)
 
-    def sleep(self) -> None:
-        """Before the update: give the GPU memory of weights and KV cache back."""
-        if self.sleeps and not self.asleep:
-            self.backend.llm.sleep(level=2)
-            self.asleep = True
+    def wake(self) -> None:
+        """Weights (after level 1) and KV cache back; after level 2 the weights came with the push."""
+        if not self.asleep:
+            return
+        if self.emulated:
+            if self.asleep == 1:
+                self.backend.llm.collective_rpc("emulate_restore", args=(self.location,))
+        else:
+            self.backend.llm.wake_up(tags=None if self.asleep == 1 else ["kv_cache"])
+        self.asleep = 0
+
+    def sleep(self, keep_weights: bool = False) -> None:
+        """Before the update: give the device memory back. `keep_weights` (a model that gets no
+        push after the update) sleeps at level 1, its weights kept in host memory; else level 2,
+        its weights discarded until the push."""
+        if not self.sleeps or self.asleep:
+            return
+        level = 1 if keep_weights else 2
+        if self.emulated:
+            self.backend.llm.collective_rpc("emulate_discard", args=(self.location,))
+        else:
+            self.backend.llm.sleep(level=level)
+        self.asleep, self.weights_lost = level, level == 2
 
     def take_weights(self, push: WeightPush) -> None:
         """After the update: the engine samples from the trained weights from now on."""
-        if self.asleep:
-            self.backend.llm.wake_up(tags=["weights"])
+        if self.asleep == 2 and not self.emulated:
+            self.backend.llm.wake_up(tags=["weights"])  # room for the new weights; the KV cache wakes later
         with push.staged(self.dtype) as folder:
             loaded = self.backend.llm.collective_rpc("load_weights_from_folder", args=(str(folder),))
         if not loaded or not all(loaded):
             raise BackendError(f"{self.spec}: the vLLM workers loaded no weights ({loaded})")
+        self.weights_lost = False
+        if self.emulated and self.asleep == 2:
+            self.asleep = 0  # the emulation has nothing else to wake
         self.backend.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -111,6 +111,16 @@ def staged_weights(folder: str | Path, device: str = "cpu") -> Iterator[tuple[st
                 yield key, handle.get_tensor(key)
 
 
+def folder_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A Hugging Face model folder's tensors, one file at a time, under their own names."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                yield key, handle.get_tensor(key)
+
+
 class WeightPush:
     """One trained model's weights after an update, offered to its engine."""
 

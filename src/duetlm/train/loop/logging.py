@@ -42,10 +42,21 @@ class MetricsLog:
         if config.logging.wandb:
             try:
                 import wandb
+            except ImportError as exc:
+                from duetlm.errors import ConfigError
 
-                self.wandb = wandb.init(project="duetlm", config=config.model_dump(), dir=str(out))
-            except ImportError:
-                logger.warning("wandb was asked for but is not installed")
+                raise ConfigError(
+                    "logging.wandb = true, but wandb is not installed: pip install 'duetlm[wandb]' (or set it false)"
+                ) from exc
+            name = config.logging.wandb_run or out.name
+            self.wandb = wandb.init(
+                project=config.logging.wandb_project,
+                name=name,
+                id=wandb_id(out, name),  # the same id on resume: the curves continue
+                resume="allow",
+                config=config.model_dump(),
+                dir=str(out),
+            )
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:
@@ -65,3 +76,10 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_id(out: Path, name: str) -> str:
+    """A run's Weights & Biases id, fixed by its folder, so a resume logs into the same run."""
+    import hashlib
+
+    return f"{name[:40]}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"

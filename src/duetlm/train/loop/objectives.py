@@ -43,22 +43,47 @@ class StepParts:
     rollouts: Rollouts
     passes: PolicyPasses
     seconds: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)
+    device_used: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def phase(self, name: str):
         """Time a phase of the step; its seconds (the slowest process's) go into the step's
-        metrics as `time_NAME_s`. Every process enters the same phases, so the reduction is a
-        collective every process makes."""
+        metrics as `time_NAME_s`, and on a GPU its peak of allocated memory as
+        `peak_memory_NAME_gb` (this process's allocator) and the device's memory in use at its
+        end as `device_used_NAME_gb` (every process's: the engines' too). Every process enters the same phases, so the reductions are collectives every
+        process makes."""
+        cuda = self.runtime.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
         started = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
+                self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+                free, total = torch.cuda.mem_get_info(self.runtime.device)
+                used = (total - free) / 2**30  # every process's on this device, engines included
+                self.device_used[name] = max(self.device_used.get(name, 0.0), used)
+
+    def throughput(self, tokens: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Tokens per second of each role's rollout engine this step (all processes' tokens over
+        the slowest process's rollout time)."""
+        rates = {}
+        for role, count in tokens.items():
+            seconds = self.runtime.max(self.seconds.get(f"rollout_{role}", 0.0))
+            total = self.runtime.sum(count)
+            rates[f"rollout_tokens_per_s_{role}"] = total / seconds if seconds > 0 else 0.0
+        return rates
 
     def phase_metrics(self) -> dict[str, float]:
-        """The step's phase times, reduced over processes, and the phases cleared."""
+        """The step's phase times (and peaks), reduced over processes, and the phases cleared."""
         timed = {f"time_{name}_s": self.runtime.max(seconds) for name, seconds in self.seconds.items()}
-        self.seconds = {}
+        timed |= {f"peak_memory_{name}_gb": self.runtime.max(peak) for name, peak in self.peaks.items()}
+        timed |= {f"device_used_{name}_gb": self.runtime.max(used) for name, used in self.device_used.items()}
+        self.seconds, self.peaks, self.device_used = {}, {}, {}
         return timed
 
     def mean(self, values: torch.Tensor) -> float:
@@ -82,9 +107,11 @@ class StepParts:
         return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
 
     def sleep_engines(self) -> None:
+        """Engines give their memory to the update; one whose model is not trained (no push
+        follows) keeps its weights to wake with."""
         for policy in (self.capable, self.light):
             if policy is not None:
-                policy.engine.sleep()
+                policy.engine.sleep(keep_weights=policy.optimizer is None)
 
     def corrected(
         self, role: str, batch: RolloutBatch, old: torch.Tensor
@@ -165,6 +192,9 @@ class JointObjective:
         with parts.phase("update_capable"):
             metrics |= passes.update(parts.capable, scored, questions.step)
         metrics |= rollout_metrics(parts, capable.lengths, capable.forced, cfg.rollout.signal_max_tokens)
+        metrics |= parts.throughput(
+            {"capable": capable.lengths.sum(), "light": light_batch.seqs.completion_mask.sum()}
+        )
         return metrics | parts.phase_metrics(), next_lam
 
     def _update_light(self, batch: RolloutBatch, advantages: torch.Tensor, step: int) -> dict:
@@ -218,6 +248,7 @@ class SingleModelObjective:
         scored = batch.with_scores(batch.per_row(advantages), old, in_loss, weights)
         with parts.phase("update_capable"):
             metrics |= passes.update(parts.capable, scored, questions.step)
+        metrics |= parts.throughput({"capable": lengths.sum()})
         return metrics | parts.phase_metrics(), next_lam
 
 

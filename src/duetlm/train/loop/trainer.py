@@ -82,7 +82,9 @@ class DuetTrainer:
         self.capable = build_policy("capable", config, runtime, checkpoint)
         # the single-model baseline answers with M alone: m is not loaded at all
         self.light = build_policy("light", config, runtime, checkpoint) if "light" in config.roles() else None
-        self.reference = reference_model(config, runtime)
+        self.reference = reference_model(config, runtime, checkpoint)
+        # a reference that is no longer the initial M (a warm start moved it) is saved with the run
+        self.reference_moved = checkpoint is not None and (checkpoint / "reference").is_dir()
         self.stager = self._stager()
         self.rollouts = Rollouts(config, self.capable, self.light, runtime.device)
         self.passes = PolicyPasses(config, runtime, self.reference)
@@ -119,6 +121,7 @@ class DuetTrainer:
         questions = self.data.questions(self.step, self.position, self.runtime.rank, self.runtime.world)
         self.position += self.cfg.objective.questions_per_step
         metrics, self.lam = self.objective.step(questions, self.lam)
+        metrics |= release_cached_memory(self.runtime.device)
         metrics |= self.push_weights()
         self.step += 1
         metrics |= {"step": self.step, "lambda": self.lam, "step_s": time.perf_counter() - started}
@@ -202,6 +205,7 @@ class DuetTrainer:
         )
         if self.reference is not None:
             self.reference.lm.load_state_dict(self.capable.lm.state_dict())
+            self.reference_moved = True
         self.push_weights()
         if self.runtime.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -214,6 +218,8 @@ class DuetTrainer:
         """An HF folder per trained model plus the trainer state, swapped in as `last`. Every
         process takes part (the state is gathered); the main process writes."""
         models = {p.name: self._model_to_save(p) for p in self.trained}
+        if self.reference_moved and self.reference is not None:
+            models["reference"] = ckpt.model_state(self.reference, tied_embeddings(self.reference.lm))
         optimizers = {p.name: ckpt.optimizer_state(p.net, p.optimizer) for p in self.trained}
         rng = self.runtime.all_objects(ckpt.rng_state())
         path = self.out / "last"
@@ -239,6 +245,8 @@ class DuetTrainer:
         return ckpt.model_state(policy.net, tied_embeddings(policy.lm))
 
     def _write_models(self, folder: Path, states: dict[str, dict]) -> None:
+        if "reference" in states:  # M as the warm start left it: the KL reference of a resumed run
+            self.reference.lm.save_pretrained(folder / "reference", state_dict=states["reference"])
         for policy in self.trained:
             if policy.lora:
                 policy.lm.save_pretrained(folder / f"{policy.name}_adapter")
@@ -355,3 +363,17 @@ def _is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def release_cached_memory(device: torch.device) -> dict:
+    """Give the CUDA caching allocator's free blocks back to the device after the update, before
+    the engines wake: the update's activations and gradients leave gigabytes reserved but unused,
+    which a waking vLLM engine (another allocator) cannot take. The memory plan counts no such
+    cache (docs/training.md#memory). Returns the device's reserved memory after the release."""
+    if device.type != "cuda":
+        return {}
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"cuda_reserved_gb": torch.cuda.memory_reserved(device) / 2**30}

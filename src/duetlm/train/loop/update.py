@@ -167,7 +167,7 @@ def ppo_update(
     if batch.old_logps is None and settings.epochs * settings.mini_batches > 1:
         raise ValueError("several optimizer steps per batch need the sampling policy's old log-probs")
     rng = random.Random(settings.seed)
-    policy.net.train()
+    train_without_dropout(policy.net)
     losses, clipped, tokens_seen, grad_norm, steps, computed = [], 0.0, 0.0, 0.0, 0, 0.0
     kl_total = None
     for _ in range(settings.epochs):
@@ -204,6 +204,19 @@ def ppo_update(
     clip_fraction = runtime.sum(clipped) / max(runtime.sum(tokens_seen), 1.0)
     kl = None if kl_total is None else runtime.sum(kl_total)
     return UpdateStats(sum(losses) / len(losses), grad_norm, clip_fraction, steps, kl, runtime.sum(computed))
+
+
+def train_without_dropout(net: torch.nn.Module) -> None:
+    """Training mode (gradient checkpointing acts only in it) with every dropout off: the
+    sampling policy's log-probs were computed without dropout, and PPO's ratio compares the same
+    function, so that it is exactly 1 before the first optimizer step (LoRA's `dropout`, a
+    model's own, would otherwise make it a random number)."""
+    net.train()
+    for module in net.modules():
+        # dropout modules (LoRA's among them), and attention layers, which drop attention weights
+        # by their own `attention_dropout` while in training mode
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) or hasattr(module, "attention_dropout"):
+            module.eval()
 
 
 def _part_loss(policy: Policy, part: RolloutBatch, mask: torch.Tensor, settings, runtime, step_tokens: float):

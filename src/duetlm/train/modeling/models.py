@@ -113,13 +113,18 @@ def rollout_engine(
     return kind(lm, tokenizer, label, cfg.rollout.rollout_batch_tokens)
 
 
-def reference_model(cfg: TrainConfig, runtime: Runtime) -> LogprobNet | None:
+def reference_model(cfg: TrainConfig, runtime: Runtime, checkpoint: Path | None = None) -> LogprobNet | None:
     """The initial M, frozen, for the KL term (None without one: β = 0, or LoRA, where the base
-    with adapters off plays the part). Sharded like M under FSDP."""
+    with adapters off plays the part). Sharded like M under FSDP. A run that resumes takes the
+    reference its checkpoint saved, if it saved one (a warm start made the warm-started M the
+    reference): the objective it resumes is the one it left."""
     if cfg.objective.kl_beta == 0 or cfg.capable.lora is not None:
         return None
     parallel, spec = cfg.parallel, cfg.model_of("capable")
-    lm, _ = load_lm(model_location(spec), runtime.device, parallel.precision, trainable=False)
+    location = model_location(spec)
+    if checkpoint is not None and (checkpoint / "reference").is_dir():
+        location = str(checkpoint / "reference")
+    lm, _ = load_lm(location, runtime.device, parallel.precision, trainable=False)
     check_output_layer(lm, f"the reference ({spec})")
     return wrap(LogprobNet(lm, parallel.logprob_chunk), parallel.strategy, runtime, parallel.precision, False)
 

@@ -210,7 +210,7 @@ def main() -> None:
     paths = build_models(args.out / "models", args.scale)
     print(f"models built in {time.perf_counter() - started:.0f} s: {paths}", flush=True)
     config = smoke_config(paths, args.out / "run", data, args.steps)
-    trainer = DuetTrainer(config, force=True)
+    trainer = DuetTrainer(config)
     print(f"trainer and both vLLM engines up at {time.perf_counter() - started:.0f} s", flush=True)
     peaks: dict[str, float] = {}
     try:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import qwen3_config, small_config
+from duetlm.train.loop.export import export_run
 
 pytestmark = pytest.mark.slow
 
@@ -88,24 +89,34 @@ def fsdp_config(dirs, task, out, **overrides):
     return qwen3_config(dirs, task, out, **(settings | overrides))
 
 
-def test_two_fsdp_processes_train_what_one_does_and_resume_exactly_after_kill_9(
-    qwen3_dirs, qwen3_task, tmp_path
-):
+@pytest.fixture(scope="module")
+def one_process_run(qwen3_dirs, qwen3_task, tmp_path_factory):
+    """The uninterrupted run in one process, whole checkpoints."""
     # the one process runs with torchrun's processes' thread count: AdamW turns the last-bit
     # differences of another reduction order into lr-sized ones where a gradient is nearly 0
-    single = fsdp_config(qwen3_dirs, qwen3_task, tmp_path / "one")
-    (tmp_path / "one.json").write_text(single.model_dump_json())
+    folder = tmp_path_factory.mktemp("one-process")
+    single = fsdp_config(qwen3_dirs, qwen3_task, folder / "one")
+    (folder / "one.json").write_text(single.model_dump_json())
     done = subprocess.run(
-        [DUET, "train", "--config", str(tmp_path / "one.json")],
+        [DUET, "train", "--config", str(folder / "one.json")],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    one = Path(single.out)
+    return Path(single.out)
 
-    sharded = fsdp_config(qwen3_dirs, qwen3_task, tmp_path / "two", strategy="fsdp")
+
+@pytest.mark.parametrize("checkpoints", ["whole", "sharded"])
+def test_two_fsdp_processes_train_what_one_does_and_resume_exactly_after_kill_9(
+    qwen3_dirs, qwen3_task, tmp_path, one_process_run, checkpoints
+):
+    """Checkpoints of either format: whole (gathered on the main process) or sharded (each
+    process writes and reads its own shards); the sharded run's weights are read back through
+    `duet export` (float32, to compare them exactly)."""
+    one = one_process_run
+    sharded = fsdp_config(qwen3_dirs, qwen3_task, tmp_path / "two", strategy="fsdp", format=checkpoints)
     path = tmp_path / "two.json"
     path.write_text(sharded.model_dump_json())
     process = subprocess.Popen(
@@ -131,8 +142,12 @@ def test_two_fsdp_processes_train_what_one_does_and_resume_exactly_after_kill_9(
     assert done.returncode == 0, done.stderr[-3000:]
 
     two = Path(sharded.out)
+    if checkpoints == "sharded":
+        assert (two / "last" / "shards" / ".metadata").is_file() and not (two / "last" / "capable").exists()
+        exported = export_run(two, tmp_path / "export", dtype="float32")
     for name in ("capable", "light"):
-        a, b = weights(one / "last" / name), weights(two / "last" / name)
+        a = weights(one / "last" / name)
+        b = weights(exported[name] if checkpoints == "sharded" else two / "last" / name)
         shared = set(a) & set(b)
         assert shared >= set(b) - {"lm_head.weight"}, name  # the tied output layer may be left out
         worst = max(float((a[k] - b[k]).abs().max()) for k in shared)

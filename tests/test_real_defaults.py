@@ -56,3 +56,26 @@ def test_an_unknown_dtype_is_refused():
         loading.pick_dtype("float8", torch.device("cpu"))
     with pytest.raises(BackendError, match="unknown dtype 'Tensor'"):
         loading.pick_dtype("Tensor", torch.device("cpu"))
+
+
+def test_each_role_has_its_own_engine_settings():
+    from duetlm.cli.options import backend_options
+    from duetlm.errors import InputError
+
+    capable, light = backend_options(
+        gpu_memory_utilization=0.5,
+        capable_engine=["tensor_parallel_size=4", "max_model_len=32768"],
+        light_engine=["gpu_memory_utilization=0.2", "threads=1"],
+        light_tokenizer="/models/m",
+    )
+    assert (capable.tensor_parallel_size, capable.max_model_len, capable.gpu_memory_utilization) == (
+        4,
+        32768,
+        0.5,
+    )
+    assert (light.tensor_parallel_size, light.gpu_memory_utilization, light.threads) == (1, 0.2, 1)
+    assert light.tokenizer == "/models/m" and capable.tokenizer is None
+    with pytest.raises(InputError, match="use one of"):
+        backend_options(capable_engine=["batch=4"])
+    with pytest.raises(InputError, match="expected a int"):
+        backend_options(light_engine=["tensor_parallel_size=two"])

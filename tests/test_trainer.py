@@ -376,3 +376,68 @@ def test_pretrain_pair_writes_to_a_run_folder_by_default():
         env=ENV | {"COLUMNS": "200"},
     )
     assert "[default: runs/pretrain-pair]" in done.stdout  # not the package's own assets
+
+
+def test_a_sharded_checkpoint_resumes_exactly_and_keeps_the_saves_asked_for(model_dirs, task_path, tmp_path):
+    straight = train(
+        small_config(model_dirs, task_path, tmp_path / "a", steps=3, eval_every=0, format="sharded"),
+        progress=False,
+    )
+    partial = small_config(
+        model_dirs, task_path, tmp_path / "b", steps=2, eval_every=0, format="sharded", keep=2
+    )
+    train(partial, progress=False)
+    resumed = train(partial.model_copy(update={"steps": 3}), resume=True, progress=False)
+    assert (resumed / "last" / "shards" / ".metadata").is_file()
+    assert not (resumed / "last" / "capable").exists()  # no whole model written by a sharded save
+    assert sorted(p.name for p in resumed.glob("step-*")) == ["step-000002"]  # last, and one before it
+    assert torch.load(resumed / "step-000002" / "state.pt", weights_only=True)["step"] == 2
+    from duetlm.train.loop.export import export_run
+
+    a = export_run(straight, tmp_path / "export-a", dtype="float32")
+    b = export_run(resumed, tmp_path / "export-b", dtype="float32")
+    for name in ("capable", "light"):
+        wa, wb = weights(a[name]), weights(b[name])
+        assert set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), name
+
+
+def test_an_export_loads_as_it_is_and_answers_as_the_last_weights(model_dirs, task_path, tmp_path):
+    from duetlm.backends.base import GenerationRequest, SamplingParams
+    from duetlm.backends.hf import HFBackend
+
+    run = train(small_config(model_dirs, task_path, tmp_path / "run", steps=1, eval_every=0), progress=False)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("duet")),
+            "export",
+            str(run),
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "f32"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    released = train_export(run, tmp_path / "bf16")
+    request = GenerationRequest.chat(QUESTIONS[0], SamplingParams(24))
+    for name in ("capable", "light"):
+        folder = tmp_path / "f32" / name
+        assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+        [exported] = HFBackend(str(folder), device="cpu").generate([request])
+        [last] = HFBackend(str(run / "last" / name), device="cpu").generate([request])
+        assert exported.token_ids == last.token_ids, name
+        assert all(t.dtype == torch.bfloat16 for t in weights(released[name]).values())
+        [half] = HFBackend(str(released[name]), device="cpu").generate([request])
+        assert half.output_tokens > 0
+
+
+def train_export(run: Path, out: Path) -> dict[str, Path]:
+    from duetlm.train.loop.export import export_run
+
+    return export_run(run, out)

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import CAPABLE_SCRIPT, QUESTIONS, SIGNAL, _prompt, small_config, tiny_model, train_script
 from duetlm.backends.hf import HFBackend
@@ -150,12 +151,13 @@ def test_a_resumed_run_keeps_the_warm_started_reference(pair, task_path, tmp_pat
     assert (out / "last" / "reference").is_dir()
     resumed = DuetTrainer(config.model_copy(update={"steps": 2}), resume=True)
     try:
-        saved = HFBackend(str(out / "last" / "reference")).model.state_dict()
-        initial = HFBackend(str(pair["capable"])).model.state_dict()
+        saved = load_file(out / "last" / "reference" / "model.safetensors")
+        initial = load_file(pair["capable"] / "model.safetensors")
         reference = resumed.reference.lm.state_dict()
         moved = [name for name in saved if not torch.equal(saved[name], initial[name])]
         assert moved  # the warm start moved M, so the saved reference is not the initial M
         for name in saved:
             assert torch.equal(reference[name].to(saved[name].dtype), saved[name]), name
+        assert any(not torch.equal(reference[name], initial[name]) for name in moved)
     finally:
         resumed.close()

@@ -17,12 +17,14 @@ from duetlm.cli.options import (
     DEFAULT_CAPABLE,
     DEFAULT_LIGHT,
     ApiKeyOpt,
+    CapableEngineOpt,
     CapableOpt,
     CapableTokenizerOpt,
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
     GpuMemoryOpt,
+    LightEngineOpt,
     LightOpt,
     LightTokenizerOpt,
     SettleOpt,
@@ -79,6 +81,8 @@ def eval_command(
     light_tokenizer: LightTokenizerOpt = None,
     gpu_memory_utilization: GpuMemoryOpt = None,
     threads: ThreadsOpt = None,
+    capable_engine: CapableEngineOpt = None,
+    light_engine: LightEngineOpt = None,
 ) -> None:
     """Evaluate methods on tasks into a resumable store, then print the report."""
     from duetlm.config import validate_config
@@ -113,6 +117,8 @@ def eval_command(
         capable_tokenizer=capable_tokenizer,
         light_tokenizer=light_tokenizer,
         threads=threads,
+        capable_engine=capable_engine,
+        light_engine=light_engine,
         batch_size=batch_size,
     )
     run_eval(eval_config, out, force=force, backend_options=capable_options, light_options=light_options)
@@ -246,6 +252,8 @@ def probe(
     capable_tokenizer: CapableTokenizerOpt = None,
     light_tokenizer: LightTokenizerOpt = None,
     threads: ThreadsOpt = None,
+    capable_engine: CapableEngineOpt = None,
+    light_engine: LightEngineOpt = None,
     gpu_memory_utilization: GpuMemoryOpt = None,
 ) -> None:
     """How much of M's thinking m needs, before any training: the oracle cut per question.
@@ -287,6 +295,8 @@ def probe(
         capable_tokenizer=capable_tokenizer,
         light_tokenizer=light_tokenizer,
         threads=threads,
+        capable_engine=capable_engine,
+        light_engine=light_engine,
         batch_size=batch_size,
     )
     err_console.print(

@@ -67,6 +67,17 @@ ThreadsOpt = Annotated[
     int | None,
     typer.Option(min=1, help="llamacpp: CPU threads of each llama.cpp server (default: all cores)."),
 ]
+CapableEngineOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="KEY=VALUE (repeatable): M's own engine settings, over the shared ones: "
+        "tensor_parallel_size, gpu_memory_utilization, max_model_len (vllm), threads (llamacpp), dtype."
+    ),
+]
+LightEngineOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="KEY=VALUE (repeatable): m's own engine settings, as --capable-engine."),
+]
 FieldOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -78,6 +89,29 @@ FieldOpt = Annotated[
 ]
 
 
+ENGINE_KEYS = {
+    "gpu_memory_utilization": float,
+    "tensor_parallel_size": int,
+    "max_model_len": int,
+    "threads": int,
+    "dtype": str,
+}
+"""What `--capable-engine` / `--light-engine KEY=VALUE` may set for one role's engine."""
+
+
+def role_engine(items: list[str] | None, flag: str) -> dict:
+    """`KEY=VALUE` engine settings of one role, typed; a clear error for any other key or value."""
+    settings = {}
+    for key, value in key_values(items, flag, "KEY=VALUE").items():
+        if key not in ENGINE_KEYS:
+            raise InputError(f"{flag} {key}=...: use one of {', '.join(ENGINE_KEYS)}")
+        try:
+            settings[key] = ENGINE_KEYS[key](value)
+        except ValueError:
+            raise InputError(f"{flag} {key}={value!r}: expected a {ENGINE_KEYS[key].__name__}") from None
+    return settings
+
+
 def backend_options(
     *,
     device: str = "auto",
@@ -87,10 +121,13 @@ def backend_options(
     capable_tokenizer: str | None = None,
     light_tokenizer: str | None = None,
     threads: int | None = None,
+    capable_engine: list[str] | None = None,
+    light_engine: list[str] | None = None,
     **settings,
 ) -> tuple[BackendOptions, BackendOptions]:
-    """M's and m's backend options from a command's flags: the same settings for both, except
-    the tokenizer each model's pre-filled turns are rendered with."""
+    """M's and m's backend options from a command's flags: the same settings for both, then
+    each role's own (`--capable-engine`, `--light-engine`: a 32B M over 4 GPUs beside a small m
+    on one) and the tokenizer each model's pre-filled turns are rendered with."""
     shared = BackendOptions(
         device=device,
         dtype=dtype,
@@ -99,9 +136,11 @@ def backend_options(
         threads=threads,
         **settings,
     )
+    capable = role_engine(capable_engine, "--capable-engine")
+    light = role_engine(light_engine, "--light-engine")
     return (
-        dataclasses.replace(shared, tokenizer=capable_tokenizer),
-        dataclasses.replace(shared, tokenizer=light_tokenizer),
+        dataclasses.replace(shared, tokenizer=capable_tokenizer, **capable),
+        dataclasses.replace(shared, tokenizer=light_tokenizer, **light),
     )
 
 

@@ -15,10 +15,12 @@ from duetlm.cli.app import app, err_console, friendly_errors
 from duetlm.cli.options import (
     DEFAULT_CAPABLE,
     DEFAULT_LIGHT,
+    CapableEngineOpt,
     CapableOpt,
     DeviceOpt,
     DtypeOpt,
     GpuMemoryOpt,
+    LightEngineOpt,
     LightOpt,
     LightTokenizerOpt,
     SettleOpt,
@@ -80,6 +82,8 @@ def serve(
     light_tokenizer: LightTokenizerOpt = None,
     gpu_memory_utilization: GpuMemoryOpt = None,
     threads: ThreadsOpt = None,
+    capable_engine: CapableEngineOpt = None,
+    light_engine: LightEngineOpt = None,
 ) -> None:
     """Serve DUET behind an OpenAI-compatible /v1/chat/completions endpoint."""
     try:
@@ -103,6 +107,8 @@ def serve(
         gpu_memory_utilization=gpu_memory_utilization,
         light_tokenizer=light_tokenizer,
         threads=threads,
+        capable_engine=capable_engine,
+        light_engine=light_engine,
         streaming=streaming,
         decode_step=decode_step,
         engine=engine if streaming else "thread",  # the batch scheduler runs generate() here

@@ -16,11 +16,13 @@ from duetlm.cli.options import (
     DEFAULT_CAPABLE,
     DEFAULT_LIGHT,
     ApiKeyOpt,
+    CapableEngineOpt,
     CapableOpt,
     CapableTokenizerOpt,
     DeviceOpt,
     DtypeOpt,
     GpuMemoryOpt,
+    LightEngineOpt,
     LightOpt,
     LightTokenizerOpt,
     SettleOpt,
@@ -63,6 +65,8 @@ def solve(
     light_tokenizer: LightTokenizerOpt = None,
     gpu_memory_utilization: GpuMemoryOpt = None,
     threads: ThreadsOpt = None,
+    capable_engine: CapableEngineOpt = None,
+    light_engine: LightEngineOpt = None,
 ) -> None:
     """Answer questions with DUET (or a baseline mode) and print the usage per model."""
     if (question is None) == (file is None):
@@ -79,6 +83,8 @@ def solve(
         capable_tokenizer=capable_tokenizer,
         light_tokenizer=light_tokenizer,
         threads=threads,
+        capable_engine=capable_engine,
+        light_engine=light_engine,
         batch_size=max(len(problems), 1) if file is not None else 1,
     )
     # the settings are checked before any model loads: a bad value fails at once

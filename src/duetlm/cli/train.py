@@ -135,3 +135,23 @@ def pretrain_pair_command(
             f"{name}: {part['steps']} steps, {part['seconds']:.0f}s, gate {status}: {part['history'][-1]}"
         )
     console.print(f"saved to {out}")
+
+
+@app.command("export")
+@friendly_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run folder written by duet train.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where the release folders go; default RUN/export.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="bfloat16 (the release default), float16 or float32.")
+    ] = "bfloat16",
+) -> None:
+    """Release folders from a run's last checkpoint (`whole` or `sharded`): each trained model as
+    a Hugging Face folder, LoRA merged, with its tokenizer and generation config, that
+    transformers and vLLM load as they are (`duet serve --capable vllm:RUN/export/capable`)."""
+    from duetlm.train.loop.export import export_run
+
+    for role, folder in export_run(run, out, dtype).items():
+        console.print(f"{role}: {folder}")

@@ -24,6 +24,7 @@ from duetlm.train.config.sections import (
     RESUMABLE_NOTE,
     ROLE_NAMES,
     SECTIONS,
+    CheckpointConfig,
     DataConfig,
     EvaluationConfig,
     LayoutConfig,
@@ -48,6 +49,7 @@ __all__ = [
     "RESUMABLE_NOTE",
     "ROLE_NAMES",
     "SECTIONS",
+    "CheckpointConfig",
     "DataConfig",
     "EvaluationConfig",
     "LayoutConfig",
@@ -93,6 +95,9 @@ class TrainConfig(BaseModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description=LoggingConfig.__doc__)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description=WarmStartConfig.__doc__)
     layout: LayoutConfig = Field(default_factory=LayoutConfig, description=LayoutConfig.__doc__)
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description=CheckpointConfig.__doc__
+    )
     duet: DuetConfig = Field(
         default_factory=DuetConfig, description="Prompts and templates (shared with inference)."
     )

@@ -330,10 +330,29 @@ class WarmStartConfig(Section):
     batch: int = knob(16, "Cuts per optimizer step.", ge=1)
 
 
+class CheckpointConfig(Section):
+    """[checkpoint]: what a save writes, and how many saves are kept."""
+
+    format: Literal["whole", "sharded"] = knob(
+        "whole",
+        "whole: a plain Hugging Face folder per trained model and the whole optimizer state, gathered "
+        "on the main process (simple, and any process count resumes it; the embedded pair's). sharded: "
+        "torch.distributed.checkpoint, each process writing and reading its own shards of weights and "
+        "optimizer state, no process ever holding a whole model (the GPU recipe's; `duet export RUN` "
+        "writes release folders from it). Both resume onto another process count.",
+    )
+    keep: int = knob(
+        1,
+        "Saves kept: `last`, and the ones before it as step-NNNNNN/ up to this many in all.",
+        ge=1,
+        resumable=True,
+    )
+
+
 class LayoutConfig(Section):
     """[layout]: the hardware a config was made for. `duet train --dry-run` plans for it when its
-    flags do not say otherwise; a run itself takes its processes from torchrun and checks that
-    they match when `devices` is set."""
+    flags do not say otherwise; a run takes its processes from its launcher, and says so when
+    they are not the `devices` its plan was made for."""
 
     devices: int | None = knob(
         None,
@@ -360,4 +379,5 @@ SECTIONS: dict[str, type[Section]] = {
     "logging": LoggingConfig,
     "warm_start": WarmStartConfig,
     "layout": LayoutConfig,
+    "checkpoint": CheckpointConfig,
 }

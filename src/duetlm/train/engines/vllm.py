@@ -161,7 +161,7 @@ class VLLMRolloutEngine:
                 settings=settings,
                 spec=spec,
                 worker_extension_cls=WORKER_EXTENSION,
-                enable_sleep_mode=sleep,
+                enable_sleep_mode=sleep and not self.emulated,
                 logprobs_mode="processed_logprobs",
             )
         self.spec, self.sleeps = spec, sleep

@@ -1,10 +1,20 @@
 """Run folders and checkpoints: written atomically, read safely, resumed only as they were.
 
-`last/` holds a plain Hugging Face folder per trained model and `state.pt` (optimizers, λ,
-step, data position, every process's RNG states, the config). Optimizer states are whole
-(`torch.distributed.checkpoint`'s state-dict helpers gather them under FSDP and give each
-process its shard back on resume), so a run saved under one strategy or process count resumes
-under another. A save is written next to `last` and swapped
+A checkpoint (`last/`) holds `state.pt` (λ, step, data position, every process's RNG states,
+the config) and the models and optimizers in one of two formats (`[checkpoint] format`):
+
+- `whole`: a plain Hugging Face folder per trained model and the whole optimizer states in
+  `state.pt` (`torch.distributed.checkpoint`'s state-dict helpers gather them under FSDP onto
+  the main process and give each process its shard back on resume);
+- `sharded`: `shards/`, written by `torch.distributed.checkpoint` itself: each process writes
+  its own shards of every trained model's weights and optimizer state (and of a reference that
+  a warm start moved) and reads them back, so no process ever holds a whole model; `duet
+  export` turns it into release folders.
+
+Either resumes under another strategy or process count. Every process must see the run
+folder (several nodes: a shared filesystem); a process that does not is an error that says
+so, at the save and at the resume. With `keep` > 1 the checkpoint that `last` replaces is
+kept as `step-NNNNNN/`, the oldest beyond `keep` removed. A save is written next to `last` and swapped
 in: `last` becomes `last.old`, the new folder becomes `last`, `last.old` is removed; a kill
 between the two renames leaves only `last.old`, and resuming takes it. `state.pt` holds only
 tensors and plain containers, so it loads with `torch.load(weights_only=True)`: a run folder
@@ -28,6 +38,7 @@ from duetlm.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 STATE = "state.pt"
+SHARDS = "shards"
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -42,18 +53,33 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(out: Path, write_models: Callable[[Path], None], state: dict) -> Path:
+def save_checkpoint(out: Path, write_models: Callable[[Path], None], state: dict, keep: int = 1) -> Path:
     """Write models and state into a staging folder, then swap it in as `last`."""
-    last, staging, old = out / "last", out / "last.tmp", out / "last.old"
+    staging = out / "last.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_models(staging)
+    return commit_checkpoint(out, state, keep)
+
+
+def commit_checkpoint(out: Path, state: dict, keep: int = 1) -> Path:
+    """`state.pt` into the staging folder (`last.tmp`, its models written), then the swap: the
+    old `last` goes (or, with `keep` > 1, stays as `step-NNNNNN`), the staging folder becomes it."""
+    last, staging, old = out / "last", out / "last.tmp", out / "last.old"
     torch.save(state, staging / STATE)
     if last.exists():
         shutil.rmtree(old, ignore_errors=True)
         last.rename(old)
     staging.rename(last)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        kept = keep > 1 and (old / STATE).is_file()
+        if kept:
+            step = int(torch.load(old / STATE, weights_only=True)["step"])
+            old.rename(out / f"step-{step:06d}")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(out.glob("step-*"))[: max(len(list(out.glob("step-*"))) - (keep - 1), 0)]:
+        shutil.rmtree(stale, ignore_errors=True)
     return last
 
 
@@ -181,3 +207,63 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- sharded checkpoints: every process its own shards -----------------------------------
+
+
+def sharded_state(parts: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer | None]]) -> dict:
+    """This process's shards of each part's weights (under Hugging Face names) and, for a
+    trained part, of its optimizer state: what `torch.distributed.checkpoint` writes and reads."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    state = {}
+    for name, (net, optimizer) in parts.items():
+        if optimizer is None:
+            model, optim = get_model_state_dict(net), None
+        else:
+            model, optim = get_state_dict(net, optimizer)
+        state[name] = {"model": {_hf_name(key): tensor for key, tensor in model.items()}}
+        if optim is not None:
+            state[name]["optim"] = optim
+    return state
+
+
+def save_shards(parts: dict, folder: Path) -> None:
+    """Every process writes its shards into `folder` (a collective; the folder is shared)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(sharded_state(parts), checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+
+
+def load_shards(parts: dict, folder: Path) -> None:
+    """Every process reads its shards back into the parts (resharded when the processes or the
+    strategy changed: the checkpoint's metadata says where each piece lies)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_state_dict
+
+    template = sharded_state(parts)
+    dcp.load(template, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    for name, (net, optimizer) in parts.items():
+        loaded = template[name]["model"]
+        model = {key: loaded[_hf_name(key)] for key in get_model_state_dict(net)}
+        if optimizer is None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(net, model)
+        else:
+            set_state_dict(net, optimizer, model_state_dict=model, optim_state_dict=template[name]["optim"])
+
+
+def check_visible(folder: Path, runtime) -> None:
+    """Refuse, on every process, a folder that some process does not see (several nodes whose
+    run folders are not one shared filesystem)."""
+    seen = runtime.all_objects(folder.exists())
+    if not all(seen):
+        missing = [rank for rank, ok in enumerate(seen) if not ok]
+        raise ConfigError(
+            f"{folder} is not visible to process(es) {missing}: a run on several nodes needs its run folder "
+            "on a filesystem every node reads and writes (docs/training.md#scale)"
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -64,14 +65,32 @@ class DuetTrainer:
             )
         self.out = Path(config.out)
         checkpoint = ckpt.find_checkpoint(self.out) if resume else None
-        if resume and checkpoint is None:
-            raise ConfigError(f"--resume: no checkpoint at {self.out / 'last'}")
+        if resume:  # every process resumes from the same checkpoint, which it must see
+            found = runtime.all_objects(str(checkpoint) if checkpoint is not None else None)
+            if all(f is None for f in found):
+                raise ConfigError(f"--resume: no checkpoint at {self.out / 'last'}")
+            if len(set(found)) > 1:
+                blind = [rank for rank, f in enumerate(found) if f != found[0]]
+                raise ConfigError(
+                    f"--resume: process(es) {blind} do not see the checkpoint that process 0 sees "
+                    f"({found[0]}): a run on several nodes needs its run folder on a filesystem every "
+                    "node reads and writes (docs/training.md#scale)"
+                )
         state = ckpt.load_state(checkpoint) if checkpoint is not None else None
         if state is not None:
             ckpt.check_resumable(state, config.model_dump(), checkpoint)
         self.step, self.lam, self.position = 0, config.objective.lambda_init, 0
         torch.manual_seed(config.seed)  # the same on every process: LoRA's adapters start alike
 
+        planned = config.layout.devices
+        if planned is not None and planned != runtime.world and runtime.main:
+            logger.warning(
+                "this run has %d process(es); its config's [layout] plans for %d device(s) "
+                "(duet train --dry-run --devices %d plans for these)",
+                runtime.world,
+                planned,
+                runtime.world,
+            )
         unused = config.unused_knobs()
         if unused and runtime.main:
             logger.warning(
@@ -84,7 +103,9 @@ class DuetTrainer:
         self.light = build_policy("light", config, runtime, checkpoint) if "light" in config.roles() else None
         self.reference = reference_model(config, runtime, checkpoint)
         # a reference that is no longer the initial M (a warm start moved it) is saved with the run
-        self.reference_moved = checkpoint is not None and (checkpoint / "reference").is_dir()
+        self.reference_moved = checkpoint is not None and (
+            (checkpoint / "reference").is_dir() or bool(state and state.get("reference_saved"))
+        )
         self.stager = self._stager()
         self.rollouts = Rollouts(config, self.capable, self.light, runtime.device)
         self.passes = PolicyPasses(config, runtime, self.reference)
@@ -215,8 +236,11 @@ class DuetTrainer:
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self) -> Path:
-        """An HF folder per trained model plus the trainer state, swapped in as `last`. Every
-        process takes part (the state is gathered); the main process writes."""
+        """The models and the trainer state, swapped in as `last` (`[checkpoint] format`: an HF
+        folder per trained model gathered on the main process, or every process's own shards).
+        Every process takes part."""
+        if self.cfg.checkpoint.format == "sharded":
+            return self._save_sharded()
         models = {p.name: self._model_to_save(p) for p in self.trained}
         if self.reference_moved and self.reference is not None:
             models["reference"] = ckpt.model_state(self.reference, tied_embeddings(self.reference.lm))
@@ -224,18 +248,47 @@ class DuetTrainer:
         rng = self.runtime.all_objects(ckpt.rng_state())
         path = self.out / "last"
         if self.runtime.main:
-            state = {
-                "step": self.step,
-                "lambda": self.lam,
-                "position": self.position,
-                "optimizers": optimizers,
-                "rng": rng,
-                "world": self.runtime.world,
-                "config": self.cfg.model_dump(),
-            }
-            path = ckpt.save_checkpoint(self.out, lambda folder: self._write_models(folder, models), state)
+            state = self._state(rng) | {"optimizers": optimizers}
+            path = ckpt.save_checkpoint(
+                self.out, lambda folder: self._write_models(folder, models), state, self.cfg.checkpoint.keep
+            )
         self.runtime.barrier()
         return path
+
+    def _state(self, rng: list) -> dict:
+        return {
+            "step": self.step,
+            "lambda": self.lam,
+            "position": self.position,
+            "rng": rng,
+            "world": self.runtime.world,
+            "format": self.cfg.checkpoint.format,
+            "reference_saved": self.reference_moved and self.reference is not None,
+            "config": self.cfg.model_dump(),
+        }
+
+    def _sharded_parts(self) -> dict:
+        parts = {p.name: (p.net, p.optimizer) for p in self.trained}
+        if self.reference_moved and self.reference is not None:
+            parts["reference"] = (self.reference, None)
+        return parts
+
+    def _save_sharded(self) -> Path:
+        """Each process writes its shards into the staging folder (which every process must
+        see), then the main process writes the state and swaps the folder in."""
+        staging = self.out / "last.tmp"
+        if self.runtime.main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.runtime.barrier()
+        ckpt.check_visible(staging, self.runtime)
+        ckpt.save_shards(self._sharded_parts(), staging / ckpt.SHARDS)
+        rng = self.runtime.all_objects(ckpt.rng_state())
+        self.runtime.barrier()
+        if self.runtime.main:
+            ckpt.commit_checkpoint(self.out, self._state(rng), self.cfg.checkpoint.keep)
+        self.runtime.barrier()
+        return self.out / "last"
 
     def _model_to_save(self, policy: Policy) -> dict[str, torch.Tensor]:
         if policy.lora:  # whole on every process (LoRA trains under ddp only)
@@ -247,6 +300,7 @@ class DuetTrainer:
     def _write_models(self, folder: Path, states: dict[str, dict]) -> None:
         if "reference" in states:  # M as the warm start left it: the KL reference of a resumed run
             self.reference.lm.save_pretrained(folder / "reference", state_dict=states["reference"])
+            self.capable.tokenizer.save_pretrained(folder / "reference")
         for policy in self.trained:
             if policy.lora:
                 policy.lm.save_pretrained(folder / f"{policy.name}_adapter")
@@ -260,8 +314,11 @@ class DuetTrainer:
 
     def _restore(self, state: dict, checkpoint: Path) -> None:
         self.step, self.lam, self.position = state["step"], state["lambda"], state["position"]
-        for policy in self.trained:
-            ckpt.load_optimizer_state(policy.net, policy.optimizer, state["optimizers"][policy.name])
+        if state.get("format", "whole") == "sharded":
+            ckpt.load_shards(self._sharded_parts(), checkpoint / ckpt.SHARDS)
+        else:
+            for policy in self.trained:
+                ckpt.load_optimizer_state(policy.net, policy.optimizer, state["optimizers"][policy.name])
         rng = state["rng"]
         if len(rng) == self.runtime.world:
             ckpt.set_rng_state(rng[self.runtime.rank])
@@ -273,9 +330,11 @@ class DuetTrainer:
                 len(rng),
                 self.runtime.world,
             )
+        sharded = state.get("format", "whole") == "sharded"
         for policy in self.trained:
-            if policy.lora and policy.engine.reads_staged_weights:
-                # a resumed LoRA run's engine started from the base weights
+            # an engine that started from the model's own folder (a LoRA run's base; every model of
+            # a sharded checkpoint, which writes no folder) takes the resumed weights now
+            if sharded or (policy.lora and policy.engine.reads_staged_weights):
                 policy.engine.take_weights(WeightPush(policy.name, policy.lm, self.stager))
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 

@@ -114,25 +114,32 @@ def load_lm(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation turns it back on per call
     if lora is not None:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel
 
         if gradient_checkpointing:
             model.enable_input_require_grads()  # so checkpointed layers see a grad-requiring input
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         else:
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, config)
+            model = lora_model(model, lora)
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # adapters: fp32 master weights
     return model, tokenizer
+
+
+def lora_model(model, lora: LoraSettings):
+    """`model` with fresh LoRA adapters as `lora` sets them (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:

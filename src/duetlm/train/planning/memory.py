@@ -238,7 +238,13 @@ def model_plan(role: str, cfg: TrainConfig, device_memory: float, devices: int) 
         if vllm:
             host["staged copy per node (/dev/shm)"] = shape.params * engine_dtype
     if trained:
-        host["save: whole model + AdamW state on the main process"] = trainable * 12 + (n - trainable) * 4
+        whole = trainable * 12 + (n - trainable) * 4  # fp32 weights, AdamW's two moments
+        if cfg.checkpoint.format == "sharded":
+            # each process streams its shards to disk (files of this size); a few tensors at a time
+            # pass through host memory (bench/checkpoint_memory.py measures it)
+            host["save: each process's shards on disk"] = whole / devices
+        else:
+            host["save: whole model + AdamW state on the main process"] = whole
     name = f"{ROLE_NAMES[role]} {re.sub(r'^(hf|vllm):', '', spec)}"
     return ModelPlan(name, n, trainable, rows, label, host)
 

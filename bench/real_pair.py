@@ -221,9 +221,8 @@ def main() -> None:
         light = load_backend(f"{args.backend}:{light_name}", options)
         steps = [s.strip() for s in args.steps.split(",") if s.strip()]
         try:
-            for (
-                part
-            ) in steps:  # part by part over the tasks: an interrupted bench has the first parts of both
+            # part by part over the tasks: an interrupted bench has the first parts of both
+            for part in steps:
                 for task in tasks:
                     run_part(args, part, task, getattr(args, task), capable, light)
         finally:

@@ -53,9 +53,9 @@ def test_vllm_without_package_is_a_clear_error():
     try:
         import vllm  # noqa: F401
     except ImportError:
-        with pytest.raises(BackendError, match=r"duetlm\[vllm\]"):
+        with pytest.raises(BackendError, match=r"requirements-gpu.txt -e .\.\[vllm\]."):
             load_backend("vllm:Qwen/Qwen3-0.6B")
-        with pytest.raises(BackendError, match=r"duetlm\[vllm\]"):
+        with pytest.raises(BackendError, match=r"requirements-gpu.txt -e .\.\[vllm\]."):
             load_backend("vllm:Qwen/Qwen3-0.6B", BackendOptions(streaming=True))  # the async engine
     else:
         pytest.skip("vllm is installed here")

@@ -289,3 +289,38 @@ def test_two_fsdp_processes_with_both_models_on_vllm_train_what_one_does_and_res
         assert worst < 1e-5, (name, worst)
         start = load_file(str(qwen3_vllm_dirs[name] / "model.safetensors"))
         assert any(not torch.equal(start[k], b[k]) for k in b), f"{name} never moved"
+
+
+def test_an_export_loads_in_vllm_and_answers_as_the_last_weights(qwen3_vllm_dirs, qwen3_task, tmp_path):
+    """`duet export` writes folders that vLLM serves as they are, and greedy decoding on them is
+    greedy decoding on the run's last weights (transformers on the checkpoint's own folder)."""
+    from duetlm.backends import BackendOptions, load_backend
+    from duetlm.train.loop.export import export_run
+    from duetlm.train.loop.trainer import train
+
+    config = qwen3_config(
+        qwen3_vllm_dirs,
+        qwen3_task,
+        tmp_path / "run",
+        steps=2,
+        capable_lr=3e-2,
+        light_lr=3e-2,
+        capable_temperature=1.0,
+        light_temperature=1.2,
+        forced_stop_prob=0.5,  # signals of several lengths: M's advantages are not all 0
+    )
+    run = train(config, progress=False)
+    exported = export_run(run, tmp_path / "export", dtype="float32")
+    for name in ("capable", "light"):
+        trained, initial = (
+            load_file(exported[name] / "model.safetensors"),
+            load_file(qwen3_vllm_dirs[name] / "model.safetensors"),
+        )
+        assert any(not torch.equal(trained[k], initial[k]) for k in trained if k in initial), name
+        [last] = HFBackend(str(run / "last" / name), device="cpu").generate([PROBE])
+        engine = load_backend(f"vllm:{exported[name]}", BackendOptions(dtype="float32"))
+        try:
+            [served] = engine.generate([PROBE])
+        finally:
+            engine.close()
+        assert served.token_ids == last.token_ids, name

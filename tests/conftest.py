@@ -274,3 +274,23 @@ def qwen3_config(qwen3_dirs, folder, out, **overrides):
         "device": "cpu",
     }
     return train_config(settings | overrides)
+
+
+def record_updates(monkeypatch) -> list[tuple]:
+    """Every (policy, batch) the step hands to the PPO update, which still runs as it is."""
+    from duetlm.train.loop import update
+
+    seen = []
+    real = update.ppo_update
+    monkeypatch.setattr(update, "ppo_update", lambda p, b, s, r: (seen.append((p, b)), real(p, b, s, r))[1])
+    return seen
+
+
+def assert_truncated_weights(batch, cap: float) -> torch.Tensor:
+    """A batch's importance weights are min(π_old/μ, cap), computed here by hand, wherever the
+    engine gave a log-prob; returns where it did."""
+    known = ~torch.isnan(batch.engine_logps) & batch.seqs.completion_mask.bool()
+    by_hand = torch.exp(batch.old_logps - batch.engine_logps).clamp(max=cap)
+    assert known.sum() > 10
+    assert torch.allclose(batch.is_weights[known], by_hand[known], atol=1e-5)
+    return known

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import QUESTIONS, UNCLOSED_QUESTION, qwen3_config
+from conftest import QUESTIONS, UNCLOSED_QUESTION, assert_truncated_weights, qwen3_config, record_updates
 from duetlm.tasks import Example
 from duetlm.train.algorithm.grpo import k3_kl
 from duetlm.train.config import LoraSettings
@@ -212,7 +212,6 @@ def test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on(
     # engine's log-probs (what it sampled with) say so; the correction weighs each token by
     # π_old / μ truncated at the threshold (1.02 here: random weights are nearly flat, so the
     # weights stay near 1), and without it nothing does
-    from duetlm.train.loop import update
 
     config = qwen3_config(
         qwen3_dirs,
@@ -228,18 +227,13 @@ def test_an_engine_at_another_temperature_is_corrected_only_with_the_option_on(
     rollouts = trainer.rollouts
     sampling = rollouts._sampling
     monkeypatch.setattr(rollouts, "_sampling", lambda t: sampling(1.6 if t == 1.0 else t))
-    seen = []
-    real = update.ppo_update
-    monkeypatch.setattr(update, "ppo_update", lambda p, b, s, r: (seen.append((p, b)), real(p, b, s, r))[1])
+    seen = record_updates(monkeypatch)
     metrics = trainer.train_step()
     [capable] = [b for p, b in seen if p is trainer.capable]
     if mode == "none":
         assert capable.is_weights is None and "rollout_kl_capable" not in metrics
         return
-    known = ~torch.isnan(capable.engine_logps) & capable.seqs.completion_mask.bool()
-    by_hand = torch.exp(capable.old_logps - capable.engine_logps).clamp(max=1.02)
-    assert known.sum() > 10
-    assert torch.allclose(capable.is_weights[known], by_hand[known], atol=1e-5)
+    known = assert_truncated_weights(capable, 1.02)
     assert (capable.is_weights[~known] == 1).all()
     assert metrics["rollout_kl_capable"] > 1e-3  # the mismatch shows (an engine in sync: about 1e-6)
     assert 0 < metrics["is_corrected_fraction_capable"] < 1 and metrics["is_weight_max_capable"] > 1.02

@@ -213,6 +213,22 @@ def test_other_config_hash_is_refused(tmp_path):
         ResultStore(tmp_path, {}, "two")
 
 
+def test_a_later_setting_at_its_neutral_value_keeps_a_run_s_hash():
+    """A run folder made before `settle.probe` existed still resumes: at the value that does what
+    those runs did the field is out of the hash; at any other value it is in it."""
+    from duetlm.evaluate import EvalConfig
+
+    plain = EvalConfig(tasks=["builtin"], methods=["settle"])
+    before = plain.duet.model_dump()
+    del before["settle"]["probe"]  # the settings as runs made before the field hashed them
+    assert plain.duet.identity() == before
+    settle = plain.duet.settle.model_copy(update={"probe": "continue"})
+    changed = plain.model_copy(update={"duet": plain.duet.model_copy(update={"settle": settle})})
+    assert changed.duet.identity()["settle"]["probe"] == "continue"
+    assert changed.config_hash() != plain.config_hash()
+    assert plain.config_hash() == EvalConfig(tasks=["builtin"], methods=["duet"]).config_hash()
+
+
 def _row(method, qid, sample, correct, capable_tokens, rule="boxed", task="t"):
     usage = {"capable": {"output_tokens": capable_tokens}, "light": {"output_tokens": 1}, "cost": 0.5}
     return {

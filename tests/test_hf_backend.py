@@ -195,3 +195,19 @@ def test_sampled_logprobs_are_those_of_the_tempered_distribution(model_dirs):
         with torch.no_grad():
             expected = token_logps(backend.model, ids, torch.ones_like(ids), 0.7)[0, len(prompt) - 1 :]
         assert torch.allclose(torch.tensor(result.logprobs), expected, atol=1e-4)
+
+
+def test_a_backend_that_declares_nothing_starts_closes_and_refuses_to_count():
+    """The base every backend derives from: starting and closing do nothing, and counting a
+    text without a tokenizer is a clear refusal, not an attribute error."""
+    from duetlm.backends.base import BaseBackend, counts_tokens
+    from duetlm.errors import BackendError
+
+    class Bare(BaseBackend):
+        spec = "bare"
+
+    bare = Bare()
+    assert bare.start() is None and bare.close() is None
+    assert not counts_tokens(bare)
+    with pytest.raises(BackendError, match="bare cannot count a text's tokens"):
+        bare.count_tokens("12 + 3")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION
+from conftest import QUESTIONS, SIGNAL, UNCLOSED_QUESTION, free_port
 from duetlm.backends.base import GenerationRequest, SamplingParams
 from duetlm.backends.openai import OpenAIBackend
 from duetlm.config import DuetConfig
 from duetlm.errors import BackendError
 from duetlm.protocol import Duet, Problem, user_prompt
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def transformers_serve(folder: Path):

@@ -104,6 +104,22 @@ def test_llamacpp_continues_a_prefilled_turn_and_resumed_ids_exactly(llama):
     assert head.token_ids + tail.token_ids == whole.token_ids
 
 
+def test_llamacpp_counts_a_text_s_tokens_as_the_model_s_own_tokenizer(llama, installed):
+    """The probe's cut lengths on llama.cpp come from the server's tokenizer: exact, not the
+    per-character estimate an OpenAI-compatible server without a tokenizer gets."""
+    from transformers import AutoTokenizer
+
+    from duetlm.evaluate.probe import SignalTokens
+
+    tokenizer = AutoTokenizer.from_pretrained(installed.folder / "hf")
+    text = "Step 1: 16 − 3 = 13 eggs.\n\n\\[\n13 \\times \\$2 = \\$26\n\\]\nSo Janet makes 26 dollars. 🥚"
+    expected = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert llama.count_tokens(text) == expected
+    counter = SignalTokens(llama, config_defaults(f"llamacpp:{NAME}", f"llamacpp:{NAME}"))
+    assert counter.exact and counter.count(text, None) == expected  # type: ignore[arg-type]
+    assert llama.count_tokens("") == 0
+
+
 def test_an_echoed_prefill_is_never_graded_as_m_answer(llama, caplog):
     """llama.cpp's chat endpoint returns a continued assistant turn with the prefill in front.
     An M without think tags (this Coder model) run in the think style hands over its whole

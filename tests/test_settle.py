@@ -100,6 +100,49 @@ def test_m_stops_M_at_the_first_probe_where_the_rule_holds(pair):
         assert result.capable_text == thinking_text(lines[:kept])
 
 
+@pytest.fixture(scope="module")
+def answer_style_m(pair):
+    """An m for the answer signal style (M reasons and answers in one turn), scripted on each
+    cut of LONG's reasoning both ways: closed with the answer cue it says the last number M
+    wrote (7, then 14), as a small model cut mid-solution does; given its own turn it finishes
+    the reasoning and reaches 14 from the first cut."""
+    from qwen3 import tiny_qwen3
+
+    M = pair[0]
+    lines, answers = SCRIPTS[LONG]
+    scripts = []
+    for probe, reply in (("answer", "So \\boxed{{{}}}"), ("continue", "Then \\boxed{{{}}}")):
+        settler = Settler(Duet(M, None, answer_config(probe=probe)), parse_mode("settle"))  # type: ignore[arg-type]
+        for k, answer in enumerate(answers, start=1):
+            watch = Watch(Problem(LONG), 80, text=thinking_text(lines[:k]))
+            said = answer if probe == "answer" else answers[-1]
+            scripts.append(
+                (render_chat(M.tokenizer, settler.probe_request(watch)), reply.format(said) + "<|im_end|>")
+            )
+    light = tiny_qwen3(seed=5)
+    train_script(light, M.tokenizer, scripts, steps=150)
+    return HFBackend(model=light, tokenizer=M.tokenizer, spec="hf:answer-style-m")
+
+
+def answer_config(**settle) -> DuetConfig:
+    return config(**settle).model_copy(update={"signal_style": "answer"})
+
+
+def test_continue_probes_let_m_finish_the_reasoning_and_settle_where_it_gets(pair, answer_style_m):
+    M, lines = pair[0], SCRIPTS[LONG][0]
+    [cued] = Duet(M, answer_style_m, answer_config(agree=2)).solve_batch([LONG], "settle")
+    [own_turn] = Duet(M, answer_style_m, answer_config(agree=2, probe="continue")).solve_batch(
+        [LONG], "settle"
+    )
+    # cued to answer now, m agrees only once M's last number is the result
+    assert cued.handover["probe_answers"] == ["7", "14", "14"] and cued.text.startswith("So")
+    # on its own turn m finishes the reasoning: settled a line earlier, on its own write-up
+    assert own_turn.handover["probe_answers"] == ["14", "14"] and own_turn.handover["settled"]
+    assert own_turn.answer == "14" and own_turn.text.startswith("Then")
+    assert own_turn.signal == "<think>\n" + "\n".join(lines[:2])
+    assert own_turn.usage.capable.output_tokens < cued.usage.capable.output_tokens
+
+
 def test_M_tokens_after_the_stop_are_neither_generated_nor_counted(pair):
     M, _ = pair
     lines, _ = SCRIPTS[LONG]

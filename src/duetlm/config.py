@@ -98,10 +98,21 @@ class SettleConfig(BaseModel):
         gt=0.0,
         le=1.0,
         description="Also require the prober's probability of its answer's tokens to reach this in "
-        "each agreeing probe; None: agreement alone. Needs per-token log-probs (hf, vllm).",
+        "each agreeing probe; None: agreement alone. Needs per-token log-probs (hf, vllm, llamacpp).",
+    )
+    probe: Literal["answer", "continue"] = Field(
+        "answer",
+        description="What a probe asks: `answer` closes the reasoning so far with the answer cue "
+        "(what the prober would answer now); `continue` gives the prober its own turn from the "
+        "reasoning so far, as m gets it in `duet`, so it may finish the reasoning within "
+        "probe_max_tokens (where the prober gets from here). A small m cut mid-solution answers "
+        "`answer` probes with the last number M wrote, so two probes agree on a subtotal.",
     )
     probe_max_tokens: int = Field(
-        48, ge=1, description="The prober's budget per probe (its answer after the closed thinking)."
+        48,
+        ge=1,
+        description="The prober's budget per probe (its answer after the closed thinking, or its "
+        "finish of the reasoning with `probe = continue`).",
     )
     line_max_tokens: int = Field(
         32,
@@ -197,6 +208,28 @@ class DuetConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> DuetConfig:
         return load_model_file(cls, path)
+
+    def identity(self) -> dict:
+        """The settings as a run folder's hash takes them: every field, except a later-added
+        one (`NEUTRAL_LATER_FIELDS`) while it holds the value that does what runs made before
+        it did, so upgrading duetlm does not orphan a half-finished run's rows."""
+        data = self.model_dump()
+        for path, neutral in NEUTRAL_LATER_FIELDS.items():
+            *parents, name = path
+            section = data
+            for parent in parents:
+                section = section[parent]
+            if section.get(name) == neutral:
+                del section[name]
+        return data
+
+
+NEUTRAL_LATER_FIELDS: dict[tuple[str, ...], object] = {
+    ("settle", "probe"): "answer",
+}
+"""Settings added once run folders already existed, with the value that reproduces the earlier
+behaviour exactly. Left out of `DuetConfig.identity` at that value; any other value changes the
+hash, as it changes the rows."""
 
 
 def load_model_file(model: type[BaseModel], path: str | Path):

@@ -171,6 +171,7 @@ class Capabilities:
     token_ids: bool = False  # results carry the generated ids, and `continue_ids` resumes from them
     streaming: bool = False  # `astream` yields text while the model writes (else all of it at the end)
     prompt_tokens: bool = False  # `prompt_tokens(request)` counts a prompt before it is generated
+    text_tokens: bool = False  # `count_tokens(text)` counts a text in the model's vocabulary (server side)
     context_length: int | None = None  # the tokens one request may hold, prompt and output; None: unknown
 
     def require(self, what: str, needed_by: str, spec: str, fix: str = "") -> None:
@@ -188,6 +189,7 @@ CAPABILITY_WORDS = {
     "token_ids": "the generated token ids",
     "streaming": "streaming",
     "prompt_tokens": "prompt token counts",
+    "text_tokens": "token counts of a text",
 }
 
 
@@ -232,6 +234,13 @@ class BaseBackend:
     def prompt_tokens(self, request: GenerationRequest) -> int:
         raise BackendError(f"{self.spec} cannot count a prompt's tokens before generating")
 
+    def count_tokens(self, text: str) -> int:
+        """The tokens `text` takes in the model's own vocabulary: by the local tokenizer, or
+        (a backend declaring `text_tokens`) by the server that holds it."""
+        if not self.capabilities.tokenizer:
+            raise BackendError(f"{self.spec} cannot count a text's tokens: it has no tokenizer here")
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def start(self) -> None:
         """Load or start what the first request would (an engine process); by default nothing."""
 
@@ -243,6 +252,12 @@ def capabilities_of(backend: Backend) -> Capabilities:
     """What a backend declares; an object that is no `BaseBackend` (a user's own, with only
     `generate`) declares nothing."""
     return backend.capabilities if isinstance(backend, BaseBackend) else Capabilities()
+
+
+def counts_tokens(backend: Backend) -> bool:
+    """Whether `backend.count_tokens` gives exact counts (a local tokenizer, or the server's)."""
+    capabilities = capabilities_of(backend)
+    return capabilities.tokenizer or capabilities.text_tokens
 
 
 async def stream(backend: Backend, request: GenerationRequest) -> AsyncIterator[StreamItem]:

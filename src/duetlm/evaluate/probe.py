@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from duetlm.backends import Backend, BackendOptions, load_backend
-from duetlm.backends.base import capabilities_of
+from duetlm.backends.base import counts_tokens
 from duetlm.config import DuetConfig
 from duetlm.errors import ConfigError
 from duetlm.evaluate.runner import weights_fingerprint
@@ -110,7 +110,7 @@ class ProbeConfig(BaseModel):
             "probe": [self.search, self.stride, self.check_below],
             "capable": self.capable,
             "light": self.light,
-            "duet": self.duet.model_dump(),
+            "duet": self.duet.identity(),
             "weights": [weights_fingerprint(self.capable), weights_fingerprint(self.light)],
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -194,12 +194,12 @@ def stable_search(lines: int, stride: int) -> Search:
 class SignalTokens:
     """M output tokens a cut costs: the tokens of the cut as M writes it up to the hand-over
     (`<think>\\n{cut}\\n</think>` in the think style, the reasoning itself in the answer style)
-    in M's own tokenizer, 0 for the empty cut (M is not asked at all). Without a tokenizer (an
-    OpenAI-compatible M given no --capable-tokenizer) counts are estimated from M's own output,
-    tokens per character, and rows say so."""
+    in M's own tokenizer (local, or llama.cpp's server's), 0 for the empty cut (M is not asked
+    at all). Without one (an OpenAI-compatible M given no --capable-tokenizer) counts are
+    estimated from M's own output, tokens per character, and rows say so."""
 
     def __init__(self, backend: Backend, config: DuetConfig) -> None:
-        self.tokenizer = backend.tokenizer if capabilities_of(backend).tokenizer else None
+        self.backend = backend if counts_tokens(backend) else None
         self.style = style_of(config)
 
     def closed(self, capable: SolveResult) -> bool:
@@ -210,14 +210,14 @@ class SignalTokens:
 
     @property
     def exact(self) -> bool:
-        return self.tokenizer is not None
+        return self.backend is not None
 
     def count(self, cut: str, capable: SolveResult) -> int:
         if not cut:
             return 0
         text = self.style.as_written(cut)
-        if self.tokenizer is not None:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.backend is not None:
+            return self.backend.count_tokens(text)
         written = capable.capable_text or ""
         rate = capable.usage.capable.output_tokens / max(len(written), 1)
         return max(round(len(text) * rate), 1)

@@ -85,7 +85,7 @@ class EvalConfig(BaseModel):
             "capable": self.capable,
             "light": self.light,
             "seed": self.seed,
-            "duet": self.duet.model_dump(),
+            "duet": self.duet.identity(),
             "weights": [weights_fingerprint(self.capable), weights_fingerprint(self.light)],
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,7 +2,8 @@
 
 No training. M thinks as in `duet`, but in steps: each step ends at the first line end after
 `probe_every` more of its tokens, and there M is paused while the prober answers greedily from
-the thinking so far, closed with the think tag, within `probe_max_tokens`. Once `agree`
+the thinking so far, closed with the think tag (or, with `probe = continue`, in a turn of its
+own from there, free to finish the reasoning), within `probe_max_tokens`. Once `agree`
 probes in a row extract the same answer, M is not resumed: the settling probe's write-up is
 the result, and M's tokens after that point are never generated. A question whose probes
 never settle runs to M's own end and is then answered as `duet` answers it.
@@ -160,10 +161,12 @@ class Settler:
         return request
 
     def probe_request(self, watch: Watch) -> GenerationRequest:
-        """The prober's greedy answer from the thinking so far, closed with the think tag."""
+        """The prober's greedy answer from the thinking so far: closed with the answer cue, or
+        (`probe = continue`) its own turn from there, as duet's m would answer."""
         cfg = self.cfg
         kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
-        request = light_request(watch.problem, self.thinking(watch), cfg, kwargs, closed=True)
+        closed = self.rule.probe == "answer"
+        request = light_request(watch.problem, self.thinking(watch), cfg, kwargs, closed=closed)
         greedy = dataclasses.replace(
             request.sampling,
             max_tokens=self.rule.probe_max_tokens,

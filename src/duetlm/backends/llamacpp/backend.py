@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import openai
 
 from duetlm.backends.base import (
@@ -78,9 +79,27 @@ class LlamaCppBackend(OpenAIBackend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Log-probabilities and token ids from `/completion`, its own stream; no local
-        tokenizer (the GGUF's is in the server)."""
-        return Capabilities(logprobs=True, token_ids=True, streaming=True, context_length=self.context_length)
+        """Log-probabilities and token ids from `/completion`, its own stream, token counts from
+        `/tokenize`; no local tokenizer (the GGUF's is in the server)."""
+        return Capabilities(
+            logprobs=True,
+            token_ids=True,
+            streaming=True,
+            text_tokens=True,
+            context_length=self.context_length,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """The server's own count (`/tokenize`, no special tokens added): exact for any GGUF."""
+        response = httpx.post(
+            f"{self.server.url}/tokenize", json={"content": text, "add_special": False}, timeout=60.0
+        )
+        tokens = response.json().get("tokens") if response.status_code == 200 else None
+        if not isinstance(tokens, list):
+            raise GenerationError(
+                f"{self.spec}: /tokenize answered {response.status_code}: {response.text[:200]}"
+            )
+        return len(tokens)
 
     # --- requests -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,14 @@ def train_config(settings: dict):
         section, name = paths[key].split(".")
         nested.setdefault(section, {})[name] = value
     return TrainConfig(**nested)
+
+
+def free_port() -> int:
+    """A loopback port nothing holds now: a fixed one collides with torchrun runs of the vLLM
+    suite, which CI runs beside this one."""
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
 
 
 def small_config(model_dirs, task_path, out, **overrides):

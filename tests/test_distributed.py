@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import qwen3_config, small_config
+from conftest import free_port, qwen3_config, small_config
 from duetlm.train.loop.export import export_run
 
 pytestmark = pytest.mark.slow
@@ -27,12 +26,6 @@ HERE = Path(__file__).parent
 CHECKS = HERE / "distributed_checks.py"
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 DUET = str(Path(sys.executable).with_name("duet"))
-
-
-def free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
 
 
 def torchrun(*args: str, processes: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
@@ -167,10 +160,13 @@ def test_two_fsdp_processes_train_what_one_does_and_resume_exactly_after_kill_9(
 def test_an_empty_micro_batch_on_one_process_finishes_in_seconds(tmp_path):
     # process 1 has one micro-batch and nothing to score, process 0 two micro-batches: every
     # forward gathers weights from both, so without equal call counts the step would wait out
-    # the 20-second collective timeout, and without a graph its backward would fail
+    # the collective timeout, and without a graph its backward would fail. The timeout is long
+    # enough that a busy machine (the vLLM suite runs beside this one) never reaches it while
+    # the processes start and shard the model; the step itself must take well under half of it
+    timeout_s = 90
     started = time.perf_counter()
     done = subprocess.run(
-        torchrun(str(CHECKS), "empty_micro_batch", str(tmp_path), "20"),
+        torchrun(str(CHECKS), "empty_micro_batch", str(tmp_path), str(timeout_s)),
         capture_output=True,
         text=True,
         env=ENV,
@@ -178,8 +174,8 @@ def test_an_empty_micro_batch_on_one_process_finishes_in_seconds(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"empty_micro_batch-{rank}.json").read_text()) for rank in (0, 1)]
-    assert all(r["seconds"] < 10 for r in reports), reports
-    assert time.perf_counter() - started < 120
+    assert all(r["seconds"] < timeout_s / 2 for r in reports), reports
+    assert time.perf_counter() - started < 2 * timeout_s
     assert reports[0]["moved"] > 0 and reports[0]["weights"] == reports[1]["weights"]  # one model, updated
 
 

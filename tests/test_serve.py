@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal as signals
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,19 +14,13 @@ import openai
 import pytest
 import uvicorn
 
-from conftest import QUESTIONS, SIGNAL
+from conftest import QUESTIONS, SIGNAL, free_port
 from duetlm.config import DuetConfig
 from duetlm.errors import BackendError
 from duetlm.protocol import Duet
 from duetlm.serve import ServeConfig, create_app
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(duet: Duet, config: ServeConfig):
@@ -210,7 +203,9 @@ def _latency_sum_and_count(url: str) -> tuple[float, int]:
 
 def test_a_streams_latency_is_counted_to_its_last_byte(scripted_server, client):
     # The server is inside the request from before the first chunk until after the last one;
-    # a middleware that stops the clock at the headers records a few milliseconds.
+    # a middleware that stops the clock at the headers records a few milliseconds. The client
+    # reads the last chunk a little after the server let go of it, so on a loaded machine the
+    # two spans differ by that delivery time: the check asks for most of the span, not all.
     url = scripted_server[1]
     total_before, count_before = _latency_sum_and_count(url)
     arrivals = []
@@ -220,7 +215,7 @@ def test_a_streams_latency_is_counted_to_its_last_byte(scripted_server, client):
         arrivals.append(time.perf_counter())
     total, count = _latency_sum_and_count(url)
     assert count == count_before + 1
-    assert len(arrivals) > 10 and total - total_before >= arrivals[-1] - arrivals[0] > 0
+    assert len(arrivals) > 10 and total - total_before >= 0.5 * (arrivals[-1] - arrivals[0]) > 0
 
 
 def _error(response: httpx.Response) -> dict:
@@ -467,10 +462,16 @@ def test_unseeded_samples_differ_and_seeded_ones_repeat(random_backend):
         thread.join(timeout=30)
 
 
-def test_a_client_that_leaves_stops_its_generation(qwen3_dirs):
+def test_a_client_that_leaves_stops_its_generation(tmp_path):
+    from qwen3 import qwen3_tokenizer, save, tiny_qwen3
+
     from duetlm.backends.hf import HFBackend
 
-    rambler = HFBackend(str(qwen3_dirs["random"]), device="cpu")  # samples ~150k words, rarely an end
+    # An untrained Qwen3 over the real ~150k-word vocabulary, wide enough that its 900 tokens
+    # take seconds: the client must see M still generating when it leaves, even on a loaded
+    # machine where the test's own thread reads the first chunk late.
+    folder = save(tiny_qwen3(seed=0, hidden=256, layers=4), qwen3_tokenizer(), tmp_path / "rambler")
+    rambler = HFBackend(str(folder), device="cpu")
     duet = Duet(rambler, rambler, DuetConfig(signal_max_tokens=900, answer_max_tokens=8))
     server, thread, url = start_server(duet, ServeConfig())
     engine = rambler.engine

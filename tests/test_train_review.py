@@ -30,6 +30,9 @@ def test_lora_without_a_merged_copy_resumes_its_trained_adapter(model_dirs, task
         eval_every=0,
         lora_capable=LoraSettings(r=4, alpha=8),
         merge_adapters=False,
+        # groups large enough that one of M's groups has mixed rewards, so the step moves B
+        questions_per_step=4,
+        n_capable=4,
     )
     out = train(config, progress=False)
     assert (out / "last" / "capable_adapter").is_dir() and not (out / "last" / "capable").exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUESTIONS, small_config
+from conftest import QUESTIONS, free_port, small_config
 from duetlm.errors import ConfigError
 from duetlm.train.algorithm.grpo import token_logps
 from duetlm.train.config import LoraSettings, TrainConfig, with_settings
@@ -216,7 +216,7 @@ def test_two_ddp_processes_compute_what_one_does(model_dirs, task_path, tmp_path
                 "--nproc_per_node",
                 str(processes),
                 "--master_port",
-                str(29500 + processes),
+                str(free_port()),
                 "--no-python",
                 str(Path(sys.executable).with_name("duet")),
                 "train",

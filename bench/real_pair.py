@@ -1,18 +1,24 @@
 """Every method on a real model pair, on GSM8K and MATH-500, resumable after a kill.
 
     python bench/real_pair.py                                  # qwen2.5-coder on llama.cpp
-    python bench/real_pair.py --gsm8k 300 --math500 100 --out runs/real-pair
+    python bench/real_pair.py --gsm8k 300 --math500 100
     python bench/real_pair.py --only gsm8k --steps main,probe  # a part of it
     python bench/real_pair.py --report                         # the tables and figures only
 
 Part by part, each over both tasks (the telling ones first, so an interrupted bench has them):
 M-alone, duet and m-alone; the probe (binary and stable search, on M-alone's rows); settle with
 its two finishes; duet@B and M@B at three budgets; M-settle; duet in the sketch and think
-styles; then another settle rule. Each part is a run folder of
+styles; then the other settle rules (m probed on its own turn, three agreeing probes, a
+probability floor). Each part is a run folder of
 its own under OUT/TASK/ (results written as batches finish; a rerun resumes where the last
 stopped), and both models' llama.cpp servers start once for the whole bench. The report step
 writes OUT/TASK/report.md (accuracy with a 95% interval, M and m tokens, M tokens saved, wall
 time, cost per solved question at the prices below) and the accuracy-against-M-tokens figure.
+
+OUT defaults to bench/results/real-pair, which the repository keeps: the measured rows ship with
+it, so the report and the figure regenerate from them, and a bench spread over many sittings
+(it takes most of a day on a 2-core CPU) extends them instead of starting over. Pass another
+--out to measure afresh.
 
 Needs the pair installed (`duet models install qwen2.5-coder`) and the benchmark files:
 `--data-dir` (default: ../shared/data next to the repository) holds gsm8k/test.jsonl and
@@ -33,6 +39,7 @@ from duetlm.evaluate import EvalConfig, run_eval
 from duetlm.evaluate.compose import composed_summaries
 from duetlm.evaluate.probe import ProbeConfig, run_probe
 from duetlm.evaluate.report import plot
+from duetlm.evaluate.summary import results_rows
 from duetlm.models import config_defaults
 from duetlm.models.catalog import PAIRS
 from duetlm.protocol import Duet
@@ -49,7 +56,9 @@ STEPS = ("main", "probe", "settle", "budgets", "settle-self", "styles", "settle-
 SETTLE_RULES = {
     "settle": {},  # the family's own rule
     "settle-continue": {"finish": "continue"},
+    "settle-own-turn": {"probe": "continue", "probe_max_tokens": 192},
     "settle-agree3": {"agree": 3, "finish": "continue"},
+    "settle-sure": {"min_prob": 0.9, "finish": "continue"},
 }
 """Settle's variants, measured side by side: each a run folder of its own."""
 
@@ -64,9 +73,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--math500", type=int, default=100, help="MATH-500 questions (the first N)")
     parser.add_argument("--only", default="gsm8k,math500", help="tasks to run")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"parts to run: {', '.join(STEPS)}")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real-pair")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real-pair")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--rules", default=",".join(list(SETTLE_RULES)[2:]), help="the settle rules settle-more runs"
+    )
     parser.add_argument("--report", action="store_true", help="only write the reports from what has run")
     return parser.parse_args()
 
@@ -134,8 +146,11 @@ def run_part(args, part: str, task: str, limit: int, capable, light) -> None:
         for search, name in (("binary", "probe"), ("stable", "probe-stable")):
             probe_part(duet, task, data, limit, search, folder / name, batch, folder / "main")
     elif part in ("settle", "settle-more"):
-        rules = SETTLE_RULES if part == "settle-more" else dict(list(SETTLE_RULES.items())[:2])
-        for name, rule in rules.items():
+        names = args.rules.split(",") if part == "settle-more" else list(SETTLE_RULES)[:2]
+        for name in names:
+            if name not in SETTLE_RULES:
+                raise SystemExit(f"unknown settle rule {name!r}: use {', '.join(SETTLE_RULES)}")
+            rule = SETTLE_RULES[name]
             ruled = Duet(capable, light, pair_config(capable.spec, light.spec, settle=rule))
             eval_part(ruled, task, data, limit, ["settle"], folder / name, batch)
     elif part == "budgets":
@@ -161,7 +176,7 @@ def report_task(args, task: str) -> None:
         for label, part in [
             *((part, part) for part in SETTLE_RULES),
             ("budgets", "budgets"),
-            ("self", "settle-self"),
+            ("M-settle", "settle-self"),
             ("duet sketch", "duet-sketch"),
             ("duet think", "duet-think"),
             ("oracle", "probe"),
@@ -171,7 +186,7 @@ def report_task(args, task: str) -> None:
     }
     summaries = composed_summaries(folder / "main", added)
     for s in summaries:  # the parts' own labels read better without the part's name
-        s["method"] = s["method"].removeprefix("budgets ").removeprefix("self ")
+        s["method"] = s["method"].removeprefix("budgets ")
     lines = [
         "| method | n | acc % (95% CI) | M tok | m tok | M saved % | Δ acc (pts) | wall s | $ per 1k solved |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -191,11 +206,48 @@ def report_task(args, task: str) -> None:
             number(s.get("cost_per_solved"), "{:.3f}", 1000),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *same_reasoning_split(results_rows(folder / "main"))]
     (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "summaries.json").write_text(json.dumps(summaries, indent=2) + "\n", encoding="utf-8")
     figures = plot(summaries, folder)
     print(f"{task}: {folder / 'report.md'}; figure {', '.join(map(str, figures))}")
     print("\n".join(lines))
+
+
+def same_reasoning_split(rows: list[dict]) -> list[str]:
+    """duet against M-alone, split by whether duet's M wrote M-alone's reasoning word for word.
+
+    llama.cpp does not decode a request identically in different batches, so duet's stage 1
+    and M-alone, both greedy, part ways on many questions. Where they do not, any difference
+    in accuracy is the handoff's (m writing the answer from M's reasoning); where they do, it
+    is mostly M's own run-to-run variance.
+    """
+    by_method: dict[str, dict] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {})[(row["id"], row["sample"])] = row
+    alone, duet = by_method.get("M-alone", {}), by_method.get("duet", {})
+    shared = [key for key in alone if key in duet]
+    if not shared:
+        return []
+
+    def same(key) -> bool:
+        signal = (duet[key].get("signal") or "").strip()
+        return bool(signal) and (alone[key].get("capable_text") or alone[key]["text"]).startswith(signal)
+
+    lines = [
+        "| duet's M reasoning | n | M-alone right | duet right | lost | gained |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, keys in (
+        ("as M-alone's, word for word", [k for k in shared if same(k)]),
+        ("parted from M-alone's", [k for k in shared if not same(k)]),
+    ):
+        right_alone = sum(alone[k]["correct"] for k in keys)
+        right_duet = sum(duet[k]["correct"] for k in keys)
+        lost = sum(alone[k]["correct"] and not duet[k]["correct"] for k in keys)
+        gained = sum(duet[k]["correct"] and not alone[k]["correct"] for k in keys)
+        lines.append(f"| {label} | {len(keys)} | {right_alone} | {right_duet} | {lost} | {gained} |")
+    return lines
 
 
 def number(value, form: str, scale: float = 1.0) -> str:

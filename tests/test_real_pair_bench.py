@@ -1,0 +1,62 @@
+"""bench/real_pair.py's report: the table and the same-reasoning split, rebuilt from the rows the
+repository ships (the bench's models run only in the bench itself)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import real_pair  # noqa: E402
+
+SHIPPED = ROOT / "bench" / "results" / "real-pair" / "gsm8k"
+
+
+def _row(method: str, qid: str, correct: bool, text: str, signal: str | None = None) -> dict:
+    return {
+        "method": method,
+        "id": qid,
+        "sample": 0,
+        "correct": correct,
+        "text": text,
+        "capable_text": text if method == "M-alone" else None,
+        "signal": signal,
+    }
+
+
+def test_the_split_puts_each_question_by_whether_duets_reasoning_was_m_alones():
+    reasoning = "3 + 4 = 7, so she has 7 apples. The final answer is \\boxed{7}"
+    rows = [
+        _row("M-alone", "a", True, reasoning),
+        _row("duet", "a", False, "\\boxed{8}", signal="3 + 4 = 7, so she has 7 apples. "),
+        _row("M-alone", "b", False, reasoning),
+        _row("duet", "b", True, "\\boxed{7}", signal="3 + 4 = 7, so she has seven"),
+        _row("M-alone", "c", True, reasoning),
+        _row("duet", "c", True, "\\boxed{7}", signal=""),  # no signal: not the same reasoning
+        _row("m-alone", "a", True, "\\boxed{7}"),
+    ]
+    header, rule, same, parted = real_pair.same_reasoning_split(rows)
+    assert header.startswith("| duet's M reasoning") and rule.startswith("|---")
+    assert same == "| as M-alone's, word for word | 1 | 1 | 0 | 1 | 0 |"
+    assert parted == "| parted from M-alone's | 2 | 1 | 2 | 0 | 1 |"
+
+
+def test_the_split_is_empty_without_both_methods():
+    assert real_pair.same_reasoning_split([_row("M-alone", "a", True, "x")]) == []
+
+
+def test_the_report_rebuilds_from_the_shipped_rows(tmp_path):
+    out = tmp_path / "real-pair"
+    shutil.copytree(SHIPPED, out / "gsm8k", ignore=shutil.ignore_patterns("*.png", "report.md"))
+    real_pair.report_task(argparse.Namespace(out=out), "gsm8k")
+    report = (out / "gsm8k" / "report.md").read_text(encoding="utf-8")
+    table = [line for line in report.splitlines() if line.startswith("| M-alone ")]
+    assert len(table) == 1 and table[0].split(" | ")[1] == "300"
+    split = [line.split(" | ") for line in report.splitlines() if "M-alone's" in line]
+    assert len(split) == 2 and sum(int(cells[1]) for cells in split) == 300
+    assert (out / "gsm8k" / "plot_gsm8k.png").stat().st_size > 0
+    assert report == (SHIPPED / "report.md").read_text(encoding="utf-8")

@@ -9,6 +9,7 @@ trainer's own FSDP2 strategy over gloo.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 import time
@@ -83,6 +84,7 @@ CHECKS = {"empty_micro_batch": empty_micro_batch, "staged_copies": staged_copies
 
 
 def main() -> None:
+    faulthandler.enable()  # a native abort (gloo's) prints where Python was
     check, out = sys.argv[1], Path(sys.argv[2])
     runtime = start_runtime(torch.device("cpu"), timeout_s=float(sys.argv[3]) if len(sys.argv) > 3 else 30)
     report = CHECKS[check](runtime, out) | {"rank": runtime.rank, "node": runtime.node}

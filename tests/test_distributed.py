@@ -172,7 +172,8 @@ def test_an_empty_micro_batch_on_one_process_finishes_in_seconds(tmp_path):
         env=ENV,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted(p.name for p in tmp_path.glob("empty_micro_batch-*.json"))
+    assert done.returncode == 0, f"reports written: {written}\n{done.stderr[-3000:]}"
     reports = [json.loads((tmp_path / f"empty_micro_batch-{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["seconds"] < timeout_s / 2 for r in reports), reports
     assert time.perf_counter() - started < 2 * timeout_s

@@ -338,10 +338,10 @@ class DuetTrainer:
                 policy.engine.take_weights(WeightPush(policy.name, policy.lm, self.stager))
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         for policy in self.policies:
             policy.engine.close()
-        self.runtime.close()
+        self.runtime.close(finished)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Path:
@@ -356,6 +356,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
     if not resume and _is_main_process():
         ckpt.claim_run_folder(Path(config.out), force)
     trainer = DuetTrainer(config, resume=resume)
+    finished = False
     try:
         main = trainer.runtime.main
         first_step = trainer.step
@@ -396,8 +397,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, forc
                 "wall_s": time.perf_counter() - started,  # this call: loading, steps, evals, saves
             }
             (trainer.out / "final.json").write_text(json.dumps(final))
+        finished = True
     finally:
-        trainer.close()
+        trainer.close(finished)
     return trainer.out
 
 

@@ -77,8 +77,14 @@ class Runtime:
         """NCCL reduces tensors on the GPU; gloo on the CPU."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """End the process group. After a normal finish every process first waits for the
+        others, so none tears its connections down while a peer is still inside the last
+        collective (a gloo process has been seen to abort in that teardown on a loaded machine).
+        After an error there is no wait: a peer that failed would never arrive."""
         if self.grouped and dist.is_initialized():
+            if finished:
+                self.barrier()
             dist.destroy_process_group()
             self.grouped = False
 

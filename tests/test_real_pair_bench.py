@@ -8,12 +8,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import real_pair  # noqa: E402
 
-SHIPPED = ROOT / "bench" / "results" / "real-pair" / "gsm8k"
+SHIPPED = ROOT / "bench" / "results" / "real-pair"
+TASKS = sorted(p.name for p in SHIPPED.iterdir() if (p / "report.md").is_file())
 
 
 def _row(method: str, qid: str, correct: bool, text: str, signal: str | None = None) -> dict:
@@ -49,14 +52,24 @@ def test_the_split_is_empty_without_both_methods():
     assert real_pair.same_reasoning_split([_row("M-alone", "a", True, "x")]) == []
 
 
-def test_the_report_rebuilds_from_the_shipped_rows(tmp_path):
-    out = tmp_path / "real-pair"
-    shutil.copytree(SHIPPED, out / "gsm8k", ignore=shutil.ignore_patterns("*.png", "report.md"))
-    real_pair.report_task(argparse.Namespace(out=out), "gsm8k")
-    report = (out / "gsm8k" / "report.md").read_text(encoding="utf-8")
+def test_the_gsm8k_report_covers_its_300_questions(tmp_path):
+    report = rebuilt_report(tmp_path, "gsm8k")
     table = [line for line in report.splitlines() if line.startswith("| M-alone ")]
     assert len(table) == 1 and table[0].split(" | ")[1] == "300"
     split = [line.split(" | ") for line in report.splitlines() if "M-alone's" in line]
     assert len(split) == 2 and sum(int(cells[1]) for cells in split) == 300
-    assert (out / "gsm8k" / "plot_gsm8k.png").stat().st_size > 0
-    assert report == (SHIPPED / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_shipped_report_is_what_its_rows_give(tmp_path, task):
+    # rows committed without their regenerated report (or a report edited by hand) fail here
+    report = rebuilt_report(tmp_path, task)
+    assert (tmp_path / "real-pair" / task / f"plot_{task}.png").stat().st_size > 0
+    assert report == (SHIPPED / task / "report.md").read_text(encoding="utf-8")
+
+
+def rebuilt_report(tmp_path: Path, task: str) -> str:
+    out = tmp_path / "real-pair"
+    shutil.copytree(SHIPPED / task, out / task, ignore=shutil.ignore_patterns("*.png", "report.md"))
+    real_pair.report_task(argparse.Namespace(out=out), task)
+    return (out / task / "report.md").read_text(encoding="utf-8")

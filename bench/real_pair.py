@@ -33,7 +33,8 @@ import math
 import time
 from pathlib import Path
 
-from duetlm.backends import BackendOptions, load_backend
+from duetlm.backends import Backend, BackendOptions, load_backend
+from duetlm.backends.base import GenerationRequest, SamplingParams
 from duetlm.config import DuetConfig
 from duetlm.evaluate import EvalConfig, run_eval
 from duetlm.evaluate.compose import composed_summaries
@@ -263,6 +264,42 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def decode_speed(backend: Backend, tokens: int = 64) -> float:
+    """Tokens a second for one greedy request alone (prompt included, a few dozen tokens).
+
+    The shared 2-core machine this bench runs on has decoded the 1.5B anywhere between about
+    10 and 28 tokens a second from one sitting to the next, so a wall time means something
+    only next to the speed of the sitting that measured it."""
+    request = GenerationRequest(
+        messages=(("user", "Count from one to one hundred in words, separated by commas."),),
+        sampling=SamplingParams(max_tokens=tokens, temperature=0.0),
+    )
+    started = time.perf_counter()
+    (result,) = backend.generate([request])
+    return result.output_tokens / (time.perf_counter() - started)
+
+
+def log_sitting(out: Path, capable: Backend, light: Backend, steps: list[str], tasks: list[str]) -> None:
+    """Appends this sitting's machine speed to OUT/sittings.jsonl, beside the rows it measures."""
+    sitting = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "capable": capable.spec,
+        "light": light.spec,
+        "M_decode_tok_s": round(decode_speed(capable), 1),
+        "m_decode_tok_s": round(decode_speed(light), 1),
+        "steps": steps,
+        "tasks": tasks,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "sittings.jsonl").open("a", encoding="utf-8") as log:
+        log.write(json.dumps(sitting) + "\n")
+    print(
+        f"this sitting decodes {sitting['M_decode_tok_s']} tokens/s (M) and "
+        f"{sitting['m_decode_tok_s']} (m) for one request alone",
+        flush=True,
+    )
+
+
 def main() -> None:
     args = parse()
     tasks = [t.strip() for t in args.only.split(",") if t.strip()]
@@ -273,6 +310,7 @@ def main() -> None:
         light = load_backend(f"{args.backend}:{light_name}", options)
         steps = [s.strip() for s in args.steps.split(",") if s.strip()]
         try:
+            log_sitting(args.out, capable, light, steps, tasks)
             # part by part over the tasks: an interrupted bench has the first parts of both
             for part in steps:
                 for task in tasks:

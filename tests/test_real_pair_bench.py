@@ -4,6 +4,7 @@ repository ships (the bench's models run only in the bench itself)."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -73,3 +74,13 @@ def rebuilt_report(tmp_path: Path, task: str) -> str:
     shutil.copytree(SHIPPED / task, out / task, ignore=shutil.ignore_patterns("*.png", "report.md"))
     real_pair.report_task(argparse.Namespace(out=out), task)
     return (out / task / "report.md").read_text(encoding="utf-8")
+
+
+def test_each_sitting_logs_its_decode_speed_beside_the_rows(tmp_path, capable_backend, light_backend):
+    for steps in (["main"], ["settle", "probe"]):
+        real_pair.log_sitting(tmp_path, capable_backend, light_backend, steps, ["gsm8k"])
+    sittings = [json.loads(line) for line in (tmp_path / "sittings.jsonl").read_text().splitlines()]
+    assert [s["steps"] for s in sittings] == [["main"], ["settle", "probe"]]  # appended, not replaced
+    for sitting in sittings:
+        assert sitting["capable"] == capable_backend.spec and sitting["light"] == light_backend.spec
+        assert sitting["M_decode_tok_s"] > 0 and sitting["m_decode_tok_s"] > 0

@@ -214,14 +214,21 @@ def test_other_config_hash_is_refused(tmp_path):
 
 
 def test_a_later_setting_at_its_neutral_value_keeps_a_run_s_hash():
-    """A run folder made before `settle.probe` existed still resumes: at the value that does what
-    those runs did the field is out of the hash; at any other value it is in it."""
+    """A run folder made before `settle.probe` or `answer_retry` existed still resumes: at the
+    value that does what those runs did the field is out of the hash; at any other value it is
+    in it."""
     from duetlm.evaluate import EvalConfig
 
     plain = EvalConfig(tasks=["builtin"], methods=["settle"])
     before = plain.duet.model_dump()
     del before["settle"]["probe"]  # the settings as runs made before the field hashed them
+    del before["answer_retry"]  # inert in the think style
     assert plain.duet.identity() == before
+    answer_style = plain.duet.model_copy(update={"signal_style": "answer"})
+    before = answer_style.model_dump()
+    del before["settle"]["probe"], before["answer_retry"]
+    assert answer_style.model_copy(update={"answer_retry": False}).identity() == before
+    assert answer_style.identity() != before  # the retry changes the answer style's rows
     settle = plain.duet.settle.model_copy(update={"probe": "continue"})
     changed = plain.model_copy(update={"duet": plain.duet.model_copy(update={"settle": settle})})
     assert changed.duet.identity()["settle"]["probe"] == "continue"

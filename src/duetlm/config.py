@@ -150,6 +150,13 @@ class DuetConfig(BaseModel):
         description="M@B: M's budget for its answer after its thinking was cut at B and closed "
         "(small, so that the baseline cannot go on reasoning after the close).",
     )
+    answer_retry: bool = Field(
+        True,
+        description="signal_style='answer': when m ends its turn at once without writing anything (a "
+        "small m can take a reasoning that stops short of its answer marker for a finished turn), ask "
+        "it once more with the answer cue (prompts.answer_close), within forced_answer_max_tokens. "
+        "Both requests count in m's usage; the row's handover says so.",
+    )
     alone_max_tokens: int | None = Field(
         None, ge=1, description="M's budget in M-alone mode; None = signal_max_tokens + answer_max_tokens."
     )
@@ -221,11 +228,14 @@ class DuetConfig(BaseModel):
                 section = section[parent]
             if section.get(name) == neutral:
                 del section[name]
+        if data["signal_style"] != "answer":
+            data.pop("answer_retry", None)  # inert outside the answer style
         return data
 
 
 NEUTRAL_LATER_FIELDS: dict[tuple[str, ...], object] = {
     ("settle", "probe"): "answer",
+    ("answer_retry",): False,
 }
 """Settings added once run folders already existed, with the value that reproduces the earlier
 behaviour exactly. Left out of `DuetConfig.identity` at that value; any other value changes the

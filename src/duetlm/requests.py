@@ -5,6 +5,8 @@ is the signal style's (`duetlm.signals`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from duetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from duetlm.config import DuetConfig
 from duetlm.problems import Problem
@@ -53,6 +55,25 @@ def light_request(
         prefill=style.close(signal) if closed else style.prefill(signal),
         chat_template_kwargs=template_kwargs,
         history=problem.history,
+    )
+
+
+def answer_again_request(problem: Problem, signal: str, config: DuetConfig) -> GenerationRequest:
+    """m's second try after a turn it ended at once with nothing written (`answer_retry`): the
+    same signal, closed with the cue that the answer comes now, within the forced budget."""
+    request = light_request(problem, signal, config, config.light_template_kwargs, closed=True)
+    return dataclasses.replace(request, sampling=sampling(config, config.forced_answer_max_tokens))
+
+
+def asks_again(config: DuetConfig, answer: GenerationResult) -> bool:
+    """Whether m's write-up is an empty turn that `answer_retry` asks again: in the answer
+    style only, whose cue differs from the turn m was given (a think-style turn closed again
+    would be the same request)."""
+    return (
+        config.answer_retry
+        and config.signal_style == "answer"
+        and answer.finish_reason in ("eos", "stop")
+        and not answer.text.strip()
     )
 
 

@@ -5,6 +5,7 @@ means is decided here and in `duetlm.signals`: no answer, and counted (`truncate
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from duetlm.backends.base import GenerationResult
@@ -21,9 +22,25 @@ def usage_of(result: GenerationResult, price: Price) -> ModelUsage:
     return ModelUsage(
         prompt_tokens=result.prompt_tokens,
         output_tokens=result.output_tokens,
-        requests=1,
+        requests=int(result.extra.get("requests", 1)),
         wall_s=result.wall_s,
         cost=price.cost(result.prompt_tokens, result.output_tokens),
+    )
+
+
+def answered_again(first_try: GenerationResult, again: GenerationResult) -> GenerationResult:
+    """m's empty first turn and its second try (`answer_retry`) as one write-up: the second's
+    text and finish, the tokens, time and retries of both requests."""
+    return dataclasses.replace(
+        again,
+        prompt_tokens=first_try.prompt_tokens + again.prompt_tokens,
+        output_tokens=first_try.output_tokens + again.output_tokens,
+        wall_s=first_try.wall_s + again.wall_s,
+        retries=first_try.retries + again.retries,
+        budget_clamped=first_try.budget_clamped or again.budget_clamped,
+        token_ids=None,
+        logprobs=None,
+        extra=again.extra | {"requests": 2, "answer_retried": True},
     )
 
 
@@ -65,6 +82,7 @@ def two_stage_result(
         budget_clamped=first.budget_clamped or second.budget_clamped,
         empty_signal=not signal.strip(),
         open_signal=open_signal,
+        handover={"answer_retried": True} if second.extra.get("answer_retried") else None,
     )
 
 

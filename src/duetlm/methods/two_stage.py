@@ -11,8 +11,15 @@ from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, R
 from duetlm.methods.base import Method
 from duetlm.methods.registry import MethodEntry, Mode, register
 from duetlm.problems import Problem, SolveResult
-from duetlm.requests import capable_request, forced_request, light_request, signal_of
-from duetlm.results import two_stage_result
+from duetlm.requests import (
+    answer_again_request,
+    asks_again,
+    capable_request,
+    forced_request,
+    light_request,
+    signal_of,
+)
+from duetlm.results import answered_again, two_stage_result
 from duetlm.streaming import AnswerDelta, Event, Finished, ThinkingSplitter
 
 if TYPE_CHECKING:
@@ -53,7 +60,17 @@ class TwoStage(Method):
         """Every problem's second stage in one call of the model that writes it."""
         turns = [self.second(duet, p, s, f) for p, s, f in zip(problems, signals, firsts, strict=True)]
         backend = duet.capable if self.own_answer else duet.light
-        return backend.generate([request for _, request in turns])
+        answers = backend.generate([request for _, request in turns])
+        if self.own_answer:
+            return answers
+        again = [i for i, answer in enumerate(answers) if asks_again(duet.config, answer)]
+        if again:
+            tries = backend.generate(
+                [answer_again_request(problems[i], signals[i], duet.config) for i in again]
+            )
+            for i, second_try in zip(again, tries, strict=True):
+                answers[i] = answered_again(answers[i], second_try)
+        return answers
 
     async def astream(self, duet: Duet, problem: Problem) -> AsyncIterator[Event]:
         """M's signal as `SignalDelta`s while it writes, then the answer as `AnswerDelta`s;
@@ -73,18 +90,36 @@ class TwoStage(Method):
         assert first is not None
         signal = signal_of(first, cfg)
         answerer, request = self.second(duet, problem, signal, first)
-        leading = True
-        async for item in stream(answerer, request):
+        answer = None
+        async for item in answer_deltas(answerer, request):
             if isinstance(item, GenerationResult):
-                yield Finished(
-                    two_stage_result(problem, str(self.mode), first, signal, item, cfg, self.own_answer)
-                )
-                return
-            text = item.text if isinstance(item, ReasoningDelta) else item
-            if leading:
-                text, leading = text.lstrip(), not text.strip()
-            if text:
-                yield AnswerDelta(text)
+                answer = item
+            else:
+                yield item
+        assert answer is not None
+        if not self.own_answer and asks_again(cfg, answer):
+            async for item in answer_deltas(answerer, answer_again_request(problem, signal, cfg)):
+                if isinstance(item, GenerationResult):
+                    answer = answered_again(answer, item)
+                else:
+                    yield item
+        yield Finished(two_stage_result(problem, str(self.mode), first, signal, answer, cfg, self.own_answer))
+
+
+async def answer_deltas(
+    answerer: Backend, request: GenerationRequest
+) -> AsyncIterator[AnswerDelta | GenerationResult]:
+    """A write-up as `AnswerDelta`s without its leading blank space, then its result."""
+    leading = True
+    async for item in stream(answerer, request):
+        if isinstance(item, GenerationResult):
+            yield item
+            return
+        text = item.text if isinstance(item, ReasoningDelta) else item
+        if leading:
+            text, leading = text.lstrip(), not text.strip()
+        if text:
+            yield AnswerDelta(text)
 
 
 register(

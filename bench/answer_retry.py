@@ -42,7 +42,12 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    rows = [r for r in results_rows(args.results / args.task / args.part) if r["method"] == args.method]
+    if args.pair not in PAIRS:
+        raise SystemExit(f"unknown pair {args.pair!r}: use {', '.join(PAIRS)}")
+    folder = args.results / args.task / args.part
+    rows = [r for r in results_rows(folder) if r["method"] == args.method]
+    if not rows:
+        raise SystemExit(f"no {args.method!r} rows in {folder}: run the bench's part first, or pick --method")
     silent = [
         r for r in rows if r["no_answer"] and not r["text"].strip() and r["light_finish"] in ("eos", "stop")
     ]

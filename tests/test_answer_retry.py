@@ -1,7 +1,8 @@
 """`answer_retry` on the Qwen3 test bed: in the answer style, an m that ends its turn at once
 after M's reasoning (as the real 0.5B does on about one GSM8K question in 27) is asked once more
 with the answer cue. m is scripted to end at once on one question and to answer on the other,
-so which rows are asked again, what they answer and what they cost are known in advance."""
+so which rows are asked again, what they answer and what they cost are known in advance. The
+same holds for settle's final turn: there m answers from M's whole reasoning as in duet."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import train_script
 from duetlm.backends.base import render_chat
 from duetlm.backends.hf import HFBackend
-from duetlm.config import DuetConfig
+from duetlm.config import DuetConfig, SettleConfig
 from duetlm.protocol import Duet, Problem, capable_request
 from duetlm.requests import answer_again_request, light_request
 from duetlm.streaming import AnswerDelta, Finished
@@ -101,4 +102,32 @@ def test_streaming_asks_again_as_the_batch_does(pair):
     got = asyncio.run(events())
     [finished] = [e for e in got if isinstance(e, Finished)]
     assert finished.result.answer == "14" and finished.result.handover == {"answer_retried": True}
+    assert "".join(e.text for e in got if isinstance(e, AnswerDelta)) == finished.result.text.strip()
+
+
+def unprobed() -> DuetConfig:
+    """Settle with probes farther apart than M's reasoning is long: M runs to its own end, and m's
+    final turn is the one duet gives it."""
+    return config(settle=SettleConfig(probe_every=200))
+
+
+def test_settles_final_turn_is_asked_again_as_duets_is(pair):
+    silent, answered = Duet(*pair, unprobed()).solve_batch([SILENT, ANSWERED], "settle")
+    assert silent.handover["probes"] == 0 and silent.signal == REASONING[SILENT]
+    assert silent.answer == "14" and silent.handover["answer_retried"] is True
+    assert silent.usage.light.requests == 2
+    assert answered.answer == "4" and "answer_retried" not in answered.handover
+    off = Duet(*pair, unprobed().model_copy(update={"answer_retry": False})).solve_batch([SILENT], "settle")
+    assert off[0].answer is None and off[0].usage.light.requests == 1
+
+
+def test_settle_streamed_asks_again_as_its_batch_does(pair):
+    duet = Duet(*pair, unprobed())
+
+    async def events():
+        return [event async for event in duet.astream(SILENT, "settle")]
+
+    got = asyncio.run(events())
+    [finished] = [e for e in got if isinstance(e, Finished)]
+    assert finished.result.answer == "14" and finished.result.handover["answer_retried"] is True
     assert "".join(e.text for e in got if isinstance(e, AnswerDelta)) == finished.result.text.strip()

@@ -23,12 +23,17 @@ from duetlm.backends import BackendOptions, load_backend
 from duetlm.backends.base import GenerationRequest, SamplingParams, render_chat
 from duetlm.backends.openai import OpenAIBackend
 from duetlm.config import DuetConfig
+from duetlm.evaluate.summary import results_rows
 from duetlm.grading import extract_answer
+from duetlm.methods.registry import parse_mode
+from duetlm.methods.two_stage import TwoStage
 from duetlm.models import config_defaults
 from duetlm.models.store import find
 from duetlm.protocol import Duet, Problem
+from duetlm.requests import asks_again, light_request
 
 NAME = "qwen2.5-coder-0.5b"
+ROOT = Path(__file__).resolve().parents[1]
 EASY = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
 
 
@@ -190,6 +195,44 @@ def test_settle_on_llamacpp_probes_and_stops_m(llama):
     else:
         assert settle.capable_finish in ("stop", "eos", "length")
     assert alone.answer == "7"
+
+
+def silent_rows(count: int) -> list[dict]:
+    """The shipped GSM8K duet rows where m ended its turn at once, shortest signals first."""
+    rows = results_rows(ROOT / "bench" / "results" / "real-pair" / "gsm8k" / "main")
+    silent = [
+        r
+        for r in rows
+        if r["method"] == "duet"
+        and r["no_answer"]
+        and not r["text"].strip()
+        and r["light_finish"] in ("eos", "stop")
+    ]
+    assert len(silent) >= count, "the shipped rows changed: pick other questions"
+    return sorted(silent, key=lambda r: len(r["signal"]))[:count]
+
+
+def test_an_empty_turn_on_the_real_server_is_asked_again(llama):
+    """The real 0.5B, handed the real 1.5B's reasoning on GSM8K questions where it ended its
+    turn at once in the shipped bench rows (docs/real-pair.md), does so here too: the empty
+    turn must be seen through llama.cpp's echoed prefill, and the cued second request answers."""
+    rows = silent_rows(3)
+    problems = [Problem(row["question"]) for row in rows]
+    signals = [row["signal"] for row in rows]
+    config = config_defaults(f"llamacpp:{NAME}", f"llamacpp:{NAME}")
+    assert config.answer_retry and config.signal_style == "answer"
+    duet = Duet(llama, llama, config)
+    turns = llama.generate(
+        [light_request(p, s, config, config.light_template_kwargs) for p, s in zip(problems, signals)]
+    )
+    empty = [asks_again(config, turn) for turn in turns]
+    assert any(empty), [turn.text for turn in turns]
+    answers = TwoStage(parse_mode("duet")).answer_all(duet, problems, signals, [None] * len(rows))
+    for was_empty, answer in zip(empty, answers, strict=True):
+        assert bool(answer.extra.get("answer_retried")) == was_empty
+        if was_empty:
+            assert answer.text.strip() and answer.extra["requests"] == 2
+            assert "So the final answer is" not in answer.text  # the echoed prefill is cut
 
 
 def test_duet_solve_on_llamacpp_specs_and_its_servers_go_with_it(installed):

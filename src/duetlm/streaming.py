@@ -6,9 +6,10 @@ method streams its own stages (`duetlm.methods`); the `Finished` event carries t
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from duetlm.backends.base import ReasoningDelta
+from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, ReasoningDelta, stream
 from duetlm.problems import SolveResult
 
 
@@ -114,3 +115,19 @@ class ThinkingSplitter:
                 self.answering = True
             self.buffer = ""
             return events
+
+
+async def answer_deltas(
+    answerer: Backend, request: GenerationRequest
+) -> AsyncIterator[AnswerDelta | GenerationResult]:
+    """A write-up as `AnswerDelta`s without its leading blank space, then its result."""
+    leading = True
+    async for item in stream(answerer, request):
+        if isinstance(item, GenerationResult):
+            yield item
+            return
+        text = item.text if isinstance(item, ReasoningDelta) else item
+        if leading:
+            text, leading = text.lstrip(), not text.strip()
+        if text:
+            yield AnswerDelta(text)

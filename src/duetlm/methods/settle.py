@@ -33,10 +33,17 @@ from duetlm.grading import extract_answer
 from duetlm.methods.base import Method
 from duetlm.methods.registry import MethodEntry, Mode, register
 from duetlm.problems import Problem, SolveResult
-from duetlm.requests import capable_request, light_request, sampling, user_prompt
-from duetlm.results import handed_over_result, usage_of
+from duetlm.requests import (
+    answer_again_request,
+    asks_again,
+    capable_request,
+    light_request,
+    sampling,
+    user_prompt,
+)
+from duetlm.results import answered_again, handed_over_result, usage_of
 from duetlm.signals import first_marker, signal_from_stage1, style_of
-from duetlm.streaming import AnswerDelta, Event, Finished, Probing, ThinkingSplitter
+from duetlm.streaming import AnswerDelta, Event, Finished, Probing, ThinkingSplitter, answer_deltas
 from duetlm.usage import ModelUsage, Usage
 
 if TYPE_CHECKING:
@@ -182,6 +189,11 @@ class Settler:
         kwargs = cfg.capable_template_kwargs if self.self_probe else cfg.light_template_kwargs
         return light_request(watch.problem, self.thinking(watch), cfg, kwargs)
 
+    def asks_again(self, final: GenerationResult) -> bool:
+        """Whether m's final turn was empty and is asked again (`answer_retry`, as in `duet`);
+        M's own answer in `M-settle` is not, as M-alone's is not."""
+        return not self.self_probe and asks_again(self.cfg, final)
+
     def thinking(self, watch: Watch) -> str:
         """M's reasoning so far: its text up to where its signal ends (the close tag, an answer
         marker), when it got there."""
@@ -255,6 +267,8 @@ class Settler:
             "resent_prompt_tokens": watch.resent,
             "prober": "M" if self.self_probe else "m",
         }
+        if final is not None and final.extra.get("answer_retried"):
+            handover["answer_retried"] = True
         return handed_over_result(
             watch.problem,
             str(self.mode),
@@ -309,6 +323,11 @@ class Settler:
         finals = dict(
             zip(map(id, answering), self.prober.generate([self.final_request(w) for w in answering]))
         )
+        again = [w for w in answering if self.asks_again(finals[id(w)])]
+        if again:
+            requests = [answer_again_request(w.problem, self.thinking(w), self.cfg) for w in again]
+            for watch, second_try in zip(again, self.prober.generate(requests), strict=True):
+                finals[id(watch)] = answered_again(finals[id(watch)], second_try)
         return [self.result(w, finals.get(id(w))) for w in watches]
 
     # --- streamed -----------------------------------------------------------------------------
@@ -354,16 +373,20 @@ class Settler:
             if text:
                 yield AnswerDelta(text)
         else:
-            final, leading = None, True
-            async for item in stream(self.prober, self.final_request(watch)):
+            final = None
+            async for item in answer_deltas(self.prober, self.final_request(watch)):
                 if isinstance(item, GenerationResult):
                     final = item
-                    continue
-                text = item if isinstance(item, str) else item.text
-                if leading:
-                    text, leading = text.lstrip(), not text.strip()
-                if text:
-                    yield AnswerDelta(text)
+                else:
+                    yield item
+            assert final is not None
+            if self.asks_again(final):
+                request = answer_again_request(problem, self.thinking(watch), cfg)
+                async for item in answer_deltas(self.prober, request):
+                    if isinstance(item, GenerationResult):
+                        final = answered_again(final, item)
+                    else:
+                        yield item
         yield Finished(self.result(watch, final))
 
 

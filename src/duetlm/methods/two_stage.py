@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
-from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, ReasoningDelta, stream
+from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, stream
 from duetlm.methods.base import Method
 from duetlm.methods.registry import MethodEntry, Mode, register
 from duetlm.problems import Problem, SolveResult
@@ -20,7 +20,7 @@ from duetlm.requests import (
     signal_of,
 )
 from duetlm.results import answered_again, two_stage_result
-from duetlm.streaming import AnswerDelta, Event, Finished, ThinkingSplitter
+from duetlm.streaming import Event, Finished, ThinkingSplitter, answer_deltas
 
 if TYPE_CHECKING:
     from duetlm.protocol import Duet
@@ -104,22 +104,6 @@ class TwoStage(Method):
                 else:
                     yield item
         yield Finished(two_stage_result(problem, str(self.mode), first, signal, answer, cfg, self.own_answer))
-
-
-async def answer_deltas(
-    answerer: Backend, request: GenerationRequest
-) -> AsyncIterator[AnswerDelta | GenerationResult]:
-    """A write-up as `AnswerDelta`s without its leading blank space, then its result."""
-    leading = True
-    async for item in stream(answerer, request):
-        if isinstance(item, GenerationResult):
-            yield item
-            return
-        text = item.text if isinstance(item, ReasoningDelta) else item
-        if leading:
-            text, leading = text.lstrip(), not text.strip()
-        if text:
-            yield AnswerDelta(text)
 
 
 register(

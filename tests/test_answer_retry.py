@@ -93,18 +93,6 @@ def test_the_think_style_is_not_asked_again(pair):
     assert "answer_retry" not in config(answer_retry=False).identity()
 
 
-def test_streaming_asks_again_as_the_batch_does(pair):
-    duet = Duet(*pair, config())
-
-    async def events():
-        return [event async for event in duet.astream(SILENT, "duet")]
-
-    got = asyncio.run(events())
-    [finished] = [e for e in got if isinstance(e, Finished)]
-    assert finished.result.answer == "14" and finished.result.handover == {"answer_retried": True}
-    assert "".join(e.text for e in got if isinstance(e, AnswerDelta)) == finished.result.text.strip()
-
-
 def unprobed() -> DuetConfig:
     """Settle with probes farther apart than M's reasoning is long: M runs to its own end, and m's
     final turn is the one duet gives it."""
@@ -121,11 +109,12 @@ def test_settles_final_turn_is_asked_again_as_duets_is(pair):
     assert off[0].answer is None and off[0].usage.light.requests == 1
 
 
-def test_settle_streamed_asks_again_as_its_batch_does(pair):
+@pytest.mark.parametrize("mode", ["duet", "settle"])
+def test_streaming_asks_again_as_the_batch_does(pair, mode):
     duet = Duet(*pair, unprobed())
 
     async def events():
-        return [event async for event in duet.astream(SILENT, "settle")]
+        return [event async for event in duet.astream(SILENT, mode)]
 
     got = asyncio.run(events())
     [finished] = [e for e in got if isinstance(e, Finished)]

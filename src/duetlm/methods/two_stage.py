@@ -57,7 +57,8 @@ class TwoStage(Method):
         ]
 
     def answer_all(self, duet: Duet, problems, signals, firsts) -> list[GenerationResult]:
-        """Every problem's second stage in one call of the model that writes it."""
+        """Every problem's second stage in one call of the model that writes it (and one more
+        for the empty turns that `answer_retry` asks again)."""
         turns = [self.second(duet, p, s, f) for p, s, f in zip(problems, signals, firsts, strict=True)]
         backend = duet.capable if self.own_answer else duet.light
         answers = backend.generate([request for _, request in turns])

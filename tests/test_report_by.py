@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from duet_process import run_command
 
+from duetlm.config import DuetConfig
 from duetlm.errors import InputError
 from duetlm.evaluate import EvalConfig, run_eval
 from duetlm.evaluate.groups import group_rows, parse_bins
@@ -83,6 +84,9 @@ def test_report_by_level_on_a_math500_run(model_dirs, tmp_path):
         capable=f"hf:{model_dirs['capable']}",
         light=f"hf:{model_dirs['light']}",
         data={"math500": str(data)},
+        # the scripts are 55 tokens; a toy model lost on a MATH prompt would write to its
+        # 1,024 positions, which costs minutes and tests nothing more
+        duet=DuetConfig(signal_max_tokens=48, answer_max_tokens=48),
     )
     run = tmp_path / "run"
     results = read_rows(run_eval(config, run, progress=False))

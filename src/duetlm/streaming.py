@@ -6,11 +6,12 @@ method streams its own stages (`duetlm.methods`); the `Finished` event carries t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from duetlm.backends.base import Backend, GenerationRequest, GenerationResult, ReasoningDelta, stream
 from duetlm.problems import SolveResult
+from duetlm.results import answered_again
 
 
 @dataclass(frozen=True)
@@ -131,3 +132,28 @@ async def answer_deltas(
             text, leading = text.lstrip(), not text.strip()
         if text:
             yield AnswerDelta(text)
+
+
+async def write_up_deltas(
+    answerer: Backend,
+    request: GenerationRequest,
+    again: Callable[[GenerationResult], GenerationRequest | None],
+) -> AsyncIterator[AnswerDelta | GenerationResult]:
+    """A write-up as `answer_deltas`, asked once more where `again` gives a second request for
+    its result (`answer_retry`: an empty turn), so that a stream answers as the batch path does;
+    then the write-up's result, both tries as one (`answered_again`)."""
+    answer = None
+    async for item in answer_deltas(answerer, request):
+        if isinstance(item, GenerationResult):
+            answer = item
+        else:
+            yield item
+    assert answer is not None
+    second = again(answer)
+    if second is not None:
+        async for item in answer_deltas(answerer, second):
+            if isinstance(item, GenerationResult):
+                answer = answered_again(answer, item)
+            else:
+                yield item
+    yield answer

@@ -43,7 +43,7 @@ from duetlm.requests import (
 )
 from duetlm.results import answered_again, handed_over_result, usage_of
 from duetlm.signals import first_marker, signal_from_stage1, style_of
-from duetlm.streaming import AnswerDelta, Event, Finished, Probing, ThinkingSplitter, answer_deltas
+from duetlm.streaming import AnswerDelta, Event, Finished, Probing, ThinkingSplitter, write_up_deltas
 from duetlm.usage import ModelUsage, Usage
 
 if TYPE_CHECKING:
@@ -374,19 +374,16 @@ class Settler:
                 yield AnswerDelta(text)
         else:
             final = None
-            async for item in answer_deltas(self.prober, self.final_request(watch)):
+
+            def again(answer: GenerationResult) -> GenerationRequest | None:
+                empty = self.asks_again(answer)
+                return answer_again_request(problem, self.thinking(watch), cfg) if empty else None
+
+            async for item in write_up_deltas(self.prober, self.final_request(watch), again):
                 if isinstance(item, GenerationResult):
                     final = item
                 else:
                     yield item
-            assert final is not None
-            if self.asks_again(final):
-                request = answer_again_request(problem, self.thinking(watch), cfg)
-                async for item in answer_deltas(self.prober, request):
-                    if isinstance(item, GenerationResult):
-                        final = answered_again(final, item)
-                    else:
-                        yield item
         yield Finished(self.result(watch, final))
 
 

@@ -20,7 +20,7 @@ from duetlm.requests import (
     signal_of,
 )
 from duetlm.results import answered_again, two_stage_result
-from duetlm.streaming import Event, Finished, ThinkingSplitter, answer_deltas
+from duetlm.streaming import Event, Finished, ThinkingSplitter, write_up_deltas
 
 if TYPE_CHECKING:
     from duetlm.protocol import Duet
@@ -91,19 +91,18 @@ class TwoStage(Method):
         assert first is not None
         signal = signal_of(first, cfg)
         answerer, request = self.second(duet, problem, signal, first)
+
+        def again(answer: GenerationResult) -> GenerationRequest | None:
+            empty = not self.own_answer and asks_again(cfg, answer)
+            return answer_again_request(problem, signal, cfg) if empty else None
+
         answer = None
-        async for item in answer_deltas(answerer, request):
+        async for item in write_up_deltas(answerer, request, again):
             if isinstance(item, GenerationResult):
                 answer = item
             else:
                 yield item
         assert answer is not None
-        if not self.own_answer and asks_again(cfg, answer):
-            async for item in answer_deltas(answerer, answer_again_request(problem, signal, cfg)):
-                if isinstance(item, GenerationResult):
-                    answer = answered_again(answer, item)
-                else:
-                    yield item
         yield Finished(two_stage_result(problem, str(self.mode), first, signal, answer, cfg, self.own_answer))
 
 
